@@ -1,0 +1,47 @@
+"""ipcserve: serve a Python ML model over HTTP from one long-lived ML process.
+
+Importing ipcserve imports neither Flask, torch nor transformers.
+"""
+
+from __future__ import annotations
+
+from .config import Config
+from .errors import (
+    ConfigError,
+    DeadlineError,
+    InputError,
+    IPCServeError,
+    ModelError,
+    NotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+    QueueDeadlineError,
+    ResultDeadlineError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+    WorkerCrashedError,
+    WorkerUnavailableError,
+)
+from .mlprocess import MLProcess
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DeadlineError",
+    "IPCServeError",
+    "InputError",
+    "MLProcess",
+    "ModelError",
+    "NotFoundError",
+    "OverloadedError",
+    "PayloadTooLargeError",
+    "QueueDeadlineError",
+    "ResultDeadlineError",
+    "UnauthorizedError",
+    "UnsupportedMediaTypeError",
+    "WorkerCrashedError",
+    "WorkerUnavailableError",
+    "__version__",
+]

@@ -1,0 +1,164 @@
+"""Every exception ipcserve raises, each knowing its HTTP status.
+
+::
+
+    IPCServeError                           500
+    ├── ConfigError (+ValueError)                 startup only, never per request
+    ├── InputError                          400   names the offending field
+    │   ├── PayloadTooLargeError            413
+    │   └── UnsupportedMediaTypeError       415
+    ├── UnauthorizedError                   401   missing or wrong API key
+    ├── NotFoundError                       404   unknown model or route
+    ├── OverloadedError                     503   in-flight cap reached; sends Retry-After
+    ├── DeadlineError (+TimeoutError)       504
+    │   ├── QueueDeadlineError                    expired before the ML process took it
+    │   └── ResultDeadlineError                   taken, no reply in time
+    ├── WorkerUnavailableError              503   starting / restarting / stopped / circuit open
+    │   └── WorkerCrashedError                    died with this request in flight; .exitcode
+    └── ModelError                          500   predict raised; .remote_traceback
+
+Only the HTTP layer turns ``http_status`` into a response; bodies never carry tracebacks.
+Every class survives ``pickle.loads(pickle.dumps(err))``: errors cross the pipe from
+the ML process to the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "DeadlineError",
+    "IPCServeError",
+    "InputError",
+    "ModelError",
+    "NotFoundError",
+    "OverloadedError",
+    "PayloadTooLargeError",
+    "QueueDeadlineError",
+    "ResultDeadlineError",
+    "UnauthorizedError",
+    "UnsupportedMediaTypeError",
+    "WorkerCrashedError",
+    "WorkerUnavailableError",
+]
+
+
+class IPCServeError(Exception):
+    """Base of every ipcserve error.
+
+    Attributes:
+        http_status: the status code the HTTP layer answers with.
+        retry_after: seconds a client should wait before retrying, or None.
+    """
+
+    http_status: int = 500
+    retry_after: float | None = None
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON error body: ``{"type": ..., "message": ...}``."""
+        return {"type": type(self).__name__, "message": self.message}
+
+
+class ConfigError(IPCServeError, ValueError):
+    """A setting is invalid. Raised at start-up, never per request."""
+
+
+class InputError(IPCServeError):
+    """The request's input is malformed; the message names the offending field."""
+
+    http_status = 400
+
+
+class PayloadTooLargeError(InputError):
+    """The request body, image or array is larger than the configured cap."""
+
+    http_status = 413
+
+
+class UnsupportedMediaTypeError(InputError):
+    """The request's content type is not one this endpoint accepts."""
+
+    http_status = 415
+
+
+class UnauthorizedError(IPCServeError):
+    """An API key is configured and the request did not present it."""
+
+    http_status = 401
+
+
+class NotFoundError(IPCServeError):
+    """No model or route by that name."""
+
+    http_status = 404
+
+
+class OverloadedError(IPCServeError):
+    """Too many requests are in flight; the request was shed without queueing."""
+
+    http_status = 503
+    retry_after = 1.0
+
+
+class DeadlineError(IPCServeError, TimeoutError):
+    """The request's deadline passed before an answer came back."""
+
+    http_status = 504
+
+
+class QueueDeadlineError(DeadlineError):
+    """The deadline passed before the ML process took the request; it is skipped, never computed."""
+
+
+class ResultDeadlineError(DeadlineError):
+    """The ML process had the request, but no answer came back before the deadline."""
+
+
+class WorkerUnavailableError(IPCServeError):
+    """No ML process can take requests: starting, restarting, stopped, or the circuit is open."""
+
+    http_status = 503
+    retry_after = 1.0
+
+
+class WorkerCrashedError(WorkerUnavailableError):
+    """The ML process died with this request in flight.
+
+    Attributes:
+        exitcode: the dead process's exit code (negative: killed by that signal), or None.
+    """
+
+    def __init__(self, message: str, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.exitcode))
+
+
+class ModelError(IPCServeError):
+    """The model raised while predicting. The ML process lives on.
+
+    Attributes:
+        remote_type: the name of the exception class the model raised.
+        remote_traceback: the formatted traceback from the ML process (logged; never sent over HTTP).
+    """
+
+    def __init__(self, message: str, remote_type: str = "", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.remote_type, self.remote_traceback))
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        if self.remote_type:
+            body["model_error_type"] = self.remote_type
+        return body

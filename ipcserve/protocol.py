@@ -1,0 +1,89 @@
+"""Every message that crosses the shared queue or a channel's pipe.
+
+The shared ``SimpleQueue`` carries only :class:`Attach` (a channel's ML-side pipe end) and
+:class:`Shutdown`. Requests and replies travel on the channel's own pipe. Bytes decoded
+from HTTP never travel as a message of their own: they are values inside a
+:class:`Request`, built by ipcserve, so no client can forge a Shutdown; the sentinel also
+carries a random token that only the owning MLProcess knows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .errors import IPCServeError
+
+__all__ = ["Attach", "Attached", "Reply", "Request", "Shutdown", "new_token"]
+
+
+def new_token() -> bytes:
+    """A fresh random token for the Shutdown sentinel."""
+    return secrets.token_bytes(16)
+
+
+@dataclasses.dataclass
+class Attach:
+    """Queue message: a new channel. The ML process that takes it serves the pipe end."""
+
+    conn: Connection
+    channel_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Shutdown:
+    """Queue message: the ML process that takes it drains its pending work and exits.
+
+    Tested with ``isinstance`` and a token compare, never with ``==`` on a tuple.
+    """
+
+    token: bytes
+
+    def __repr__(self) -> str:  # the token is a secret; keep it out of logs
+        return "Shutdown(<token>)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Attached:
+    """Pipe message, ML to caller, once per channel: which process serves it."""
+
+    slot: int
+    generation: int
+    pid: int
+
+
+@dataclasses.dataclass
+class Request:
+    """Pipe message, caller to ML: one call.
+
+    Attributes:
+        id: unique per channel; the reply carries it back.
+        deadline: ``time.monotonic()`` value (system-wide on one host) after which the
+            ML process skips the request without computing it.
+        args / kwargs: the call's arguments.
+    """
+
+    id: int
+    deadline: float
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Reply:
+    """Pipe message, ML to caller: exactly one per Request.
+
+    ``id`` is None only when the ML process could not even decode the request; the
+    channel has one request outstanding at a time, so it answers that one.
+    """
+
+    id: int | None
+    value: Any = None
+    error: IPCServeError | None = None
+    # Seconds the request waited in the ML process before its batch started, and the
+    # batch's compute time; the caller feeds them to metrics.
+    queue_wait: float = 0.0
+    inference_time: float = 0.0
+    batch_size: int = 0

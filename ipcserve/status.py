@@ -1,0 +1,203 @@
+"""A shared status block: what every ML process is doing, readable from any process.
+
+It is a ``RawArray`` of doubles created before the ML processes start, so the supervisor,
+the ML processes and web processes forked later (gunicorn with preload) all see the same
+memory. Single aligned 8-byte stores are atomic on the platforms we support, and every
+field has a single writer, so no lock is taken on the hot path.
+
+Writers: the ML process writes ``heartbeat``, ``busy_since``, ``served`` and ``state=READY``;
+the supervisor writes everything else.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any
+
+__all__ = ["State", "StatusBlock"]
+
+
+class State(enum.IntEnum):
+    STOPPED = 0
+    STARTING = 1
+    READY = 2
+    RESTARTING = 3
+    DRAINING = 4
+    FAILED = 5
+
+
+# Per-worker slot layout.
+_PID, _GENERATION, _STATE, _HEARTBEAT, _BUSY_SINCE, _SERVED, _EXITCODE, _RESTARTS = range(8)
+_SLOT = 8
+# Shared fields after the slots.
+_CRASHES, _CONSECUTIVE, _HANGS_KILLED, _CIRCUIT_OPEN, _NEXT_START, _DRAINING = range(6)
+_COMMON = 6
+_NO_EXITCODE = -1000.0
+
+
+class StatusBlock:
+    """Named access to the shared array. Picklable for the spawn start method."""
+
+    def __init__(self, ctx: Any, workers: int) -> None:
+        self.workers = workers
+        self._array = ctx.RawArray("d", workers * _SLOT + _COMMON)
+        for slot in range(workers):
+            self._set(slot, _EXITCODE, _NO_EXITCODE)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"workers": self.workers, "_array": self._array}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # -- raw access ------------------------------------------------------------------
+    def _get(self, slot: int, field: int) -> float:
+        return float(self._array[slot * _SLOT + field])
+
+    def _set(self, slot: int, field: int, value: float) -> None:
+        self._array[slot * _SLOT + field] = value
+
+    def _common(self, field: int) -> float:
+        return float(self._array[self.workers * _SLOT + field])
+
+    def _set_common(self, field: int, value: float) -> None:
+        self._array[self.workers * _SLOT + field] = value
+
+    # -- per worker --------------------------------------------------------------------
+    def pid(self, slot: int) -> int:
+        return int(self._get(slot, _PID))
+
+    def generation(self, slot: int) -> int:
+        return int(self._get(slot, _GENERATION))
+
+    def state(self, slot: int) -> State:
+        return State(int(self._get(slot, _STATE)))
+
+    def heartbeat(self, slot: int) -> float:
+        return self._get(slot, _HEARTBEAT)
+
+    def busy_since(self, slot: int) -> float:
+        return self._get(slot, _BUSY_SINCE)
+
+    def served(self, slot: int) -> int:
+        return int(self._get(slot, _SERVED))
+
+    def exitcode(self, slot: int) -> int | None:
+        value = self._get(slot, _EXITCODE)
+        return None if value == _NO_EXITCODE else int(value)
+
+    def restarts(self, slot: int) -> int:
+        return int(self._get(slot, _RESTARTS))
+
+    def set_state(self, slot: int, state: State) -> None:
+        self._set(slot, _STATE, int(state))
+
+    def begin_incarnation(self, slot: int, pid: int) -> int:
+        """Supervisor: a new process for ``slot`` was started; returns its generation."""
+        self._set(slot, _PID, pid)
+        self._set(slot, _BUSY_SINCE, 0.0)
+        self._set(slot, _HEARTBEAT, time.monotonic())
+        return self.generation(slot)
+
+    def end_incarnation(self, slot: int, exitcode: int | None, state: State) -> None:
+        """Supervisor: the process in ``slot`` is gone. Bumping the generation tells every
+        caller waiting on a channel of that process that its answer will never come."""
+        self._set(slot, _GENERATION, self.generation(slot) + 1)
+        self._set(slot, _EXITCODE, _NO_EXITCODE if exitcode is None else exitcode)
+        self._set(slot, _STATE, int(state))
+        self._set(slot, _PID, 0)
+        self._set(slot, _BUSY_SINCE, 0.0)
+
+    def count_restart(self, slot: int) -> None:
+        self._set(slot, _RESTARTS, self.restarts(slot) + 1)
+
+    def beat(self, slot: int) -> None:
+        """ML process: it made progress now."""
+        self._set(slot, _HEARTBEAT, time.monotonic())
+
+    def set_busy(self, slot: int, since: float) -> None:
+        """ML process: a batch started at ``since`` (0: idle)."""
+        self._set(slot, _BUSY_SINCE, since)
+
+    def add_served(self, slot: int, n: int) -> None:
+        self._set(slot, _SERVED, self.served(slot) + n)
+
+    # -- shared ------------------------------------------------------------------------
+    @property
+    def crashes(self) -> int:
+        return int(self._common(_CRASHES))
+
+    @property
+    def consecutive_crashes(self) -> int:
+        return int(self._common(_CONSECUTIVE))
+
+    @property
+    def hangs_killed(self) -> int:
+        return int(self._common(_HANGS_KILLED))
+
+    @property
+    def circuit_open(self) -> bool:
+        return bool(self._common(_CIRCUIT_OPEN))
+
+    @property
+    def next_start(self) -> float:
+        """``time.monotonic()`` of the next restart attempt (0: none scheduled)."""
+        return self._common(_NEXT_START)
+
+    @property
+    def draining(self) -> bool:
+        return bool(self._common(_DRAINING))
+
+    def record_crash(self, hang: bool) -> None:
+        self._set_common(_CRASHES, self.crashes + 1)
+        self._set_common(_CONSECUTIVE, self.consecutive_crashes + 1)
+        if hang:
+            self._set_common(_HANGS_KILLED, self.hangs_killed + 1)
+
+    def reset_consecutive(self) -> None:
+        if self._common(_CONSECUTIVE):
+            self._set_common(_CONSECUTIVE, 0)
+
+    def set_circuit(self, is_open: bool) -> None:
+        self._set_common(_CIRCUIT_OPEN, float(is_open))
+
+    def set_next_start(self, when: float) -> None:
+        self._set_common(_NEXT_START, when)
+
+    def set_draining(self, draining: bool) -> None:
+        self._set_common(_DRAINING, float(draining))
+
+    # -- summaries -----------------------------------------------------------------------
+    def all_stopped(self) -> bool:
+        """No ML process is running, starting or about to restart."""
+        return all(self.state(s) in (State.STOPPED, State.FAILED) for s in range(self.workers))
+
+    def ready_slots(self) -> list[int]:
+        return [s for s in range(self.workers) if self.state(s) is State.READY]
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-serialisable view for /readyz, the status page and tests."""
+        now = time.monotonic()
+        workers = []
+        for slot in range(self.workers):
+            busy = self.busy_since(slot)
+            workers.append({
+                "slot": slot,
+                "pid": self.pid(slot) or None,
+                "generation": self.generation(slot),
+                "state": self.state(slot).name.lower(),
+                "heartbeat_age": round(max(0.0, now - self.heartbeat(slot)), 3),
+                "busy_for": round(now - busy, 3) if busy else 0.0,
+                "served": self.served(slot),
+                "restarts": self.restarts(slot),
+                "last_exitcode": self.exitcode(slot),
+            })
+        return {
+            "workers": workers,
+            "crashes": self.crashes,
+            "consecutive_crashes": self.consecutive_crashes,
+            "hangs_killed": self.hangs_killed,
+            "circuit_open": self.circuit_open,
+            "draining": self.draining,
+        }

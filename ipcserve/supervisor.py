@@ -1,0 +1,338 @@
+"""Start, watch, restart and stop the ML processes of one MLProcess.
+
+::
+
+    caller threads ──Attach(pipe end)──► SimpleQueue ──► ML process(es) ── worker.py
+          ▲   │ poll() slices                               │ heartbeat, busy_since
+          │   └──── status block (shared memory) ◄──────────┤
+          │                                                 │
+          └────────────── Reply on the pipe ◄───────────────┘
+                                         supervisor thread ─┘ waits on process sentinels
+
+The supervisor thread (``ipcserve-supervisor-<name>``) blocks in one
+``multiprocessing.connection.wait`` over every process's sentinel, every starting
+process's ready pipe and a wake-up pipe, with a timeout that is the watchdog's tick. So:
+
+* a death is seen at once; the slot's generation is bumped in the status block (callers
+  with requests in flight on that process fail fast) and a restart is scheduled with
+  exponential backoff; after ``circuit_breaker_threshold`` crashes in a row the circuit
+  opens and new requests are refused until a restarted process is ready;
+* a process whose heartbeat is older than ``hang_timeout`` is killed (SIGKILL: a hung
+  ``predict`` cannot be interrupted) and restarted the same way;
+* ``shutdown()`` wakes it through the wake-up pipe; it exits and the caller's thread
+  drains, sends one Shutdown sentinel per live process, joins and finally kills.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
+
+from .channel import describe_exit
+from .config import Config
+from .errors import IPCServeError, ModelError, WorkerUnavailableError
+from .protocol import Shutdown
+from .status import State, StatusBlock
+from .worker import worker_main
+
+if TYPE_CHECKING:
+    from .mlprocess import MLProcess
+
+__all__ = ["Supervisor"]
+
+logger = logging.getLogger(__name__)
+
+# A process that stayed ready this long without a crash resets the crash streak.
+_STABLE_AFTER = 30.0
+
+
+class _Slot:
+    """The supervisor's private view of one ML process slot."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: Any = None
+        self.ready: Connection | None = None  # open while the process is loading
+        self.started = 0.0
+        self.ready_at = 0.0
+        self.served_at_ready = 0
+        self.restart_at = 0.0  # > 0: a restart is scheduled for this monotonic time
+        self.killed_for_hang = False
+
+
+class Supervisor:
+    """Owns the ML processes of one MLProcess in the process that called ``start()``."""
+
+    def __init__(self, model: MLProcess, config: Config, ctx: Any, queue: Any,
+                 status: StatusBlock, token: bytes, name: str) -> None:
+        self._model = model
+        self._config = config
+        self._ctx = ctx
+        self._queue = queue
+        self._status = status
+        self._token = token
+        self._name = name
+        self._slots = [_Slot(i) for i in range(config.workers)]
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = ctx.Pipe(duplex=False)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards process start/kill against shutdown
+
+    # -- starting ----------------------------------------------------------------------
+    def _spawn(self, slot: _Slot) -> None:
+        ready_r, ready_w = self._ctx.Pipe(duplex=False)
+        generation = self._status.generation(slot.index)
+        proc = self._ctx.Process(
+            target=worker_main,
+            args=(self._model, slot.index, generation, self._queue, self._status, self._token,
+                  self._config, ready_w, os.getpid()),
+            name=f"ipcserve-worker-{self._name}-{slot.index}",
+            daemon=True,
+        )
+        self._status.set_state(slot.index, State.STARTING)
+        proc.start()
+        ready_w.close()
+        self._status.begin_incarnation(slot.index, proc.pid)
+        slot.proc, slot.ready, slot.started = proc, ready_r, time.monotonic()
+        slot.killed_for_hang = False
+        slot.restart_at = 0.0
+        logger.info("model %s: started ML process pid=%d slot=%d generation=%d",
+                    self._name, proc.pid, slot.index, generation)
+
+    def start(self) -> None:
+        """Start every ML process and wait until all have loaded.
+
+        Raises:
+            ModelError: load() or warmup() raised in an ML process (with its traceback).
+            WorkerUnavailableError: an ML process died or timed out while loading.
+        """
+        for slot in self._slots:
+            self._spawn(slot)
+        deadline = time.monotonic() + self._config.start_timeout
+        try:
+            for slot in self._slots:
+                self._await_ready(slot, deadline)
+        except BaseException:
+            self._kill_all()
+            for slot in self._slots:
+                self._status.end_incarnation(slot.index, self._exitcode(slot), State.FAILED)
+            raise
+        self._thread = threading.Thread(target=self._run, name=f"ipcserve-supervisor-{self._name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _exitcode(self, slot: _Slot) -> int | None:
+        return None if slot.proc is None else slot.proc.exitcode
+
+    def _await_ready(self, slot: _Slot, deadline: float) -> None:
+        assert slot.ready is not None
+        remaining = max(0.0, deadline - time.monotonic())
+        if not wait([slot.ready, slot.proc.sentinel], remaining):
+            raise WorkerUnavailableError(
+                f"model {self._name!r}: load() did not finish within start_timeout="
+                f"{self._config.start_timeout}s")
+        self._on_ready_message(slot, raise_errors=True)
+
+    def _on_ready_message(self, slot: _Slot, raise_errors: bool) -> None:
+        """Handle the loading process's ready pipe: 'ready', a load error, or EOF."""
+        assert slot.ready is not None
+        try:
+            message = slot.ready.recv() if slot.ready.poll(0) else None
+        except (EOFError, OSError):
+            message = None
+        slot.ready.close()
+        slot.ready = None
+        if message and message[0] == "ready":
+            slot.ready_at = time.monotonic()
+            slot.served_at_ready = self._status.served(slot.index)
+            if self._status.circuit_open:
+                logger.warning("model %s: ML process ready again, closing the circuit", self._name)
+                self._status.set_circuit(False)
+            return
+        if message and message[0] == "error":
+            _, kind, text, tb = message
+            logger.error("model %s: load() failed in ML process:\n%s", self._name, tb)
+            error: IPCServeError = ModelError(f"the model failed to load: {kind}: {text}",
+                                              remote_type=kind, remote_traceback=tb)
+        else:
+            slot.proc.join(5)
+            error = WorkerUnavailableError(
+                f"model {self._name!r}: the ML process {describe_exit(slot.proc.exitcode)} "
+                "while loading")
+        if raise_errors:
+            raise error
+        # A restarted process that fails to load counts as a crash; its exit is seen next.
+
+    # -- watching ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._tick()
+        except Exception:  # never die silently: the status would freeze as it is
+            logger.critical("model %s: supervisor thread failed:\n%s", self._name,
+                            traceback.format_exc())
+            raise
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        timeout = self._config.heartbeat_interval
+        waitables: list[Any] = [self._wake_r]
+        for slot in self._slots:
+            if slot.proc is not None:
+                waitables.append(slot.proc.sentinel)
+                if slot.ready is not None:
+                    waitables.append(slot.ready)
+            elif slot.restart_at:
+                timeout = min(timeout, max(0.0, slot.restart_at - now))
+        ready = set(wait(waitables, timeout))
+        if self._stopping.is_set():
+            return
+        if self._wake_r in ready:
+            self._wake_r.recv_bytes()
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            now = time.monotonic()
+            for slot in self._slots:
+                if slot.proc is None:
+                    if slot.restart_at and now >= slot.restart_at:
+                        self._restart(slot)
+                    continue
+                if slot.ready is not None and slot.ready in ready:
+                    self._on_ready_message(slot, raise_errors=False)
+                if slot.proc.sentinel in ready:
+                    self._on_exit(slot)
+                else:
+                    self._watchdog(slot, now)
+
+    def _restart(self, slot: _Slot) -> None:
+        self._status.count_restart(slot.index)
+        self._status.set_next_start(0.0)
+        try:
+            self._spawn(slot)
+        except Exception as exc:  # e.g. out of memory or fds: try again later
+            logger.error("model %s: could not start an ML process: %r", self._name, exc)
+            self._schedule_restart(slot)
+
+    def _on_exit(self, slot: _Slot) -> None:
+        proc = slot.proc
+        proc.join(1)
+        exitcode = proc.exitcode
+        hang = slot.killed_for_hang
+        if slot.ready is not None:
+            slot.ready.close()
+            slot.ready = None
+        slot.proc = None
+        self._status.record_crash(hang)
+        self._status.end_incarnation(slot.index, exitcode, State.RESTARTING)
+        cause = "was killed by the watchdog after hanging" if hang else describe_exit(exitcode)
+        logger.error("model %s: ML process pid=%d slot=%d %s (crash %d in a row)", self._name,
+                     proc.pid, slot.index, cause, self._status.consecutive_crashes)
+        self._release_queue_lock()
+        self._schedule_restart(slot)
+
+    def _schedule_restart(self, slot: _Slot) -> None:
+        streak = max(1, self._status.consecutive_crashes)
+        delay = min(self._config.max_restart_backoff,
+                    self._config.restart_backoff * 2 ** (streak - 1))
+        slot.restart_at = time.monotonic() + delay
+        self._status.set_next_start(slot.restart_at)
+        if streak >= self._config.circuit_breaker_threshold and not self._status.circuit_open:
+            logger.error("model %s: %d crashes in a row, opening the circuit; next restart in %.1fs",
+                         self._name, streak, delay)
+            self._status.set_circuit(True)
+
+    def _release_queue_lock(self) -> None:
+        """Free the queue's read lock if the dead process held it.
+
+        Live ML processes hold it only for one non-blocking read (microseconds), so a lock
+        still held after a generous wait belongs to the dead one. A SemLock-based Lock may
+        be released by any process.
+        """
+        rlock = self._queue._rlock
+        if rlock.acquire(timeout=0.5):
+            rlock.release()
+        else:
+            logger.warning("model %s: the dead ML process held the queue lock; releasing it",
+                           self._name)
+            rlock.release()
+
+    def _watchdog(self, slot: _Slot, now: float) -> None:
+        index = slot.index
+        if slot.ready is not None:
+            if now - slot.started > self._config.start_timeout:
+                logger.error("model %s: ML process pid=%d did not load within %.0fs; killing it",
+                             self._name, slot.proc.pid, self._config.start_timeout)
+                slot.killed_for_hang = True
+                self._kill(slot.proc)
+            return
+        stalled = now - self._status.heartbeat(index)
+        if stalled > self._config.hang_timeout and not slot.killed_for_hang:
+            logger.error("model %s: ML process pid=%d made no progress for %.1fs "
+                         "(hang_timeout=%.1fs); killing it", self._name, slot.proc.pid, stalled,
+                         self._config.hang_timeout)
+            slot.killed_for_hang = True
+            self._kill(slot.proc)
+            return
+        if self._status.consecutive_crashes and (
+                self._status.served(index) > slot.served_at_ready or now - slot.ready_at > _STABLE_AFTER):
+            self._status.reset_consecutive()
+
+    @staticmethod
+    def _kill(proc: Any) -> None:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    # -- stopping ----------------------------------------------------------------------
+    def wake(self) -> None:
+        try:
+            self._wake_w.send_bytes(b"")
+        except OSError:
+            pass
+
+    def stop(self, timeout: float) -> None:
+        """Stop watching, send one Shutdown per live process, join, then kill."""
+        with self._lock:
+            self._stopping.set()
+        self.wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(max(timeout, 1.0))
+        live = [s for s in self._slots if s.proc is not None and s.proc.is_alive()]
+        for _ in live:
+            self._queue.put(Shutdown(self._token))
+        deadline = time.monotonic() + timeout
+        for slot in live:
+            slot.proc.join(max(0.0, deadline - time.monotonic()))
+        for slot in live:
+            if slot.proc.is_alive():
+                logger.warning("model %s: ML process pid=%d did not stop in time; killing it",
+                               self._name, slot.proc.pid)
+                slot.proc.terminate()
+                slot.proc.join(1.0)
+                if slot.proc.is_alive():
+                    self._kill(slot.proc)
+                    slot.proc.join(1.0)
+        for slot in self._slots:
+            if slot.ready is not None:
+                slot.ready.close()
+            self._status.end_incarnation(slot.index, self._exitcode(slot), State.STOPPED)
+            slot.proc = None
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _kill_all(self) -> None:
+        for slot in self._slots:
+            if slot.proc is not None and slot.proc.is_alive():
+                self._kill(slot.proc)
+                slot.proc.join(2.0)
+            if slot.ready is not None:
+                slot.ready.close()
+                slot.ready = None

@@ -1,0 +1,322 @@
+"""The ML process: load the model once, then answer requests until the Shutdown sentinel.
+
+It multiplexes the shared queue (new channels, Shutdown) and every channel it serves with
+one ``multiprocessing.connection.wait`` call. Requests read off the channels are batched
+(:mod:`ipcserve.batching`), expired ones are skipped without computing, and every request
+gets exactly one :class:`~ipcserve.protocol.Reply`. A model exception or an unpicklable
+result fails that request only; the process lives on.
+
+Never imports Flask or waitress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
+from typing import TYPE_CHECKING, Any
+
+from . import batching
+from .errors import InputError, IPCServeError, ModelError, QueueDeadlineError
+from .protocol import Attach, Attached, Reply, Request, Shutdown
+from .status import State, StatusBlock
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .mlprocess import MLProcess
+
+__all__ = ["worker_main"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Pending:
+    """A request read off a channel and not yet answered."""
+
+    __slots__ = ("conn", "request", "arrived")
+
+    def __init__(self, conn: Connection, request: Request, arrived: float) -> None:
+        self.conn = conn
+        self.request = request
+        self.arrived = arrived
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the process that started us dies, so no ML process is ever orphaned.
+
+    ``multiprocessing.parent_process().sentinel`` is a pipe whose write end the parent
+    holds: it turns readable the moment the parent dies, whatever killed it (SIGKILL too).
+    """
+    from multiprocessing import parent_process
+
+    parent = parent_process()
+    sentinel = getattr(parent, "sentinel", None)
+    while True:
+        if sentinel is not None:
+            if wait([sentinel], timeout=1.0):
+                break
+        elif not wait([], timeout=1.0) and os.getppid() != parent_pid:
+            break
+        if os.getppid() != parent_pid:
+            break
+    logger.warning("ML process pid=%d: parent pid=%d is gone, exiting", os.getpid(), parent_pid)
+    os._exit(0)
+
+
+def _send(conn: Connection, reply: Reply) -> bool:
+    """Send one reply; an unpicklable value becomes a ModelError reply. False: caller is gone."""
+    try:
+        data = ForkingPickler.dumps(reply)
+    except Exception as exc:  # the model returned something pickle cannot carry
+        logger.warning("reply %s could not be pickled: %r", reply.id, exc)
+        reply = Reply(reply.id, error=ModelError(
+            f"the model's result could not be sent back: {type(exc).__name__}: {exc}",
+            remote_type=type(exc).__name__), queue_wait=reply.queue_wait,
+            inference_time=reply.inference_time, batch_size=reply.batch_size)
+        data = ForkingPickler.dumps(reply)
+    try:
+        conn.send_bytes(data)
+    except (BrokenPipeError, EOFError, OSError):
+        logger.debug("caller of request %s is gone (channel closed)", reply.id)
+        return False
+    return True
+
+
+def _model_error(exc: BaseException) -> IPCServeError:
+    """The error a caller sees for an exception raised by the model."""
+    if isinstance(exc, IPCServeError):
+        return exc  # the model raised an ipcserve error on purpose (e.g. InputError)
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return ModelError(f"{type(exc).__name__}: {exc}", remote_type=type(exc).__name__,
+                      remote_traceback=tb)
+
+
+class _Loop:
+    """State of one ML process's serving loop."""
+
+    def __init__(self, model: MLProcess, slot: int, generation: int, queue: Any,
+                 status: StatusBlock, token: bytes, config: Config) -> None:
+        self.model = model
+        self.slot = slot
+        self.generation = generation
+        self.queue = queue
+        self.status = status
+        self.token = token
+        self.config = config
+        self.conns: list[Connection] = []
+        self.pending: list[_Pending] = []
+        self.stopping = False
+        self.batchable = model._is_batching()
+
+    # -- input -----------------------------------------------------------------------
+    def _take_from_queue(self) -> Any:
+        """One message off the shared queue, or None if another ML process got it first.
+
+        We never block inside ``SimpleQueue.get()``: it holds the queue's read lock while
+        it waits, so an ML process killed while idle would leave the lock held and starve
+        every process after it. The lock is held only for a read we know will not block.
+        """
+        rlock = self.queue._rlock
+        if not rlock.acquire(timeout=self.config.heartbeat_interval):
+            return None
+        try:
+            if not self.queue._reader.poll(0):
+                return None
+            data = self.queue._reader.recv_bytes()
+        finally:
+            rlock.release()
+        try:
+            return ForkingPickler.loads(data)
+        except Exception as exc:
+            # e.g. the web process that sent this channel died before we fetched its fd
+            logger.warning("dropped a queue message that could not be decoded: %r", exc)
+            return None
+
+    def _on_queue_message(self, message: Any) -> None:
+        if isinstance(message, Attach):
+            conn = message.conn
+            try:
+                conn.send(Attached(self.slot, self.generation, os.getpid()))
+            except (BrokenPipeError, EOFError, OSError):
+                conn.close()
+                return
+            self.conns.append(conn)
+        elif isinstance(message, Shutdown):
+            if message.token == self.token:
+                self.stopping = True
+            else:
+                logger.error("ignored a Shutdown message with a wrong token")
+        elif message is not None:
+            logger.error("ignored an unexpected queue message of type %s", type(message).__name__)
+
+    def _drop(self, conn: Connection) -> None:
+        self.conns.remove(conn)
+        conn.close()
+
+    def _read(self, conn: Connection, now: float) -> None:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            self._drop(conn)  # the caller closed its channel (thread ended, timed out)
+            return
+        try:
+            request = ForkingPickler.loads(data)
+            if not isinstance(request, Request):
+                raise TypeError(f"expected a Request, got {type(request).__name__}")
+        except Exception as exc:
+            _send(conn, Reply(None, error=InputError(
+                f"the ML process could not decode the request: {type(exc).__name__}: {exc}")))
+            return
+        self.pending.append(_Pending(conn, request, now))
+
+    def poll_once(self, timeout: float) -> None:
+        reader = self.queue._reader
+        ready = wait([reader, *self.conns], timeout)
+        now = time.monotonic()
+        self.status.beat(self.slot)
+        for conn in ready:
+            if conn is reader:
+                self._on_queue_message(self._take_from_queue())
+            else:
+                self._read(conn, now)  # type: ignore[arg-type]
+
+    # -- compute ---------------------------------------------------------------------
+    def run_pending(self) -> None:
+        """Answer everything read so far, in batches of at most max_batch_size items."""
+        while self.pending:
+            now = time.monotonic()
+            live: list[_Pending] = []
+            for item in self.pending:
+                if item.request.deadline <= now:
+                    _send(item.conn, Reply(item.request.id, error=QueueDeadlineError(
+                        "the request's deadline passed while it was queued; it was not computed")))
+                else:
+                    live.append(item)
+            self.pending = []
+            if not live:
+                return
+            if self.batchable:
+                batch, self.pending = batching.take(live, self.config.max_batch_size)
+                self._run_batch(batch)
+            else:
+                self._run_single(live[0])
+                self.pending = live[1:]
+            self._poll_more()
+
+    def _poll_more(self) -> None:
+        """Read whatever arrived during the last batch, so the next one forms naturally."""
+        self.poll_once(0)
+
+    def _finish(self, items: list[_Pending], results: list[tuple[Any, IPCServeError | None]],
+                started: float) -> None:
+        elapsed = time.monotonic() - started
+        for item, (value, error) in zip(items, results):
+            _send(item.conn, Reply(item.request.id, value=value, error=error,
+                                   queue_wait=max(0.0, started - item.arrived),
+                                   inference_time=elapsed, batch_size=len(items)))
+        self.status.set_busy(self.slot, 0.0)
+        self.status.add_served(self.slot, len(items))
+        self.status.beat(self.slot)
+
+    def _run_single(self, item: _Pending) -> None:
+        started = time.monotonic()
+        self.status.set_busy(self.slot, started)
+        request = item.request
+        try:
+            result: tuple[Any, IPCServeError | None] = (
+                self.model.predict(*request.args, **request.kwargs), None)
+        except Exception as exc:
+            result = (None, _model_error(exc))
+        self._finish([item], [result], started)
+
+    def _run_batch(self, items: list[_Pending]) -> None:
+        bad: list[tuple[_Pending, IPCServeError]] = []
+        good: list[_Pending] = []
+        for item in items:
+            try:
+                batching.item_of(item.request)
+                good.append(item)
+            except TypeError as exc:
+                bad.append((item, InputError(str(exc))))
+        for item, error in bad:
+            _send(item.conn, Reply(item.request.id, error=error))
+        if not good:
+            return
+        items = good
+        started = time.monotonic()
+        self.status.set_busy(self.slot, started)
+        xs = [batching.item_of(p.request) for p in items]
+        results: list[tuple[Any, IPCServeError | None]]
+        try:
+            outputs = self.model.predict_batch(xs)
+            if len(outputs) != len(xs):
+                raise ModelError(f"predict_batch returned {len(outputs)} results for "
+                                 f"{len(xs)} inputs")
+            results = [(out, None) for out in outputs]
+        except Exception as exc:
+            if len(xs) == 1:
+                results = [(None, _model_error(exc))]
+            else:
+                # One poison input must not fail its batchmates: retry each alone.
+                logger.info("batch of %d failed (%r); retrying items one by one", len(xs), exc)
+                results = []
+                for x in xs:
+                    try:
+                        outs = self.model.predict_batch([x])
+                        results.append((outs[0], None))
+                    except Exception as item_exc:
+                        results.append((None, _model_error(item_exc)))
+        self._finish(items, results, started)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def serve(self) -> None:
+        interval = self.config.heartbeat_interval
+        while not self.stopping:
+            self.poll_once(0 if self.pending else interval)
+            if self.pending and self.config.max_batch_wait > 0 and self.batchable:
+                self._gather(time.monotonic() + self.config.max_batch_wait)
+            self.run_pending()
+        # Drain: answer whatever is already readable, then exit.
+        self.poll_once(0)
+        self.run_pending()
+        for conn in self.conns:
+            conn.close()
+
+    def _gather(self, until: float) -> None:
+        """Wait up to max_batch_wait for a batch to fill (only used when it is > 0)."""
+        while sum(batching.size_of(p.request) for p in self.pending) < self.config.max_batch_size:
+            remaining = until - time.monotonic()
+            if remaining <= 0 or self.stopping:
+                return
+            self.poll_once(remaining)
+
+
+def worker_main(model: MLProcess, slot: int, generation: int, queue: Any, status: StatusBlock,
+                token: bytes, config: Config, ready: Connection, parent_pid: int) -> None:
+    """Entry point of an ML process (module level, plain arguments, so spawn can import it)."""
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides how to stop us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="ipcserve-parent-watch",
+                     daemon=True).start()
+    try:
+        model.load()
+        model.warmup()
+    except BaseException as exc:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            ready.send(("error", type(exc).__name__, str(exc), tb))
+        finally:
+            ready.close()
+        os._exit(3)
+    status.beat(slot)
+    status.set_state(slot, State.READY)
+    ready.send(("ready",))
+    ready.close()
+    logger.info("ML process pid=%d slot=%d generation=%d ready", os.getpid(), slot, generation)
+    _Loop(model, slot, generation, queue, status, token, config).serve()
+    logger.info("ML process pid=%d slot=%d stopped", os.getpid(), slot)
