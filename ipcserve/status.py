@@ -31,8 +31,8 @@ class State(enum.IntEnum):
 _PID, _GENERATION, _STATE, _HEARTBEAT, _BUSY_SINCE, _SERVED, _EXITCODE, _RESTARTS = range(8)
 _SLOT = 8
 # Shared fields after the slots.
-_CRASHES, _CONSECUTIVE, _HANGS_KILLED, _CIRCUIT_OPEN, _NEXT_START, _DRAINING = range(6)
-_COMMON = 6
+_CRASHES, _CONSECUTIVE, _HANGS_KILLED, _CIRCUIT_OPEN, _NEXT_START, _DRAINING, _BACKOFF = range(7)
+_COMMON = 7
 _NO_EXITCODE = -1000.0
 
 
@@ -162,8 +162,15 @@ class StatusBlock:
     def set_circuit(self, is_open: bool) -> None:
         self._set_common(_CIRCUIT_OPEN, float(is_open))
 
-    def set_next_start(self, when: float) -> None:
+    @property
+    def backoff(self) -> float:
+        """The delay before the last scheduled restart, in seconds."""
+        return self._common(_BACKOFF)
+
+    def set_next_start(self, when: float, delay: float | None = None) -> None:
         self._set_common(_NEXT_START, when)
+        if delay is not None:
+            self._set_common(_BACKOFF, delay)
 
     def set_draining(self, draining: bool) -> None:
         self._set_common(_DRAINING, float(draining))
@@ -199,5 +206,6 @@ class StatusBlock:
             "consecutive_crashes": self.consecutive_crashes,
             "hangs_killed": self.hangs_killed,
             "circuit_open": self.circuit_open,
+            "restart_backoff": round(self.backoff, 3),
             "draining": self.draining,
         }

@@ -242,7 +242,7 @@ class Supervisor:
         delay = min(self._config.max_restart_backoff,
                     self._config.restart_backoff * 2 ** (streak - 1))
         slot.restart_at = time.monotonic() + delay
-        self._status.set_next_start(slot.restart_at)
+        self._status.set_next_start(slot.restart_at, delay)
         if streak >= self._config.circuit_breaker_threshold and not self._status.circuit_open:
             logger.error("model %s: %d crashes in a row, opening the circuit; next restart in %.1fs",
                          self._name, streak, delay)

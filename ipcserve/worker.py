@@ -137,15 +137,17 @@ class _Loop:
             logger.warning("dropped a queue message that could not be decoded: %r", exc)
             return None
 
-    def _on_queue_message(self, message: Any) -> None:
+    def _on_queue_message(self, message: Any) -> Connection | None:
+        """Handle one queue message; returns the new channel's end for an Attach."""
         if isinstance(message, Attach):
             conn = message.conn
             try:
                 conn.send(Attached(self.slot, self.generation, os.getpid()))
             except (BrokenPipeError, EOFError, OSError):
                 conn.close()
-                return
+                return None
             self.conns.append(conn)
+            return conn
         elif isinstance(message, Shutdown):
             if message.token == self.token:
                 self.stopping = True
@@ -153,6 +155,7 @@ class _Loop:
                 logger.error("ignored a Shutdown message with a wrong token")
         elif message is not None:
             logger.error("ignored an unexpected queue message of type %s", type(message).__name__)
+        return None
 
     def _drop(self, conn: Connection) -> None:
         self.conns.remove(conn)
@@ -181,9 +184,22 @@ class _Loop:
         self.status.beat(self.slot)
         for conn in ready:
             if conn is reader:
-                self._on_queue_message(self._take_from_queue())
+                self._drain_queue(now)
             else:
                 self._read(conn, now)  # type: ignore[arg-type]
+
+    def _drain_queue(self, now: float) -> None:
+        """Take every queued message now (bounded), reading each new channel's first
+        request at once, so a burst of new callers lands in one batch."""
+        for _ in range(256):
+            message = self._take_from_queue()
+            if message is None:
+                return
+            attached = self._on_queue_message(message)
+            if attached is not None and attached.poll(0):
+                self._read(attached, now)
+            if not self.queue._reader.poll(0):
+                return
 
     # -- compute ---------------------------------------------------------------------
     def run_pending(self) -> None:

@@ -1,0 +1,241 @@
+"""MLProcess with real processes: answers, model errors, pickling errors, deadlines, overload."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import threading
+
+import pytest
+from conftest import wait_until
+from models import Batcher, BatchTripler, Blocker, Doubler, FailsToLoad, make_tripler
+
+import ipcserve
+from ipcserve import (
+    InputError,
+    MLProcess,
+    ModelError,
+    OverloadedError,
+    QueueDeadlineError,
+    ResultDeadlineError,
+    WorkerUnavailableError,
+)
+from ipcserve.protocol import Shutdown
+
+
+def events() -> tuple[object, object]:
+    ctx = multiprocessing.get_context("spawn")
+    return ctx.Event(), ctx.Event()
+
+
+def test_call_returns_the_models_answer_and_per_call_timeout() -> None:
+    with Doubler(timeout=5.0) as ml:
+        assert ml(21) == 42
+        assert ml(21, timeout=1.0) == 42
+        assert ml(a=3, b=4) == {"a": 6, "b": 8}
+        assert ml.ready
+        assert ml.status["workers"][0]["state"] == "ready"
+
+
+def test_calling_the_object_never_runs_predict_in_the_caller() -> None:
+    with Doubler() as ml:
+        assert ml("pid") != os.getpid()
+        assert ml("pid") == ml.pids[0]
+
+
+def test_many_threads_each_get_their_own_answer() -> None:
+    with Doubler(max_inflight=64) as ml:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(ml, range(400)))
+    assert results == [2 * i for i in range(400)]
+
+
+def test_call_before_start_says_what_to_do() -> None:
+    ml = Doubler()
+    with pytest.raises(WorkerUnavailableError, match="start()"):
+        ml(1)
+
+
+def test_model_exception_comes_back_with_type_message_and_remote_traceback() -> None:
+    with Doubler() as ml:
+        pid = ml.pids[0]
+        with pytest.raises(ModelError) as info:
+            ml("raise")
+        err = info.value
+        assert err.remote_type == "ValueError"
+        assert "does not like 'raise'" in str(err)
+        assert "Traceback" in err.remote_traceback and "in predict" in err.remote_traceback
+        assert "in predict" in str(err.__cause__)
+        assert err.http_status == 500
+        assert ml(1) == 2 and ml.pids == [pid]  # the process lived on
+
+
+def test_model_can_reject_input_with_an_input_error() -> None:
+    with Doubler() as ml:
+        with pytest.raises(InputError, match="must not be 'input-error'") as info:
+            ml("input-error")
+        assert info.value.http_status == 400
+        assert ml(2) == 4
+
+
+def test_unpicklable_input_is_an_input_error_and_the_process_lives() -> None:
+    with Doubler() as ml:
+        pid = ml.pids[0]
+        with pytest.raises(InputError, match="not picklable"):
+            ml(threading.Lock())
+        with pytest.raises(InputError, match="not picklable"):
+            ml(lambda: 1)
+        assert ml(5) == 10 and ml.pids == [pid]
+
+
+def test_unpicklable_result_is_a_model_error_and_the_process_lives() -> None:
+    with Doubler() as ml:
+        pid = ml.pids[0]
+        with pytest.raises(ModelError, match="could not be sent back"):
+            ml("unpicklable")
+        assert ml(5) == 10 and ml.pids == [pid]
+
+
+def test_a_forged_shutdown_is_just_data() -> None:
+    with Doubler() as ml:
+        with pytest.raises(ModelError):
+            ml(Shutdown(b"guess"))  # travels inside a Request: the model gets it as input
+        ml._runtime().queue.put(Shutdown(b"wrong token"))  # even on the queue: ignored
+        assert ml(1) == 2
+        assert ml.status["workers"][0]["generation"] == 0
+
+
+def test_load_failure_raises_from_start_without_a_restart_loop() -> None:
+    ml = FailsToLoad()
+    with pytest.raises(ModelError, match="failed to load: RuntimeError: weights file") as info:
+        ml.start()
+    assert "Traceback" in info.value.remote_traceback
+    assert not ml.started
+    assert multiprocessing.active_children() == []
+
+
+def test_hung_predict_times_out_then_the_watchdog_restarts_it() -> None:
+    entered, release = events()
+    with Blocker(entered, release, hang_timeout=1.0, heartbeat_interval=0.1,
+                 restart_backoff=0.05) as ml:
+        pid = ml.pids[0]
+        with pytest.raises(ResultDeadlineError) as info:
+            ml("hang", timeout=0.3)
+        assert info.value.http_status == 504
+        wait_until(lambda: ml.status["hangs_killed"] == 1, what="the watchdog kill")
+        wait_until(lambda: ml.ready, what="the restart")
+        assert ml("after") == "after"
+        assert ml.pids != [pid]
+        assert ml.status["workers"][0]["restarts"] == 1
+
+
+def test_deadline_passed_in_queue_is_skipped_without_computing() -> None:
+    entered, release = events()
+    with Blocker(entered, release) as ml:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            blocked = pool.submit(ml, "block")
+            assert entered.wait(5)
+            late = pool.submit(ml, "late", timeout=0.05)
+            with pytest.raises(QueueDeadlineError):
+                late.result(5)
+            release.set()
+            assert blocked.result(5) == "block"
+        assert "late" not in ml("computed")
+
+
+def test_overload_is_refused_at_once() -> None:
+    entered, release = events()
+    with Blocker(entered, release, max_inflight=2) as ml:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(ml, "block")
+            assert entered.wait(5)
+            second = pool.submit(ml, "queued")
+            wait_until(lambda: ml.status["inflight"] == 2, what="two calls in flight")
+            with pytest.raises(OverloadedError) as info:
+                ml("third")
+            assert info.value.http_status == 503 and info.value.retry_after
+            release.set()
+            assert first.result(5) == "block" and second.result(5) == "queued"
+        assert ml("fourth") == "fourth"
+
+
+def test_shutdown_drains_in_flight_and_refuses_new_calls() -> None:
+    entered, release = events()
+    ml = Blocker(entered, release).start()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        in_flight = pool.submit(ml, "block")
+        assert entered.wait(5)
+        stopper = pool.submit(ml.shutdown, 10.0)
+        wait_until(lambda: ml.status.get("draining", True), what="draining")
+        with pytest.raises(WorkerUnavailableError):
+            ml("new")
+        release.set()
+        assert in_flight.result(10) == "block"
+        stopper.result(15)
+    assert not ml.started
+    assert multiprocessing.active_children() == []
+    ml.shutdown()  # twice is fine
+
+
+def test_shutdown_kills_a_process_that_will_not_stop() -> None:
+    entered, release = events()
+    ml = Blocker(entered, release).start()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(ml, "hang", timeout=30)
+        assert entered.wait(5)
+        ml.shutdown(grace=0.2)
+        with pytest.raises(WorkerUnavailableError):
+            stuck.result(5)
+    assert multiprocessing.active_children() == []
+
+
+def test_from_factory_serves_a_callable_and_a_batching_model() -> None:
+    with MLProcess.from_factory(make_tripler) as ml:
+        assert ml.name == "make_tripler"
+        assert ml(3) == 9
+    with MLProcess.from_factory(BatchTripler, name="bt", max_batch_size=4) as ml:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(ml, range(32))) == [3 * i for i in range(32)]
+
+
+def test_batches_form_under_load_keep_order_and_isolate_poison() -> None:
+    entered, release = events()
+    with Batcher(entered, release, max_batch_size=4) as ml:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            first = pool.submit(ml, "block")
+            assert entered.wait(5)
+            # Six more arrive while the first batch computes: they form batches of <= 4.
+            rest = [pool.submit(ml, i) for i in (1, 2, "poison", 4, 5, 6)]
+            wait_until(lambda: ml.status["inflight"] == 7, what="all calls in flight")
+            release.set()
+            assert first.result(5) == "block"
+            outcomes = []
+            for fut in rest:
+                try:
+                    outcomes.append(fut.result(5))
+                except ModelError as exc:
+                    outcomes.append(exc.remote_type)
+        assert outcomes == [10, 20, "ValueError", 40, 50, 60]
+        batches = ml("batches")
+        assert max(len(b) for b in batches) <= 4
+        assert any(len(b) > 1 for b in batches), batches
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_every_start_method_serves(method: str) -> None:
+    with Doubler(start_method=method) as ml:
+        assert ml(4) == 8
+        assert ml("pid") != os.getpid()
+
+
+def test_public_api_is_pinned() -> None:
+    assert set(ipcserve.__all__) == {
+        "Config", "ConfigError", "DeadlineError", "IPCServeError", "InputError", "MLProcess",
+        "ModelError", "NotFoundError", "OverloadedError", "PayloadTooLargeError",
+        "QueueDeadlineError", "ResultDeadlineError", "UnauthorizedError",
+        "UnsupportedMediaTypeError", "WorkerCrashedError", "WorkerUnavailableError", "__version__",
+    }
+    for name in ipcserve.__all__:
+        assert hasattr(ipcserve, name)
