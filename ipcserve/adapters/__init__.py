@@ -1,0 +1,1 @@
+"""Model adapters; heavy imports stay inside functions."""
