@@ -1,0 +1,6 @@
+"""``python -m ipcserve serve ...``."""
+
+from ipcserve.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,7 @@
+"""``from ipcserve.flask import IPCServe``: the Flask extension (implemented in flask_ext)."""
+
+from __future__ import annotations
+
+from .flask_ext import IPCServe, error_response
+
+__all__ = ["IPCServe", "error_response"]

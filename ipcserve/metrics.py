@@ -1,0 +1,88 @@
+"""Prometheus metrics, built with prometheus_client collectors. No Flask import.
+
+Each :class:`Metrics` has its own ``CollectorRegistry`` so several apps (or tests) in one
+process never collide. Counters about ML processes (restarts, crashes, hangs killed) are read
+from the shared status block at scrape time, so they are right even when another web
+process (gunicorn) made the calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class _StatusCollector:
+    """Yields per-model gauges and counters from each MLProcess's status at scrape time."""
+
+    def __init__(self, models: Callable[[], dict[str, Any]]) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        restarts = CounterMetricFamily("ipcserve_restarts", "ML process restarts", labels=["model"])
+        crashes = CounterMetricFamily("ipcserve_crashes", "ML process deaths (crashes and watchdog kills)",
+                                      labels=["model"])
+        hangs = CounterMetricFamily("ipcserve_hangs_killed", "ML processes killed by the watchdog",
+                                    labels=["model"])
+        depth = GaugeMetricFamily("ipcserve_queue_depth", "Calls in flight in this web process",
+                                  labels=["model"])
+        ready = GaugeMetricFamily("ipcserve_model_ready", "1 when every ML process is ready",
+                                  labels=["model"])
+        circuit = GaugeMetricFamily("ipcserve_circuit_open", "1 while the circuit breaker is open",
+                                    labels=["model"])
+        for name, ml in self._models().items():
+            status = ml.status
+            workers = status.get("workers", [])
+            restarts.add_metric([name], sum(w["restarts"] for w in workers))
+            crashes.add_metric([name], status.get("crashes", 0))
+            hangs.add_metric([name], status.get("hangs_killed", 0))
+            depth.add_metric([name], status.get("inflight", 0))
+            ready.add_metric([name], 1.0 if status.get("ready") else 0.0)
+            circuit.add_metric([name], 1.0 if status.get("circuit_open") else 0.0)
+        yield from (restarts, crashes, hangs, depth, ready, circuit)
+
+
+class Metrics:
+    """The request-level metrics of one ipcserve app."""
+
+    def __init__(self, models: Callable[[], dict[str, Any]]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ipcserve_requests", "HTTP prediction requests by model and status",
+                                ["model", "status"], registry=self.registry)
+        self.latency = Histogram("ipcserve_request_latency_seconds",
+                                 "Whole prediction request time in the web process", ["model"],
+                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram("ipcserve_queue_wait_seconds",
+                                    "Time a call waited in the ML process before its batch started",
+                                    ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.inference = Histogram("ipcserve_inference_seconds", "Model compute time per batch",
+                                   ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("ipcserve_batch_size", "Items per model call", ["model"],
+                                    buckets=_BATCH_BUCKETS, registry=self.registry)
+        self.shed = Counter("ipcserve_shed", "Requests refused at once because of overload",
+                            ["model"], registry=self.registry)
+        self.registry.register(_StatusCollector(models))  # type: ignore[arg-type]
+
+    def observe(self, model: str, status: int, seconds: float, stats: Any = None) -> None:
+        """Record one finished prediction request."""
+        self.requests.labels(model, str(status)).inc()
+        self.latency.labels(model).observe(seconds)
+        if stats is not None and stats.batch_size:
+            self.queue_wait.labels(model).observe(stats.queue_wait)
+            self.inference.labels(model).observe(stats.inference_time)
+            self.batch_size.labels(model).observe(stats.batch_size)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
