@@ -86,7 +86,9 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
                        "the model. Set --api-key or IPCSERVE_API_KEY.", host)
     try:
         server = waitress.create_server(app, host=host, port=port, threads=threads,
-                                        max_request_body_size=app.config["MAX_CONTENT_LENGTH"],
+                                        # Flask's MAX_CONTENT_LENGTH answers 413 in JSON;
+                                        # waitress's own cap (plain text) is the backstop.
+                                        max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"],
                                         ident="ipcserve")
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", host, port, exc)

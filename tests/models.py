@@ -31,6 +31,8 @@ class Doubler(MLProcess):
             os._exit(3)
         if x == "segfault":
             ctypes.string_at(0)
+        if x == "hang":
+            threading.Event().wait()  # never returns: only the watchdog ends this
         if kwargs:
             return {k: v * self.k for k, v in kwargs.items()}
         return x * self.k
@@ -104,3 +106,13 @@ def make_tripler() -> Any:
 class BatchTripler:
     def predict_batch(self, xs: list[Any]) -> list[Any]:
         return [x * 3 for x in xs]
+
+
+class Sleeper(MLProcess):
+    """Slow work on purpose (for drain tests): sleeps ``seconds`` then answers."""
+
+    def predict(self, seconds: float = 0.0) -> Any:
+        import time
+
+        time.sleep(float(seconds))
+        return {"slept": seconds, "pid": os.getpid()}

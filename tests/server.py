@@ -1,0 +1,76 @@
+"""Run the real ``python app.py`` (waitress on a free port) for HTTP tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_LISTENING = re.compile(r"serving .* on (http://\S+) \(pid (\d+)\)")
+
+
+class Server:
+    """``python app.py --port 0 ARGS``; ``url`` is known once it logs that it is serving."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, start_timeout: float = 60.0) -> None:
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"),
+                                                  full_env.get("PYTHONPATH", "")])
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", "0", *args],
+                                     cwd=ROOT, env=full_env, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        self.url = ""
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + start_timeout
+        while not self.url:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.proc.stderr], [], [], remaining)[0]:
+                self.kill()
+                raise AssertionError("server did not start in time:\n" + "".join(self.log))
+            line = self.proc.stderr.readline()
+            if not line:  # exited
+                self.proc.wait(10)
+                break
+            self.log.append(line)
+            match = _LISTENING.search(line)
+            if match:
+                self.url = match.group(1)
+        self._reader = threading.Thread(target=self._drain, name="server-log", daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.log)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            self.kill()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc.stderr is not None and getattr(self, "_reader", None) is None:
+            self.proc.stderr.close()
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.join(10)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
