@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -58,10 +59,13 @@ class RemoteTraceback(Exception):
 class _Channel:
     """One thread's persistent pipe to whichever ML process took its other end."""
 
-    __slots__ = ("conn", "pid", "slot", "generation", "ids")
+    __slots__ = ("conn", "poller", "pid", "slot", "generation", "ids")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        # A poll object made once: Connection.poll() builds a new selector on every call.
+        self.poller = select.poll()
+        self.poller.register(conn.fileno(), select.POLLIN)
         self.pid = os.getpid()
         self.slot: int | None = None  # set by the ML process's Attached message
         self.generation = -1
@@ -225,7 +229,7 @@ class Caller:
                 raise ResultDeadlineError(
                     "the request's deadline passed before the ML process answered")
             try:
-                readable = conn.poll(min(remaining, slice_))
+                readable = channel.poller.poll(min(remaining, slice_) * 1000.0)
                 message = conn.recv() if readable else None
             except (EOFError, OSError):
                 raise self._crashed(channel) from None

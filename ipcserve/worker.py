@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import signal
 import threading
 import time
@@ -109,6 +110,10 @@ class _Loop:
         self.token = token
         self.config = config
         self.conns: list[Connection] = []
+        # One persistent epoll/poll selector: multiprocessing.connection.wait() builds a new
+        # selector per call, which cost more than the rest of a small request.
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(queue._reader, selectors.EVENT_READ)
         self.pending: list[_Pending] = []
         self.stopping = False
         self.batchable = model._is_batching()
@@ -147,6 +152,7 @@ class _Loop:
                 conn.close()
                 return None
             self.conns.append(conn)
+            self.selector.register(conn, selectors.EVENT_READ)
             return conn
         elif isinstance(message, Shutdown):
             if message.token == self.token:
@@ -159,6 +165,7 @@ class _Loop:
 
     def _drop(self, conn: Connection) -> None:
         self.conns.remove(conn)
+        self.selector.unregister(conn)
         conn.close()
 
     def _read(self, conn: Connection, now: float) -> None:
@@ -179,10 +186,11 @@ class _Loop:
 
     def poll_once(self, timeout: float) -> None:
         reader = self.queue._reader
-        ready = wait([reader, *self.conns], timeout)
+        events = self.selector.select(timeout)
         now = time.monotonic()
         self.status.beat(self.slot)
-        for conn in ready:
+        for key, _ in events:
+            conn = key.fileobj
             if conn is reader:
                 self._drain_queue(now)
             else:
@@ -302,6 +310,7 @@ class _Loop:
         self.run_pending()
         for conn in self.conns:
             conn.close()
+        self.selector.close()
 
     def _gather(self, until: float) -> None:
         """Wait up to max_batch_wait for a batch to fill (only used when it is > 0)."""
