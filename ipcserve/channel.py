@@ -149,10 +149,12 @@ class Caller:
         if status.draining:
             raise WorkerUnavailableError(f"model {self._name!r} is shutting down")
         if status.circuit_open:
-            raise WorkerUnavailableError(
+            wait = max(0.0, status.next_start - time.monotonic())
+            error = WorkerUnavailableError(
                 f"model {self._name!r} is unavailable: its ML process crashed "
-                f"{status.consecutive_crashes} times in a row; the next restart is in "
-                f"{max(0.0, status.next_start - time.monotonic()):.1f}s")
+                f"{status.consecutive_crashes} times in a row; the next restart is in {wait:.1f}s")
+            error.retry_after = max(1.0, wait)
+            raise error
         if status.all_stopped():
             raise WorkerUnavailableError(
                 f"model {self._name!r} is not running. Did you call start() or use the "

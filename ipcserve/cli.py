@@ -48,7 +48,8 @@ def build_model(spec: str, config: Config) -> Any:
     return MLProcess.from_factory(target, config=config)
 
 
-def create_app(models: Sequence[tuple[Any, str]], api_key: str | None = None) -> Any:
+def create_app(models: Sequence[tuple[Any, str]], api_key: str | None = None,
+               max_content_length: int | None = None, max_image_pixels: int | None = None) -> Any:
     """A Flask app serving ``models`` (pairs of MLProcess and kind), with JSON errors everywhere."""
     from flask import Flask
     from werkzeug.exceptions import HTTPException
@@ -57,6 +58,10 @@ def create_app(models: Sequence[tuple[Any, str]], api_key: str | None = None) ->
 
     app = Flask("ipcserve")
     app.config["IPCSERVE_API_KEY"] = api_key
+    if max_content_length is not None:
+        app.config["MAX_CONTENT_LENGTH"] = max_content_length
+    if max_image_pixels is not None:
+        app.config["IPCSERVE_MAX_IMAGE_PIXELS"] = max_image_pixels
     ipc = IPCServe(app)
     for ml, kind in models:
         preprocess = None
@@ -103,6 +108,7 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
     logger.warning("ipcserve: serving %s on http://%s:%s (pid %d)", ", ".join(ipc.endpoints),
                    host, server.effective_port, os.getpid())
     done = threading.Event()
+    force = threading.Event()
 
     def drain() -> None:
         if not state.wait_idle(grace):
@@ -113,6 +119,9 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
 
     def on_signal(signum: int, frame: Any) -> None:
         if done.is_set() or state.draining.is_set():
+            if not done.is_set():
+                force.set()
+                logger.warning("ipcserve: second signal, stopping now")
             raise KeyboardInterrupt
         logger.warning("ipcserve: %s received, draining (up to %.0fs)", signal.Signals(signum).name, grace)
         state.draining.set()
@@ -127,7 +136,7 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         server.close()
-        if state.draining.is_set():
+        if state.draining.is_set() and not force.is_set():
             done.wait(grace + 5.0)  # let the drain thread finish its orderly shutdown
         ipc.shutdown(grace=0)
     logger.warning("ipcserve: stopped")
@@ -140,7 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model over HTTP on waitress")
     s.add_argument("--host", default=env("IPCSERVE_HOST", "127.0.0.1"),
-                   help="address to bind (default 127.0.0.1; anything else needs --api-key)")
+                   help="address to bind (default 127.0.0.1; binding another address without "
+                        "--api-key logs a warning)")
     s.add_argument("--port", type=int, default=int(env("IPCSERVE_PORT", "8000")),
                    help="port (default 8000; 0 picks a free one)")
     s.add_argument("--threads", type=int, default=int(env("IPCSERVE_THREADS", "8")),
@@ -149,6 +159,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="'digits' or package.module:attribute (default digits)")
     s.add_argument("--kind", choices=("json", "image"), default=env("IPCSERVE_KIND"),
                    help="endpoint kind (default: image for digits, json otherwise)")
+    s.add_argument("--max-content-length", type=int,
+                   default=int(env("IPCSERVE_MAX_CONTENT_LENGTH", str(16 * 1024 * 1024))),
+                   help="largest request body in bytes (default 16 MiB)")
+    s.add_argument("--max-image-pixels", type=int,
+                   default=int(env("IPCSERVE_MAX_IMAGE_PIXELS", "20000000")),
+                   help="largest image in pixels, checked before decoding (default 20,000,000)")
     s.add_argument("--api-key", default=env("IPCSERVE_API_KEY"), help="require Authorization: Bearer KEY")
     s.add_argument("--timeout", type=float, help="per-request deadline in seconds (IPCSERVE_TIMEOUT)")
     s.add_argument("--workers", type=int, help="ML processes for the model (IPCSERVE_WORKERS)")
@@ -172,7 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IPCServeError as exc:
         logger.error("invalid setting: %s", exc)
         return 2
+    if args.kind not in (None, "json", "image"):
+        logger.error("IPCSERVE_KIND must be json or image, got %r", args.kind)
+        return 2
     ml = build_model(args.model, config)
     kind = args.kind or ("image" if args.model == "digits" else "json")
-    app = create_app([(ml, kind)], api_key=args.api_key)
+    app = create_app([(ml, kind)], api_key=args.api_key, max_content_length=args.max_content_length,
+                     max_image_pixels=args.max_image_pixels)
     return serve(app, host=args.host, port=args.port, threads=args.threads, grace=args.grace)

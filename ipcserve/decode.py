@@ -22,7 +22,7 @@ def parse_json_object(data: bytes) -> dict[str, Any]:
     if not data:
         raise InputError("the request body is empty; send a JSON object such as {\"x\": 1}")
     try:
-        body = json.loads(data, parse_constant=_reject_constant)
+        body = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeDecodeError:
         raise InputError("the request body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
@@ -31,11 +31,18 @@ def parse_json_object(data: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InputError(f"the JSON body must be an object whose fields are the model's inputs, "
                          f"got {type(body).__name__}")
-    bad = [key for key in body if not key.isidentifier() or key.startswith("_")]
+    bad = [key for key in body if not key.isidentifier() or key.startswith("_") or key == "self"]
     if bad:
         raise InputError(f"field {bad[0]!r} is not a valid input name (letters, digits and '_', "
-                         "not starting with '_')")
+                         "not starting with '_', not 'self')")
     return body
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InputError(f"the JSON body contains {text}, which overflows a float")
+    return value
 
 
 def _reject_constant(name: str) -> Any:

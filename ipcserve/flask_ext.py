@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import hmac
+import math
 import logging
 import statistics
 import threading
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from . import decode
@@ -66,7 +67,8 @@ class _Endpoint:
             latency = {"p50_ms": round(statistics.median(ordered) * 1000, 2),
                        "p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))] * 1000, 2),
                        "samples": len(ordered)}
-        return {"name": self.name, "kind": self.kind, "url": f"/v1/models/{self.name}/predict",
+        return {"name": self.name, "kind": self.kind,
+                "url": url_for("ipcserve.predict", name=self.name),
                 "status": self.ml.status, "recent_latency": latency}
 
 
@@ -111,7 +113,7 @@ def error_response(error: IPCServeError | HTTPException) -> Response:
     response.status_code = status
     retry_after = getattr(error, "retry_after", None)
     if status == 503:
-        response.headers["Retry-After"] = str(max(1, round(retry_after or 1)))
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after or 1)))
     return response
 
 
@@ -291,8 +293,11 @@ def _predict(name: str | None = None) -> Response:
         if state.draining.is_set():
             raise WorkerUnavailableError("the server is shutting down")
         args, kwargs = _inputs(endpoint, state.max_pixels)
-        result = endpoint.ml(*args, **kwargs)
-        stats = getattr(endpoint.ml._runtime().caller.last_stats, "value", None)
+        # The caller directly, not ml(...): JSON fields are the model's inputs, so a field
+        # named "timeout" or "self" must never reach MLProcess.__call__'s own parameters.
+        caller = endpoint.ml._runtime().caller
+        result = caller.call(args, kwargs, None)
+        stats = getattr(caller.last_stats, "value", None)
         try:
             body = decode.to_jsonable(result)
         except TypeError as exc:

@@ -62,11 +62,11 @@ class Metrics:
                                  "Whole prediction request time in the web process", ["model"],
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.queue_wait = Histogram("ipcserve_queue_wait_seconds",
-                                    "Time a call waited in the ML process before its batch started",
+                                    "Per request: time it waited in the ML process before its batch started",
                                     ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.inference = Histogram("ipcserve_inference_seconds", "Model compute time per batch",
+        self.inference = Histogram("ipcserve_inference_seconds", "Per request: compute time of the batch it was in",
                                    ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("ipcserve_batch_size", "Items per model call", ["model"],
+        self.batch_size = Histogram("ipcserve_batch_size", "Per request: items in the model call that answered it", ["model"],
                                     buckets=_BATCH_BUCKETS, registry=self.registry)
         self.shed = Counter("ipcserve_shed", "Requests refused at once because of overload",
                             ["model"], registry=self.registry)

@@ -315,11 +315,8 @@ class Supervisor:
             if slot.proc.is_alive():
                 logger.warning("model %s: ML process pid=%d did not stop in time; killing it",
                                self._name, slot.proc.pid)
-                slot.proc.terminate()
-                slot.proc.join(1.0)
-                if slot.proc.is_alive():
-                    self._kill(slot.proc)
-                    slot.proc.join(1.0)
+                self._kill(slot.proc)  # SIGKILL: ML processes ignore SIGTERM and SIGINT
+                slot.proc.join(5.0)
         for slot in self._slots:
             if slot.ready is not None:
                 slot.ready.close()

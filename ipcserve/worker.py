@@ -97,6 +97,22 @@ def _model_error(exc: BaseException) -> IPCServeError:
                       remote_traceback=tb)
 
 
+def _signature_error(predict: Any, request: Request) -> InputError | None:
+    """An InputError if the call does not fit predict's signature (a wrong JSON field),
+    None if it fits and the TypeError came from inside the model."""
+    import inspect
+
+    try:
+        signature = inspect.signature(predict)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*request.args, **request.kwargs)
+    except TypeError as exc:
+        return InputError(f"the inputs do not match the model: {exc} (predict takes {signature})")
+    return None
+
+
 class _Loop:
     """State of one ML process's serving loop."""
 
@@ -254,6 +270,8 @@ class _Loop:
         try:
             result: tuple[Any, IPCServeError | None] = (
                 self.model.predict(*request.args, **request.kwargs), None)
+        except TypeError as exc:
+            result = (None, _signature_error(self.model.predict, request) or _model_error(exc))
         except Exception as exc:
             result = (None, _model_error(exc))
         self._finish([item], [result], started)
@@ -324,8 +342,10 @@ class _Loop:
 def worker_main(model: MLProcess, slot: int, generation: int, queue: Any, status: StatusBlock,
                 token: bytes, config: Config, ready: Connection, parent_pid: int) -> None:
     """Entry point of an ML process (module level, plain arguments, so spawn can import it)."""
-    # Ctrl-C in a terminal reaches the whole process group; the parent decides how to stop us.
+    # Ctrl-C in a terminal, and systemd's stop (KillMode=control-group), signal the whole
+    # process group; the parent decides how and when to stop us (sentinel, then SIGKILL).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="ipcserve-parent-watch",
                      daemon=True).start()
     try:

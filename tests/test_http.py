@@ -252,3 +252,24 @@ def test_response_bodies_are_json_even_for_405_and_404(doubler: Server) -> None:
     r = requests.put(f"{doubler.url}/v1/models/doubler/predict", timeout=30)
     assert r.status_code == 405
     json.loads(r.text)
+
+
+def test_json_fields_named_like_call_parameters_reach_the_model(doubler: Server) -> None:
+    url = f"{doubler.url}/predict"
+    r = requests.post(url, json={"timeout": 2}, timeout=30)
+    assert r.status_code == 200 and r.json() == {"timeout": 4}
+    r = requests.post(url, json={"self": 3}, timeout=30)
+    assert r.status_code == 400 and "self" in error_of(r)["message"]
+    r = requests.post(url, data=b'{"x": 1e400}', headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "overflows" in error_of(r)["message"]
+
+
+def test_a_wrong_field_for_predict_is_a_400_naming_it() -> None:
+    server = Server("--model", "models:Sleeper")
+    try:
+        r = requests.post(f"{server.url}/predict", json={"secs": 1}, timeout=30)
+        assert r.status_code == 400
+        message = error_of(r)["message"]
+        assert "secs" in message and "seconds" in message
+    finally:
+        assert server.stop() == 0
