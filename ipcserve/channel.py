@@ -23,6 +23,7 @@ import os
 import select
 import threading
 import time
+import weakref
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -83,6 +84,17 @@ class CallStats:
         self.batch_size = reply.batch_size
 
 
+_after_fork: weakref.WeakSet[Caller] = weakref.WeakSet()
+
+
+def _reset_callers_after_fork() -> None:
+    for caller in list(_after_fork):
+        caller._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_callers_after_fork)
+
+
 def describe_exit(exitcode: int | None) -> str:
     """A readable cause for a process exit code."""
     if exitcode is None:
@@ -112,6 +124,16 @@ class Caller:
         self._inflight = 0
         self._channel_ids = itertools.count(1)
         self.last_stats: threading.local = threading.local()
+        # A web process forked after start() (gunicorn with preload_app) shares the queue
+        # and the status block, but must not inherit this process's locks, counters or
+        # channels: a lock held by another thread at fork time would never be released.
+        _after_fork.add(self)
+
+    def _reset_after_fork(self) -> None:
+        self._local = threading.local()
+        self.last_stats = threading.local()
+        self._cond = threading.Condition()
+        self._inflight = 0
 
     @property
     def inflight(self) -> int:
