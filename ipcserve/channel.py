@@ -25,9 +25,9 @@ import threading
 import time
 import weakref
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from . import shm
 from .config import Config
 from .errors import (
     InputError,
@@ -155,6 +155,12 @@ class Caller:
         return channel
 
     def _discard(self, channel: _Channel) -> None:
+        # A reply that arrived but will never be read may name a shared-memory segment.
+        try:
+            while channel.conn.poll(0):
+                shm.discard(shm.segment_of(channel.conn.recv_bytes()))
+        except (EOFError, OSError):
+            pass
         channel.conn.close()
         if getattr(self._local, "channel", None) is channel:
             self._local.channel = None
@@ -215,19 +221,22 @@ class Caller:
         channel = self._channel()
         request = Request(next(channel.ids), deadline, args, kwargs)
         try:
-            data = ForkingPickler.dumps(request)
+            data, segment = shm.dumps(request, self._config.shm_threshold)
         except Exception as exc:
             raise InputError(f"the input cannot be sent to the ML process: it is not "
                              f"picklable ({type(exc).__name__}: {exc})") from None
         try:
-            channel.conn.send_bytes(data)
-        except (BrokenPipeError, OSError):
-            # The process that held this channel is gone; nothing was sent. A new channel
-            # reaches whichever process serves the queue now.
-            self._discard(channel)
-            channel = self._channel()
-            channel.conn.send_bytes(data)
-        return self._wait(channel, request, deadline)
+            try:
+                channel.conn.send_bytes(data)
+            except (BrokenPipeError, OSError):
+                # The process that held this channel is gone; nothing was sent. A new
+                # channel reaches whichever process serves the queue now.
+                self._discard(channel)
+                channel = self._channel()
+                channel.conn.send_bytes(data)
+            return self._wait(channel, request, deadline)
+        finally:
+            shm.discard(segment)  # the ML process unlinked it already, unless it never read it
 
     def _crashed(self, channel: _Channel) -> WorkerCrashedError | WorkerUnavailableError:
         self._discard(channel)
@@ -254,7 +263,7 @@ class Caller:
                     "the request's deadline passed before the ML process answered")
             try:
                 readable = channel.poller.poll(min(remaining, slice_) * 1000.0)
-                message = conn.recv() if readable else None
+                message = shm.loads(conn.recv_bytes()) if readable else None
             except (EOFError, OSError):
                 raise self._crashed(channel) from None
             if message is None:

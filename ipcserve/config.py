@@ -57,6 +57,9 @@ class Config:
     circuit_breaker_threshold: int = 5
     # shutdown(): how long in-flight requests may take to finish before the process is stopped.
     shutdown_grace: float = 10.0
+    # Arrays (and other out-of-band pickle buffers) of at least this many bytes travel
+    # through shared memory (/dev/shm) instead of the pipe; 0 turns that off.
+    shm_threshold: int = 1 << 20
 
     def __post_init__(self) -> None:
         positive = ("timeout", "start_timeout", "hang_timeout", "heartbeat_interval",
@@ -73,6 +76,9 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.shm_threshold, bool) or not isinstance(self.shm_threshold, int) \
+                or self.shm_threshold < 0:
+            raise ConfigError(f"shm_threshold must be an integer >= 0, got {self.shm_threshold!r}")
         if self.start_method not in START_METHODS:
             raise ConfigError(f"start_method must be one of {', '.join(START_METHODS)}, "
                               f"got {self.start_method!r}")

@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any
 
-from . import batching
+from . import batching, shm
 from .errors import InputError, IPCServeError, ModelError, QueueDeadlineError
 from .protocol import Attach, Attached, Reply, Request, Shutdown
 from .status import State, StatusBlock
@@ -69,10 +69,11 @@ def _watch_parent(parent_pid: int) -> None:
     os._exit(0)
 
 
-def _send(conn: Connection, reply: Reply) -> bool:
+def _send(conn: Connection, reply: Reply, threshold: int = 0) -> bool:
     """Send one reply; an unpicklable value becomes a ModelError reply. False: caller is gone."""
+    segment = None
     try:
-        data = ForkingPickler.dumps(reply)
+        data, segment = shm.dumps(reply, threshold)
     except Exception as exc:  # the model returned something pickle cannot carry
         logger.warning("reply %s could not be pickled: %r", reply.id, exc)
         reply = Reply(reply.id, error=ModelError(
@@ -84,6 +85,7 @@ def _send(conn: Connection, reply: Reply) -> bool:
         conn.send_bytes(data)
     except (BrokenPipeError, EOFError, OSError):
         logger.debug("caller of request %s is gone (channel closed)", reply.id)
+        shm.discard(segment)
         return False
     return True
 
@@ -191,7 +193,7 @@ class _Loop:
             self._drop(conn)  # the caller closed its channel (thread ended, timed out)
             return
         try:
-            request = ForkingPickler.loads(data)
+            request = shm.loads(data)
             if not isinstance(request, Request):
                 raise TypeError(f"expected a Request, got {type(request).__name__}")
         except Exception as exc:
@@ -258,7 +260,8 @@ class _Loop:
         for item, (value, error) in zip(items, results):
             _send(item.conn, Reply(item.request.id, value=value, error=error,
                                    queue_wait=max(0.0, started - item.arrived),
-                                   inference_time=elapsed, batch_size=len(items)))
+                                   inference_time=elapsed, batch_size=len(items)),
+                  self.config.shm_threshold)
         self.status.set_busy(self.slot, 0.0)
         self.status.add_served(self.slot, len(items))
         self.status.beat(self.slot)

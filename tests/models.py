@@ -116,3 +116,18 @@ class Sleeper(MLProcess):
 
         time.sleep(float(seconds))
         return {"slept": seconds, "pid": os.getpid()}
+
+
+class ArrayModel(MLProcess):
+    """Echoes arrays (optionally scaled); 'block' waits on ``release`` for crash tests."""
+
+    def __init__(self, entered: Any = None, release: Any = None, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.entered = entered
+        self.release = release
+
+    def predict(self, x: Any, scale: float = 1.0, block: bool = False) -> Any:
+        if block:
+            self.entered.set()
+            self.release.wait()
+        return x * scale
