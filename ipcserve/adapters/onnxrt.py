@@ -201,9 +201,9 @@ class OnnxModel(MLProcess):
             label = f"input {spec.name!r}" + (f" of {where}" if where != "the input" else "")
             try:
                 raw = np.asarray(x[spec.name])
-            except (ValueError, TypeError) as exc:
-                raise InputError(f"{label} is not a rectangular array (ragged nested lists?): "
-                                 f"{exc}") from None
+            except (ValueError, TypeError):
+                raise InputError(f"{label} is not a rectangular array (ragged nested lists?)"
+                                 ) from None
             if spec.dtype != "object" and raw.dtype.kind not in "biuf":
                 raise InputError(f"{label} is not numeric: got values of dtype {raw.dtype}"
                                  if raw.dtype.kind != "O" else f"{label} is not a rectangular "

@@ -1,4 +1,4 @@
-"""TorchModel: serve a PyTorch ``nn.Module`` or a TorchScript file with no glue code.
+"""TorchModel: serve a PyTorch ``nn.Module``, a TorchScript or a torch.export file, no glue code.
 
 The module is built inside the ML process (``load()``), switched to ``eval()`` and run
 under ``torch.inference_mode()``. Concurrent calls are stacked into one batch tensor, run
@@ -19,6 +19,8 @@ import logging
 import os
 import pickle
 import re
+import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +50,11 @@ _SHAPE_ERROR_RE = re.compile(
 def default_name(source: Any, fallback: str) -> str:
     """A model name (URL segment) derived from a path or a factory's ``__name__``."""
     if isinstance(source, (str, os.PathLike)):
-        base = os.path.basename(os.path.normpath(os.fspath(source)))
-        stem = base.split(".")[0] if "." in base[1:] else base
+        path = os.path.normpath(os.path.abspath(os.fspath(source)))
+        base = os.path.basename(path)
+        stem = base if os.path.isdir(path) else os.path.splitext(base)[0]
+        if stem.lower() in ("model", "models"):  # e.g. <package>/model: the package says more
+            stem = os.path.basename(os.path.dirname(path)) or stem
     else:
         stem = getattr(source, "__name__", "") or type(source).__name__
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.").lower()
@@ -63,7 +68,8 @@ def check_device(device: str) -> str:
         ConfigError: not one of "cpu", "auto", "mps", "cuda", "cuda:N".
     """
     if not isinstance(device, str) or not _DEVICE_RE.match(device):
-        raise ConfigError(f"device must be 'cpu', 'auto', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+        raise ConfigError("device must be 'cpu', 'auto', 'cuda', 'cuda:N' or 'mps', "
+                          f"got {device!r}")
     return device
 
 
@@ -97,8 +103,8 @@ def set_torch_threads(num_threads: int | None) -> None:
 
 
 def _check_threads(num_threads: int | None) -> int | None:
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
-                                    or num_threads < 1):
+    if num_threads is not None and (isinstance(num_threads, bool)
+                                    or not isinstance(num_threads, int) or num_threads < 1):
         raise ConfigError(f"num_threads must be an integer >= 1 or None, got {num_threads!r}")
     return num_threads
 
@@ -109,9 +115,9 @@ def as_array(x: Any, where: str) -> np.ndarray:
 
     try:
         array = np.asarray(x)
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"{where} is not a rectangular numeric array (ragged nested lists?): "
-                         f"{exc}") from None
+    except (ValueError, TypeError):
+        raise InputError(f"{where} is not a rectangular numeric array (ragged nested lists?)"
+                         ) from None
     if array.dtype.kind not in "biuf":
         if array.dtype.kind == "O":
             raise InputError(f"{where} is not a rectangular numeric array (ragged nested lists "
@@ -127,6 +133,11 @@ def _shape_str(shape: Sequence[Any]) -> str:
 
 def _matches(shape: tuple[int, ...], expected: Sequence[int | None]) -> bool:
     return len(shape) == len(expected) and all(e is None or e == s for s, e in zip(shape, expected))
+
+
+def _is_module(obj: Any) -> bool:
+    torch = sys.modules.get("torch")  # an nn.Module instance means torch is imported already
+    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 def _first_layer_hint(model: Any) -> str | None:
@@ -155,7 +166,8 @@ class TorchModel(MLProcess):
 
     Args:
         model: a picklable callable returning an ``nn.Module`` (a module-level function or
-            class), a path to a TorchScript file (``torch.jit.save``), or an ``nn.Module``
+            class); a path to a TorchScript file (``torch.jit.save``) or to a ``.pt2`` file
+            (``torch.export.save``, with a dynamic batch dimension); or an ``nn.Module``
             instance (pickled into the ML process with its weights; fine for small models).
         device: "cpu", "cuda", "cuda:N", "mps", or "auto" (cuda if available, else cpu).
         num_threads: ``torch.set_num_threads`` in the ML process (default: torch's own).
@@ -183,7 +195,9 @@ class TorchModel(MLProcess):
         if isinstance(model, (str, os.PathLike)):
             self.path = os.path.abspath(os.fspath(model))
             if not os.path.isfile(self.path):
-                raise ConfigError(f"TorchScript file not found: {self.path}")
+                raise ConfigError(f"model file not found: {self.path}")
+        elif _is_module(model):
+            self.factory = model  # pickled into the ML process, weights and all
         elif callable(model):
             try:
                 pickle.dumps(model)
@@ -217,8 +231,19 @@ class TorchModel(MLProcess):
 
         set_torch_threads(self.num_threads)
         self._device = resolve_device(self.device)
+        if self.path is not None and self.path.endswith(".pt2"):
+            # torch.export.save() output; the program is already captured in eval mode
+            # (GraphModule.eval() raises), so it is moved to the device and used as is.
+            self.module = torch.export.load(self.path).module().to(self._device)
+            logger.info("torch model %s loaded from %s on %s", self.name, self.path, self._device)
+            return
         if self.path is not None:
-            module = torch.jit.load(self.path, map_location=self._device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DeprecationWarning)
+                module = torch.jit.load(self.path, map_location=self._device)
+            for warning in caught:  # once at load, in the log, instead of on stderr
+                logger.warning("torch model %s: %s (a torch.export .pt2 file also works)",
+                               self.name, warning.message)
         elif isinstance(self.factory, torch.nn.Module):
             module = self.factory
         else:
@@ -263,32 +288,43 @@ class TorchModel(MLProcess):
             raise InputError("this batch mixes keyword and positional inputs; send one kind")
         else:
             tensor = self._stack(xs, "input", self.input_shape)
-            args, kwargs, shapes = (tensor,), {}, {"input": tuple(tensor.shape[1:])}
+            args, kwargs, shapes = (tensor,), {}, {"": tuple(tensor.shape[1:])}
         try:
             with torch.inference_mode():
                 out = self.module(*args, **kwargs)
-        except RuntimeError as exc:
-            message = str(exc).strip().splitlines()[-1].removeprefix("RuntimeError: ")
-            if "out of memory" in message or not _SHAPE_ERROR_RE.search(message):
+        except (RuntimeError, AssertionError) as exc:
+            lines = str(exc).strip().splitlines() or [""]
+            message = lines[-1].removeprefix("RuntimeError: ")
+            if isinstance(exc, AssertionError):  # a torch.export program's shape guard
+                message = lines[0]
+                if not message.startswith("Guard failed"):
+                    raise
+            elif "out of memory" in message or not _SHAPE_ERROR_RE.search(message):
                 raise
-            expected = (_shape_str(self.input_shape) if self.input_shape
-                        else _first_layer_hint(self.module))
-            got = ", ".join(f"{k} {_shape_str(s)}" for k, s in shapes.items())
-            hint = f"; the model expects {expected}" if expected else ""
-            raise InputError(f"the model rejected the input shape ({got}){hint}: {message}") from None
+            raise InputError(f"{self._describe(shapes)}: {message}") from None
         return _split(out, len(xs), self.output)
+
+    def _describe(self, shapes: dict[str, tuple[int, ...]]) -> str:
+        """What was wrong with the shapes the model rejected, and what it expects if known."""
+        if "" not in shapes:
+            got = ", ".join(f"{k} {_shape_str(s)}" for k, s in shapes.items())
+            return f"inputs have shapes {got}, which the model rejects"
+        expected = (_shape_str(self.input_shape) if self.input_shape
+                    else _first_layer_hint(self.module))
+        got = f"input has shape {_shape_str(shapes[''])}"
+        return f"{got} but the model expects {expected}" if expected else (
+            f"{got}, which the model rejects")
 
     def _stack(self, xs: list[Any], what: str,
                expected: Sequence[int | None] | None = None) -> torch.Tensor:
         import numpy as np
         import torch
 
-        arrays = [as_array(x, f"{what} {i}" if len(xs) > 1 else what) for i, x in enumerate(xs)]
-        for i, array in enumerate(arrays):
+        labels = [f"{what} {i}" if len(xs) > 1 else what for i in range(len(xs))]
+        arrays = [as_array(x, label) for x, label in zip(xs, labels)]
+        for array, label in zip(arrays, labels):
             if expected is not None and not _matches(array.shape, expected):
-                raise InputError(f"{what} {i} has shape {_shape_str(array.shape)} but the model "
-                                 f"expects {_shape_str(expected)}" if len(xs) > 1 else
-                                 f"{what} has shape {_shape_str(array.shape)} but the model "
+                raise InputError(f"{label} has shape {_shape_str(array.shape)} but the model "
                                  f"expects {_shape_str(expected)}")
         shapes = [a.shape for a in arrays]
         common = max(set(shapes), key=shapes.count)  # the majority names the odd one out
@@ -312,8 +348,6 @@ def _split(out: Any, n: int, output: str) -> list[Any]:
         if out.dim() == 0 or out.shape[0] != n:
             raise ValueError(f"the model returned shape {tuple(out.shape)} for a batch of {n}; "
                              "its first dimension must be the batch")
-        if out.dtype in (torch.bfloat16, torch.float16) and output == "list":
-            out = out.float()
         if out.dtype == torch.bfloat16:
             out = out.float()  # numpy has no bfloat16
         array = out.detach().cpu().numpy()

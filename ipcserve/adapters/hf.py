@@ -1,0 +1,346 @@
+"""TransformersModel: serve a local Hugging Face transformers model directory.
+
+::
+
+    with TransformersModel("models/all-MiniLM-L6-v2", normalize=True) as ml:
+        vector = ml("A sentence to embed")          # list of floats
+
+Tasks (inferred from ``config.json`` when not given):
+
+=====================  ==========================================  ===========================
+task                   one input                                   one output
+=====================  ==========================================  ===========================
+text-classification    ``str``, ``{"text": str}``, ``[str, ...]``  ``{"label", "score"}`` (or
+                                                                   a top-k list)
+feature-extraction     ``str``, ``{"text": str}``, ``[str, ...]``  ``[float, ...]``
+image-classification   image, ``{"image": image}``, ``[image...]``  ``[{"label", "score"}, ...]``
+image-text-to-text     image, ``{"image": image, "text": prompt}``  ``{"generated_text": str}``
+=====================  ==========================================  ===========================
+
+An image is a numpy ``uint8`` array (H x W, H x W x 1/3/4), a PIL image, or encoded image
+bytes. A list input returns a list of outputs. Concurrent calls are batched.
+
+Feature extraction tokenises each batch with padding and mean-pools over the attention
+mask (sentence-transformers style), so texts of any length can share a batch. The other
+tasks run a ``transformers.pipeline``; captioning (transformers 5 dropped
+``image-to-text``) calls ``image-text-to-text`` with a text prompt, ``""`` by default.
+
+Everything heavy (torch, transformers, PIL) is imported inside the ML process only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, InputError
+from ..mlprocess import MLProcess
+from .pytorch import check_device, default_name, resolve_device, set_torch_threads
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["TransformersModel"]
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("text-classification", "feature-extraction", "image-classification",
+         "image-text-to-text")
+_ALIASES = {"sentiment-analysis": "text-classification", "image-to-text": "image-text-to-text"}
+_IMAGE_TASKS = ("image-classification", "image-text-to-text")
+
+
+def infer_task(path: str) -> str:
+    """The task a model directory is for, from the ``architectures`` in its config.json.
+
+    Raises:
+        ConfigError: the config does not say (pass ``task=`` explicitly).
+    """
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}/config.json: {exc}") from None
+    for arch in config.get("architectures") or []:
+        if arch.endswith("ForSequenceClassification"):
+            return "text-classification"
+        if arch.endswith("ForImageClassification"):
+            return "image-classification"
+        if arch.endswith("ForConditionalGeneration") and "vision_config" in config:
+            return "image-text-to-text"
+        if arch.endswith("Model") and not arch.endswith("PreTrainedModel"):
+            return "feature-extraction"
+    raise ConfigError(f"cannot tell the task of {path} from its config (architectures="
+                      f"{config.get('architectures')}); pass task= one of {', '.join(TASKS)}")
+
+
+def to_image(x: Any, where: str) -> Image.Image:
+    """An RGB PIL image from a uint8 array, a PIL image or encoded bytes.
+
+    Raises:
+        InputError: anything else, or an array of the wrong shape or dtype.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(x, Image.Image):
+        return x if x.mode == "RGB" else x.convert("RGB")
+    if isinstance(x, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(x)) as img:
+                return img.convert("RGB")
+        except Exception as exc:
+            raise InputError(f"{where} is bytes that Pillow cannot read as an image: "
+                             f"{exc}") from None
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8:
+            raise InputError(f"{where} is an array of dtype {x.dtype}; expected uint8 (H, W, 3)")
+        if x.ndim == 3 and x.shape[2] == 1:
+            x = x[:, :, 0]
+        if not (x.ndim == 2 or (x.ndim == 3 and x.shape[2] in (3, 4))) or 0 in x.shape:
+            raise InputError(f"{where} has shape {x.shape}; expected an image array (H, W, 3), "
+                             "(H, W, 4) or (H, W)")
+        return Image.fromarray(np.ascontiguousarray(x)).convert("RGB")
+    raise InputError(f"{where} is {type(x).__name__}; expected an image: a uint8 array "
+                     "(H, W, 3), a PIL image or encoded image bytes")
+
+
+class TransformersModel(MLProcess):
+    """Serve a local transformers model directory for one task.
+
+    Args:
+        path: a directory written by ``save_pretrained`` (model, config, tokenizer or
+            image processor). Nothing is downloaded: ``HF_HUB_OFFLINE=1`` in the ML process.
+        task: one of "text-classification", "feature-extraction", "image-classification",
+            "image-text-to-text" (captioning); default: inferred from config.json.
+        device: "cpu", "cuda", "cuda:N", "mps" or "auto" (cuda if available, else cpu).
+        batch_size: items per forward pass (default: ``max_batch_size``).
+        dtype: torch dtype for the weights, e.g. "float16" on a GPU (default: as saved).
+        num_threads: ``torch.set_num_threads`` in the ML process.
+        normalize: feature-extraction: L2-normalise the embeddings.
+        pooling: feature-extraction: "mean" over the attention mask, or "cls".
+        max_length: text tasks: truncate to this many tokens (default: the model's limit).
+        top_k: classification: how many labels to return. Default: text-classification
+            returns the best ``{"label", "score"}``; image-classification the best 5 as a
+            list. Any ``top_k`` returns a list.
+        prompt: image-text-to-text: the text prompt when an input brings none ("").
+        max_new_tokens: image-text-to-text: generation length limit.
+        pipeline_kwargs: extra keyword arguments for ``transformers.pipeline(...)``.
+        warmup: run one dummy input before the process reports ready.
+        name: the model's name; defaults to the directory's name.
+        **settings: any :class:`~ipcserve.Config` field (``timeout``, ``max_batch_size``...).
+
+    Raises:
+        ConfigError: the directory or an argument is invalid.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], task: str | None = None, *,
+                 device: str = "cpu", batch_size: int | None = None, dtype: str | None = None,
+                 num_threads: int | None = None, normalize: bool = False, pooling: str = "mean",
+                 max_length: int | None = None, top_k: int | None = None, prompt: str = "",
+                 max_new_tokens: int = 30, pipeline_kwargs: Mapping[str, Any] | None = None,
+                 warmup: bool = True, name: str | None = None, **settings: Any) -> None:
+        super().__init__(name=name or default_name(path, "transformersmodel"), **settings)
+        self.path = os.path.abspath(os.fspath(path))
+        if not os.path.isdir(self.path):
+            raise ConfigError(f"TransformersModel serves a local model directory; {self.path} "
+                              "is not one (save the model there with save_pretrained first)")
+        task = _ALIASES.get(task, task) if task else infer_task(self.path)
+        if task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        self.task = task
+        self.device = check_device(device)
+        for label, value in (("batch_size", batch_size), ("num_threads", num_threads),
+                             ("max_length", max_length), ("top_k", top_k),
+                             ("max_new_tokens", max_new_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ConfigError(f"{label} must be an integer >= 1, got {value!r}")
+        if pooling not in ("mean", "cls"):
+            raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.batch_size = batch_size or self.config.max_batch_size
+        self.dtype = dtype
+        self.num_threads = num_threads
+        self.normalize = bool(normalize)
+        self.pooling = pooling
+        self.max_length = max_length
+        self.top_k = top_k
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.pipeline_kwargs = dict(pipeline_kwargs or {})
+        self.run_warmup = warmup
+        self.pipe: Any = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._device = "cpu"
+
+    # -- ML process ------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the tokenizer/processor and model from the directory, offline."""
+        # Read by huggingface_hub when it is first imported, so set before transformers is
+        # (setdefault: a deployment may opt out). Loading a local directory never needs the
+        # hub anyway; this keeps any stray lookup from stalling the ML process on a network.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        set_torch_threads(self.num_threads)
+        self._device = resolve_device(self.device)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        extra = {"dtype": self.dtype} if self.dtype else {}
+        if self.task == "feature-extraction":
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                self.path, local_files_only=True)
+            self.model = transformers.AutoModel.from_pretrained(
+                self.path, local_files_only=True, **extra).to(self._device).eval()
+        else:
+            self.pipe = transformers.pipeline(
+                self.task, model=self.path, device=self._device, batch_size=self.batch_size,
+                **extra, **self.pipeline_kwargs)
+            self.model, self.tokenizer = self.pipe.model, self.pipe.tokenizer
+        tokenizer = self.tokenizer
+        if tokenizer is not None and getattr(tokenizer, "pad_token", 1) is None and getattr(
+                tokenizer, "eos_token", None) is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # GPT-style tokenizers cannot pad a batch
+        if self.max_length is None and self.tokenizer is not None:
+            limit = getattr(self.tokenizer, "model_max_length", None) or 10**9
+            positions = getattr(self.model.config, "max_position_embeddings", None)
+            if self.task != "image-text-to-text":
+                self.max_length = min(limit, positions or limit, 10**6)
+        logger.info("transformers model %s (%s) loaded on %s", self.name, self.task, self._device)
+
+    def warmup(self) -> None:
+        """Run one dummy input so the first request does not pay for lazy initialisation."""
+        if self.run_warmup:
+            import numpy as np
+
+            dummy = np.zeros((32, 32, 3), np.uint8) if self.task in _IMAGE_TASKS else "warm up"
+            self.predict_batch([dummy])
+
+    def predict_batch(self, xs: list[Any]) -> list[Any]:
+        """Answer a batch; list inputs are flattened into it and regrouped afterwards.
+
+        Raises:
+            InputError: an input is not a string / image of the right kind, or an empty list.
+        """
+        items: list[Any] = []
+        spans: list[tuple[int, int, bool]] = []
+        for i, x in enumerate(xs):
+            where = f"input {i}" if len(xs) > 1 else "the input"
+            parts, is_list = self._items(x, where)
+            spans.append((len(items), len(items) + len(parts), is_list))
+            items.extend(parts)
+        if self.task == "feature-extraction":
+            outputs = self._embed(items)
+        elif self.task == "text-classification":
+            outputs = self._classify_text(items)
+        elif self.task == "image-classification":
+            outputs = self._classify_images(items)
+        else:
+            outputs = self._generate(items)
+        return [outputs[a:b] if is_list else outputs[a] for a, b, is_list in spans]
+
+    # -- inputs ----------------------------------------------------------------------
+    def _items(self, x: Any, where: str) -> tuple[list[Any], bool]:
+        if isinstance(x, Mapping) and isinstance(x.get("text"), (list, tuple)) and (
+                self.task not in _IMAGE_TASKS):
+            if set(x) != {"text"}:
+                raise InputError(f"{where}: send a list of texts alone, as {{'text': [...]}}")
+            x = x["text"]  # a JSON body {"text": ["...", "..."]}
+        if isinstance(x, (list, tuple)):
+            if not x:
+                raise InputError(f"{where} is an empty list; send at least one "
+                                 + ("image" if self.task in _IMAGE_TASKS else "text"))
+            return [self._item(v, f"item {j} of {where}") for j, v in enumerate(x)], True
+        return [self._item(x, where)], False
+
+    def _item(self, x: Any, where: str) -> Any:
+        if self.task in _IMAGE_TASKS:
+            prompt = self.prompt
+            if isinstance(x, Mapping):
+                if "image" not in x:
+                    raise InputError(f"{where} has no 'image' field (got {sorted(map(str, x))})")
+                prompt = x.get("text", prompt)
+                if not isinstance(prompt, str):
+                    raise InputError(f"the 'text' of {where} must be a string")
+                x = x["image"]
+            image = to_image(x, where)
+            return (image, prompt) if self.task == "image-text-to-text" else image
+        if isinstance(x, Mapping):
+            if "text" not in x:
+                raise InputError(f"{where} has no 'text' field (got {sorted(map(str, x))})")
+            if not isinstance(x["text"], str):
+                raise InputError(f"the 'text' of {where} must be a string or a list of strings, "
+                                 f"got {type(x['text']).__name__}")
+            pair = x.get("text_pair")
+            if pair is not None and self.task == "text-classification":
+                if not isinstance(pair, str):
+                    raise InputError(f"the 'text_pair' of {where} must be a string")
+                return {"text": x["text"], "text_pair": pair}
+            x = x["text"]
+        if not isinstance(x, str):
+            raise InputError(f"{where} is {type(x).__name__}; expected a string, a list of "
+                             "strings or {'text': string}")
+        return x
+
+    # -- tasks -----------------------------------------------------------------------
+    def _embed(self, texts: list[str]) -> list[list[float]]:
+        import torch
+
+        # Texts of similar length share a forward pass, so less compute goes to padding.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        result: list[list[float]] = [[] for _ in texts]
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            encoded = self.tokenizer([texts[i] for i in chunk], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+            encoded = encoded.to(self._device)
+            with torch.inference_mode():
+                hidden = self.model(**encoded)[0]
+                if self.pooling == "cls":
+                    vectors = hidden[:, 0]
+                else:
+                    mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                    vectors = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                if self.normalize:
+                    vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+            for i, row in zip(chunk, vectors.float().cpu().tolist()):
+                result[i] = row
+        return result
+
+    @staticmethod
+    def _labels(result: Any) -> list[dict[str, Any]]:
+        rows = [result] if isinstance(result, Mapping) else list(result)
+        return [{"label": str(r["label"]), "score": float(r["score"])} for r in rows]
+
+    def _classify_text(self, texts: list[Any]) -> list[Any]:
+        results = self.pipe(texts, batch_size=self.batch_size, top_k=self.top_k or 1,
+                            truncation=True, max_length=self.max_length)
+        labelled = [self._labels(r) for r in results]
+        return [rows[0] for rows in labelled] if self.top_k is None else labelled
+
+    def _classify_images(self, images: list[Any]) -> list[Any]:
+        results = self.pipe(images, batch_size=self.batch_size, top_k=self.top_k or 5)
+        if len(images) == 1 and results and isinstance(results[0], Mapping):
+            results = [results]  # one image: the pipeline answers without the outer list
+        return [self._labels(r) for r in results]
+
+    def _generate(self, items: list[tuple[Any, str]]) -> list[dict[str, str]]:
+        # Prompts of different lengths would be padded, which changes what a
+        # decoder generates: run each prompt as its own batch.
+        by_prompt: dict[str, list[int]] = {}
+        for i, (_, prompt) in enumerate(items):
+            by_prompt.setdefault(prompt, []).append(i)
+        result: list[dict[str, str]] = [{} for _ in items]
+        for prompt, members in by_prompt.items():
+            outs = self.pipe([items[i][0] for i in members], text=[prompt] * len(members),
+                             batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+                             return_full_text=False)
+            for i, out in zip(members, outs):
+                first = out[0] if isinstance(out, list) else out
+                result[i] = {"generated_text": str(first["generated_text"]).strip()}
+        return result
