@@ -39,7 +39,7 @@ from .errors import (
     WorkerUnavailableError,
 )
 from .protocol import Attach, Attached, Reply, Request
-from .status import StatusBlock
+from .status import State, StatusBlock
 
 __all__ = ["Caller", "CallStats"]
 
@@ -219,6 +219,16 @@ class Caller:
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float) -> Any:
         channel = self._channel()
+        if channel.slot is not None and self._status.generation(channel.slot) != channel.generation:
+            # The process behind this channel died since our last call: nothing of ours
+            # was in flight there, so take a new channel instead of failing this call.
+            self._discard(channel)
+            channel = self._channel()
+        elif channel.slot is not None and self._status.workers > 1 and self._should_move(channel.slot):
+            # Our channel's process is busy while another sits idle: a new channel goes
+            # through the shared queue, where the idle process is waiting to take it.
+            self._discard(channel)
+            channel = self._channel()
         request = Request(next(channel.ids), deadline, args, kwargs)
         try:
             data, segment = shm.dumps(request, self._config.shm_threshold)
@@ -237,6 +247,13 @@ class Caller:
             return self._wait(channel, request, deadline)
         finally:
             shm.discard(segment)  # the ML process unlinked it already, unless it never read it
+
+    def _should_move(self, slot: int) -> bool:
+        status = self._status
+        if not status.busy_since(slot):
+            return False
+        return any(other != slot and not status.busy_since(other) and status.state(other) is State.READY
+                   for other in range(status.workers))
 
     def _crashed(self, channel: _Channel) -> WorkerCrashedError | WorkerUnavailableError:
         self._discard(channel)

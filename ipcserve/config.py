@@ -39,6 +39,9 @@ class Config:
     max_batch_wait: float = 0.0
     # ML processes fed from the one shared queue.
     workers: int = 1
+    # Per-process devices, e.g. ("cuda:0", "cuda:1"): ML process i gets devices[i % len]
+    # as its model's ``device`` attribute before load(). Empty: the model's own choice.
+    devices: tuple[str, ...] = ()
     # multiprocessing start method; spawn is safe with threads and CUDA.
     start_method: str = "spawn"
     # How long load() plus warm-up may take before start() gives up.
@@ -79,6 +82,10 @@ class Config:
         if isinstance(self.shm_threshold, bool) or not isinstance(self.shm_threshold, int) \
                 or self.shm_threshold < 0:
             raise ConfigError(f"shm_threshold must be an integer >= 0, got {self.shm_threshold!r}")
+        if isinstance(self.devices, str) or not all(isinstance(d, str) and d for d in self.devices):
+            raise ConfigError(f"devices must be a sequence of device names such as "
+                              f"('cuda:0', 'cuda:1'), got {self.devices!r}")
+        object.__setattr__(self, "devices", tuple(self.devices))
         if self.start_method not in START_METHODS:
             raise ConfigError(f"start_method must be one of {', '.join(START_METHODS)}, "
                               f"got {self.start_method!r}")
@@ -108,7 +115,10 @@ class Config:
             raw = values[key]
             kind = type(field.default)
             try:
-                kwargs[field.name] = kind(raw) if isinstance(raw, str) else raw
+                if kind is tuple and isinstance(raw, str):
+                    kwargs[field.name] = tuple(p.strip() for p in raw.split(",") if p.strip())
+                else:
+                    kwargs[field.name] = kind(raw) if isinstance(raw, str) else raw
             except ValueError:
                 raise ConfigError(f"{key} must be {kind.__name__}, got {raw!r}") from None
         return cls(**kwargs)

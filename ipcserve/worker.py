@@ -351,6 +351,9 @@ def worker_main(model: MLProcess, slot: int, generation: int, queue: Any, status
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="ipcserve-parent-watch",
                      daemon=True).start()
+    model.worker_index = slot  # type: ignore[attr-defined]
+    if config.devices:
+        model.device = config.devices[slot % len(config.devices)]  # type: ignore[attr-defined]
     try:
         model.load()
         model.warmup()

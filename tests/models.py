@@ -131,3 +131,14 @@ class ArrayModel(MLProcess):
             self.entered.set()
             self.release.wait()
         return x * scale
+
+
+class Spinner(MLProcess):
+    """CPU-bound, single-threaded work; answers with its pid and worker index."""
+
+    def predict(self, n: int) -> Any:
+        total = 0
+        for i in range(int(n)):
+            total += i * i
+        return {"pid": os.getpid(), "worker": getattr(self, "worker_index", None),
+                "device": getattr(self, "device", None)}
