@@ -31,6 +31,9 @@ SHM_DIR = "/dev/shm"
 _PREFIX = "ipcserve-"
 _ALIGN = 64
 _counter = itertools.count()
+_HAVE_SHM = os.path.isdir(SHM_DIR)  # checked once: a stat per message showed in strace
+# Populate the page tables in one call instead of taking a fault per 4 KiB page.
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
 class Segment:
@@ -69,7 +72,7 @@ def dumps(obj: Any, threshold: int) -> tuple[bytes, str | None]:
 
     Returns the bytes to send and the segment's name (None when nothing went out of band).
     """
-    if threshold <= 0 or not os.path.isdir(SHM_DIR):
+    if threshold <= 0 or not _HAVE_SHM:
         return bytes(ForkingPickler.dumps(obj)), None
     large: list[memoryview] = []
 
@@ -93,9 +96,13 @@ def dumps(obj: Any, threshold: int) -> tuple[bytes, str | None]:
     fd = os.open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, max(offset, 1))
-        with mmap.mmap(fd, max(offset, 1)) as mm:
-            for (start, size), raw in zip(layout, large):
-                mm[start:start + size] = raw
+        # pwrite, not a mapping: tmpfs fills pages about twice as fast through write()
+        # (8 MiB: ~3.5 ms vs ~7 ms measured here).
+        for (start, size), raw in zip(layout, large):
+            flat = raw.cast("B") if raw.ndim != 1 or raw.format != "B" else raw
+            done = 0
+            while done < size:
+                done += os.pwrite(fd, flat[done:], start + done)
     except BaseException:
         discard(name)
         raise
@@ -117,7 +124,7 @@ def loads(data: bytes | memoryview) -> Any:
     fd = os.open(path, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size)
+        mm = mmap.mmap(fd, size, flags=_MAP_FLAGS)
     finally:
         os.close(fd)
         discard(message.name)

