@@ -210,7 +210,8 @@ class _Loop:
         for key, _ in events:
             conn = key.fileobj
             if conn is reader:
-                self._drain_queue(now)
+                if not self.stopping:  # after our Shutdown, the rest is for our siblings
+                    self._drain_queue(now)
             else:
                 self._read(conn, now)  # type: ignore[arg-type]
 
@@ -222,6 +223,8 @@ class _Loop:
             if message is None:
                 return
             attached = self._on_queue_message(message)
+            if self.stopping:
+                return  # one Shutdown per process: leave the others' on the queue
             if attached is not None and attached.poll(0):
                 self._read(attached, now)
             if not self.queue._reader.poll(0):

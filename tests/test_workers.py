@@ -62,3 +62,12 @@ def test_devices_from_the_environment() -> None:
     assert config.devices == ("cuda:0", "cuda:1") and config.workers == 2
     with pytest.raises(ValueError, match="devices"):
         Config(devices="cuda:0")  # type: ignore[arg-type]
+
+
+def test_shutdown_stops_every_worker_with_its_own_sentinel() -> None:
+    ml = Spinner(workers=2).start()
+    runtime = ml._runtime()
+    assert ml(10)["pid"] in ml.pids
+    ml.shutdown(grace=5)
+    # Both exited cleanly on a sentinel (exit code 0), none had to be killed.
+    assert [runtime.status.exitcode(s) for s in range(2)] == [0, 0]
