@@ -98,17 +98,24 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", host, port, exc)
         return 1
-    try:
-        ipc.start()
-    except IPCServeError as exc:
-        logger.error("a model failed to start: %s", exc)
-        ipc.shutdown(grace=0)
-        server.close()
-        return 1
+    # Serve at once (healthz answers, readyz says 503 and predict "loading") while the
+    # models load in the background; a model that fails to load stops the server.
     logger.warning("ipcserve: serving %s on http://%s:%s (pid %d)", ", ".join(ipc.endpoints),
                    host, server.effective_port, os.getpid())
     done = threading.Event()
     force = threading.Event()
+    failed = threading.Event()
+
+    def start_models() -> None:
+        try:
+            ipc.start()
+        except Exception as exc:
+            logger.error("a model failed to start: %s", exc)
+            failed.set()
+            done.set()
+            _thread.interrupt_main()
+            return
+        logger.warning("ipcserve: models ready: %s", ", ".join(ipc.endpoints))
 
     def drain() -> None:
         if not state.wait_idle(grace):
@@ -118,6 +125,8 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
         _thread.interrupt_main()  # ends waitress's loop in the main thread
 
     def on_signal(signum: int, frame: Any) -> None:
+        if failed.is_set():
+            raise KeyboardInterrupt
         if done.is_set() or state.draining.is_set():
             if not done.is_set():
                 force.set()
@@ -128,6 +137,8 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
         threading.Thread(target=drain, name="ipcserve-drain", daemon=True).start()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    starter = threading.Thread(target=start_models, name="ipcserve-start", daemon=True)
+    starter.start()
     try:
         server.run()
     except KeyboardInterrupt:
@@ -139,6 +150,8 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
         if state.draining.is_set() and not force.is_set():
             done.wait(grace + 5.0)  # let the drain thread finish its orderly shutdown
         ipc.shutdown(grace=0)
+    if failed.is_set():
+        return 1
     logger.warning("ipcserve: stopped")
     return 0
 

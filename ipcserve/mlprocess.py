@@ -125,6 +125,7 @@ class MLProcess:
         state = dict(self.__dict__)
         state["_ipc"] = None
         state.pop("_ipc_lock", None)
+        state.pop("_loading", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -137,6 +138,8 @@ class MLProcess:
         if runtime is None:
             if "config" not in self.__dict__:
                 raise ConfigError(f"{type(self).__name__}.__init__ must call super().__init__()")
+            if self.__dict__.get("_loading"):
+                raise WorkerUnavailableError(f"model {self.name!r} is loading; retry shortly")
             raise WorkerUnavailableError(
                 f"MLProcess {self.name!r} is not started. Did you call start() or use it as a "
                 "context manager?")
@@ -172,7 +175,11 @@ class MLProcess:
             if self._ipc is not None:
                 raise RuntimeError(f"MLProcess {self.name!r} is already started")
             runtime = _Runtime(self)
-            runtime.supervisor.start()
+            self._loading = True  # callers meanwhile get "loading", not "not started"
+            try:
+                runtime.supervisor.start()
+            finally:
+                self._loading = False
             self._ipc = runtime
         _live.add(self)
         return self
@@ -229,7 +236,8 @@ class MLProcess:
         in-flight count, restarts; crash and hang counters; circuit and draining flags."""
         runtime = self.__dict__.get("_ipc")
         if runtime is None:
-            return {"name": self.name, "started": False, "ready": False}
+            return {"name": self.name, "started": False, "ready": False,
+                    "loading": bool(self.__dict__.get("_loading"))}
         snap = runtime.status.snapshot()
         snap.update(name=self.name, started=True, ready=self.ready,
                     inflight=runtime.caller.inflight)

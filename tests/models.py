@@ -142,3 +142,20 @@ class Spinner(MLProcess):
             total += i * i
         return {"pid": os.getpid(), "worker": getattr(self, "worker_index", None),
                 "device": getattr(self, "device", None)}
+
+
+class GatedLoad(MLProcess):
+    """load() waits (bounded) until the file named by IPCSERVE_TEST_GATE exists."""
+
+    def load(self) -> None:
+        import time
+
+        gate = os.environ["IPCSERVE_TEST_GATE"]
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gate {gate} never opened")
+            threading.Event().wait(0.02)
+
+    def predict(self, x: Any = None) -> Any:
+        return x

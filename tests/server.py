@@ -19,7 +19,8 @@ _LISTENING = re.compile(r"serving .* on (http://\S+) \(pid (\d+)\)")
 class Server:
     """``python app.py --port 0 ARGS``; ``url`` is known once it logs that it is serving."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, start_timeout: float = 60.0) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, start_timeout: float = 60.0,
+                 wait_ready: bool = True) -> None:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                                   full_env.get("PYTHONPATH", "")])
@@ -44,6 +45,24 @@ class Server:
                 self.url = match.group(1)
         self._reader = threading.Thread(target=self._drain, name="server-log", daemon=True)
         self._reader.start()
+        if self.url and wait_ready:
+            self.wait_ready(deadline - time.monotonic())
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until /readyz says 200 (models loaded), or the server exits."""
+        import requests
+
+        deadline = time.monotonic() + max(timeout, 1.0)
+        tick = threading.Event()
+        while self.proc.poll() is None:
+            try:
+                if requests.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("server never became ready:\n" + self.output)
+            tick.wait(0.05)
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None

@@ -219,8 +219,7 @@ def test_api_key_is_required_when_set() -> None:
 
 
 def test_model_that_fails_to_load_exits_non_zero() -> None:
-    server = Server("--model", "models:FailsToLoad")
-    assert server.url == ""
+    server = Server("--model", "models:FailsToLoad", wait_ready=False)
     assert server.proc.wait(30) == 1
     server.kill()
     assert "weights file /nonexistent/model.bin is missing" in server.output
@@ -271,5 +270,24 @@ def test_a_wrong_field_for_predict_is_a_400_naming_it() -> None:
         assert r.status_code == 400
         message = error_of(r)["message"]
         assert "secs" in message and "seconds" in message
+    finally:
+        assert server.stop() == 0
+
+
+def test_readiness_before_and_after_the_model_has_loaded(tmp_path) -> None:
+    gate = tmp_path / "gate"
+    server = Server("--model", "models:GatedLoad", env={"IPCSERVE_TEST_GATE": str(gate)},
+                    wait_ready=False)
+    try:
+        assert server.url
+        assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200
+        r = requests.get(f"{server.url}/readyz", timeout=30)
+        assert r.status_code == 503 and r.json()["models"] == {"gatedload": False}
+        r = requests.post(f"{server.url}/predict", json={"x": 1}, timeout=30)
+        assert r.status_code == 503 and "loading" in error_of(r)["message"]
+        assert r.headers["Retry-After"]
+        gate.write_text("open")
+        server.wait_ready(30)
+        assert requests.post(f"{server.url}/predict", json={"x": 1}, timeout=30).json() == 1
     finally:
         assert server.stop() == 0
