@@ -113,7 +113,7 @@ class Config:
             if key not in values:
                 continue
             raw = values[key]
-            kind = type(field.default)
+            kind: Any = type(field.default)
             try:
                 if kind is tuple and isinstance(raw, str):
                     kwargs[field.name] = tuple(p.strip() for p in raw.split(",") if p.strip())

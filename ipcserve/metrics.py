@@ -70,7 +70,7 @@ class Metrics:
                                     buckets=_BATCH_BUCKETS, registry=self.registry)
         self.shed = Counter("ipcserve_shed", "Requests refused at once because of overload",
                             ["model"], registry=self.registry)
-        self.registry.register(_StatusCollector(models))  # type: ignore[arg-type]
+        self.registry.register(_StatusCollector(models))
 
     def observe(self, model: str, status: int, seconds: float, stats: Any = None) -> None:
         """Record one finished prediction request."""

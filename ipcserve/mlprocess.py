@@ -134,7 +134,7 @@ class MLProcess:
 
     # -- caller side -------------------------------------------------------------------
     def _runtime(self) -> _Runtime:
-        runtime = self.__dict__.get("_ipc")
+        runtime: _Runtime | None = self.__dict__.get("_ipc")
         if runtime is None:
             if "config" not in self.__dict__:
                 raise ConfigError(f"{type(self).__name__}.__init__ must call super().__init__()")
@@ -238,7 +238,7 @@ class MLProcess:
         if runtime is None:
             return {"name": self.name, "started": False, "ready": False,
                     "loading": bool(self.__dict__.get("_loading"))}
-        snap = runtime.status.snapshot()
+        snap: dict[str, Any] = runtime.status.snapshot()
         snap.update(name=self.name, started=True, ready=self.ready,
                     inflight=runtime.caller.inflight)
         return snap

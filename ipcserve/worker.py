@@ -80,7 +80,7 @@ def _send(conn: Connection, reply: Reply, threshold: int = 0) -> bool:
             f"the model's result could not be sent back: {type(exc).__name__}: {exc}",
             remote_type=type(exc).__name__), queue_wait=reply.queue_wait,
             inference_time=reply.inference_time, batch_size=reply.batch_size)
-        data = ForkingPickler.dumps(reply)
+        data = bytes(ForkingPickler.dumps(reply))
     try:
         conn.send_bytes(data)
     except (BrokenPipeError, EOFError, OSError):

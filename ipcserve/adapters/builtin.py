@@ -86,7 +86,8 @@ def image_to_pixels(image: Image.Image) -> numpy.ndarray:
 
     small = PILImage.fromarray(square).resize((_SIDE, _SIDE), PILImage.Resampling.BOX)
     pixels = np.asarray(small, dtype=np.float32).reshape(-1) * _MAX_VALUE
-    return np.clip(pixels, 0.0, _MAX_VALUE).astype(np.float32)
+    clipped: numpy.ndarray = np.clip(pixels, 0.0, _MAX_VALUE).astype(np.float32)
+    return clipped
 
 
 class DigitsModel:

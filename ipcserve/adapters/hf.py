@@ -190,7 +190,7 @@ class TransformersModel(MLProcess):
         self._device = resolve_device(self.device)
         import transformers
 
-        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         extra = {"dtype": self.dtype} if self.dtype else {}
         if self.task == "feature-extraction":
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -198,7 +198,7 @@ class TransformersModel(MLProcess):
             self.model = transformers.AutoModel.from_pretrained(
                 self.path, local_files_only=True, **extra).to(self._device).eval()
         else:
-            self.pipe = transformers.pipeline(
+            self.pipe = transformers.pipeline(  # type: ignore[call-overload]
                 self.task, model=self.path, device=self._device, batch_size=self.batch_size,
                 **extra, **self.pipeline_kwargs)
             self.model, self.tokenizer = self.pipe.model, self.pipe.tokenizer
@@ -234,6 +234,7 @@ class TransformersModel(MLProcess):
             parts, is_list = self._items(x, where)
             spans.append((len(items), len(items) + len(parts), is_list))
             items.extend(parts)
+        outputs: list[Any]
         if self.task == "feature-extraction":
             outputs = self._embed(items)
         elif self.task == "text-classification":

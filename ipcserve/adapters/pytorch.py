@@ -240,7 +240,7 @@ class TorchModel(MLProcess):
         if self.path is not None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DeprecationWarning)
-                module = torch.jit.load(self.path, map_location=self._device)
+                module = torch.jit.load(self.path, map_location=self._device)  # type: ignore[no-untyped-call]
             for warning in caught:  # once at load, in the log, instead of on stderr
                 logger.warning("torch model %s: %s (a torch.export .pt2 file also works)",
                                self.name, warning.message)
