@@ -15,13 +15,12 @@ Download the models once (on a machine with internet), then serve them offline::
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 
-import waitress
 from flask import Flask
 
 from ipcserve.adapters.hf import TransformersModel
+from ipcserve.cli import serve
 from ipcserve.flask import IPCServe
 
 
@@ -32,12 +31,9 @@ def main(tagger_dir: str, captioner_dir: str) -> None:
                                     top_k=5, timeout=10), kind="image")
     ipc.add_model(TransformersModel(captioner_dir, task="image-text-to-text", name="captioner",
                                     max_new_tokens=30, timeout=30), kind="image")
-    ipc.start()  # loads each model in its own ML process; returns when all are ready
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` shuts down cleanly too
-    try:
-        waitress.serve(app, host="127.0.0.1", port=8000)
-    finally:
-        ipc.shutdown()
+    # waitress on 127.0.0.1:8000; starts the models (each in its own ML process) and, on
+    # SIGTERM or Ctrl-C, drains requests in flight before stopping them.
+    sys.exit(serve(app, host="127.0.0.1", port=8000))
 
 
 if __name__ == "__main__":  # required: the spawn start method re-imports this file

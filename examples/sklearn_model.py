@@ -12,7 +12,6 @@ pickle them by reference; the model itself is loaded once, inside the ML process
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,10 +64,10 @@ def train(path: Path) -> None:
 
 
 def main() -> None:
-    import waitress
     from flask import Flask
 
     from ipcserve import MLProcess
+    from ipcserve.cli import serve
     from ipcserve.flask import IPCServe
 
     if not MODEL_PATH.exists():
@@ -76,12 +75,9 @@ def main() -> None:
     app = Flask(__name__)
     ipc = IPCServe(app)
     ipc.add_model(MLProcess.from_factory(load_iris, name="iris", timeout=5), kind="json")
-    ipc.start()  # loads each model in its own ML process; returns when all are ready
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` shuts down cleanly too
-    try:
-        waitress.serve(app, host="127.0.0.1", port=8000)
-    finally:
-        ipc.shutdown()
+    # waitress on 127.0.0.1:8000; starts the models (each in its own ML process) and, on
+    # SIGTERM or Ctrl-C, drains requests in flight before stopping them.
+    sys.exit(serve(app, host="127.0.0.1", port=8000))
 
 
 if __name__ == "__main__":  # required: the spawn start method re-imports this file

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+from pathlib import Path
 
 _SCALE = 8  # 8x8 -> 64x64
 _BORDER = 16  # white border in pixels around the upscaled digit
@@ -67,3 +68,20 @@ def accuracy_in_process() -> float:
     results = DigitsModel().predict_batch(pixels)
     correct = sum(r["label"] == label for r, (_, label) in zip(results, samples))
     return correct / len(samples)
+
+
+def well_classified_png(url: str, directory: Path, api_key: str | None = None) -> tuple[Path, int]:
+    """A held-out digit the server at ``url`` classifies right (it is ~96% accurate),
+    written to a PNG file in ``directory``."""
+    import requests
+
+    headers = {"Content-Type": "image/png"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    for png, label in held_out_pngs()[:20]:
+        r = requests.post(f"{url}/predict", data=png, headers=headers, timeout=30)
+        if r.json()["label"] == label:
+            path = directory / f"digit-{label}.png"
+            path.write_bytes(png)
+            return path, label
+    raise AssertionError("the model got none of the first 20 held-out digits right")

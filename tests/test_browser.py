@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import requests
-from digits_data import held_out_pngs
+from digits_data import well_classified_png
 from server import Server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -93,20 +93,6 @@ def predicted_label(browser: Any) -> str:
     return wait_for(browser, lambda b: text(b, "#result-label"), "a predicted label")
 
 
-def well_classified_png(server: Server, tmp_path: Path, api_key: str | None = None) -> tuple[Path, int]:
-    """A held-out digit the model gets right (it is ~96% accurate), written to a file."""
-    headers = {"Content-Type": "image/png"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    for png, label in held_out_pngs()[:20]:
-        r = requests.post(f"{server.url}/predict", data=png, headers=headers, timeout=30)
-        if r.json()["label"] == label:
-            path = tmp_path / f"digit-{label}.png"
-            path.write_bytes(png)
-            return path, label
-    raise AssertionError("the model got none of the first 20 held-out digits right")
-
-
 def test_page_shows_ready_model_with_pid(server: Server, driver: Any) -> None:
     open_page(driver, server)
     pid = text(driver, '#models tr[data-model="digits"] .pid')
@@ -123,7 +109,7 @@ def test_page_shows_ready_model_with_pid(server: Server, driver: Any) -> None:
 
 
 def test_uploaded_png_is_classified(server: Server, driver: Any, tmp_path: Path) -> None:
-    path, label = well_classified_png(server, tmp_path)
+    path, label = well_classified_png(server.url, tmp_path)
     open_page(driver, server)
     driver.find_element(By.ID, "file").send_keys(str(path))
     assert predicted_label(driver) == str(label)
@@ -174,7 +160,7 @@ def test_non_image_upload_shows_415(server: Server, driver: Any, tmp_path: Path)
 def test_api_key_is_asked_for_sent_and_remembered(driver: Any, tmp_path: Path) -> None:
     server = Server("--api-key", "s3cret")
     try:
-        path, label = well_classified_png(server, tmp_path, api_key="s3cret")
+        path, label = well_classified_png(server.url, tmp_path, api_key="s3cret")
         driver.get(f"{server.url}/")
         wait_for(driver, lambda b: "401" in (text(b, "#status-note") or ""), "the API key hint")
         driver.find_element(By.ID, "api-key").send_keys("s3cret")

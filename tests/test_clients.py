@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from digits_data import held_out_pngs
+from digits_data import held_out_pngs, well_classified_png
 from server import ROOT, Server
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,20 +49,6 @@ def run(client: list[str], url: str, path: Path, api_key: str | None = None) -> 
         env["IPCSERVE_API_KEY"] = api_key
     return subprocess.run([*client, url, str(path)], capture_output=True, text=True,
                           timeout=RUN_TIMEOUT, env=env, cwd=ROOT)
-
-
-def well_classified_png(url: str, tmp_path: Path, api_key: str | None = None) -> tuple[Path, int]:
-    """A held-out digit the model gets right (it is ~96% accurate), written to a file."""
-    headers = {"Content-Type": "image/png"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    for png, label in held_out_pngs()[:20]:
-        r = requests.post(f"{url}/predict", data=png, headers=headers, timeout=30)
-        if r.json()["label"] == label:
-            path = tmp_path / f"digit-{label}.png"
-            path.write_bytes(png)
-            return path, label
-    raise AssertionError("the model got none of the first 20 held-out digits right")
 
 
 def test_client_prints_the_prediction(client: list[str], server: Server, tmp_path: Path) -> None:
