@@ -100,6 +100,9 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
         return 1
     # Serve at once (healthz answers, readyz says 503 and predict "loading") while the
     # models load in the background; a model that fails to load stops the server.
+    for endpoint in ipc.endpoints.values():
+        if not endpoint.ml.started:
+            endpoint.ml._loading = True  # from the first request on, not from the thread's start
     logger.warning("ipcserve: serving %s on http://%s:%s (pid %d)", ", ".join(ipc.endpoints),
                    host, server.effective_port, os.getpid())
     done = threading.Event()
@@ -107,13 +110,21 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
     failed = threading.Event()
 
     def start_models() -> None:
+        if state.draining.is_set():
+            return
         try:
             ipc.start()
         except Exception as exc:
+            if state.draining.is_set():
+                logger.warning("ipcserve: stopped while loading: %s", exc)
+                return
             logger.error("a model failed to start: %s", exc)
             failed.set()
             done.set()
             _thread.interrupt_main()
+            return
+        if state.draining.is_set():  # a signal came while start() was finishing
+            ipc.shutdown(grace=0)
             return
         logger.warning("ipcserve: models ready: %s", ", ".join(ipc.endpoints))
 

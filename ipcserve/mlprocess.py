@@ -126,6 +126,8 @@ class MLProcess:
         state["_ipc"] = None
         state.pop("_ipc_lock", None)
         state.pop("_loading", None)
+        state.pop("_starting", None)
+        state.pop("_abort_requested", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -176,25 +178,44 @@ class MLProcess:
                 raise RuntimeError(f"MLProcess {self.name!r} is already started")
             runtime = _Runtime(self)
             self._loading = True  # callers meanwhile get "loading", not "not started"
+            self._starting = runtime  # lets shutdown() abort a long load
+            if self.__dict__.get("_abort_requested"):  # shutdown() is waiting for the lock
+                runtime.supervisor.abort_start()
+            # Tracked from now on: ML processes ignore SIGTERM, so multiprocessing's own exit
+            # handler (terminate, then join) would wait forever on a loading one.
+            _live.add(self)
             try:
                 runtime.supervisor.start()
+            except BaseException:
+                _live.discard(self)
+                raise
             finally:
                 self._loading = False
+                self._starting = None
             self._ipc = runtime
-        _live.add(self)
         return self
 
     def shutdown(self, grace: float | None = None) -> None:
         """Stop admitting calls, let in-flight ones finish (up to ``grace`` seconds), then
         send the Shutdown sentinel, join the process(es) and kill what is left.
 
-        Safe to call twice and from a signal handler's thread.
+        Safe to call twice and from a signal handler's thread. While start() is still
+        loading the model, the loading processes are killed and start() raises.
         """
-        with self._ipc_lock:
-            runtime = self._ipc
-            if runtime is None or runtime.owner_pid != os.getpid():
-                return
-            self._ipc = None
+        # Flag first, then look: start() sets _starting, then looks at the flag, so one of
+        # the two always sees the other and a load in progress is aborted.
+        self._abort_requested = True
+        try:
+            starting = self.__dict__.get("_starting")
+            if starting is not None:
+                starting.supervisor.abort_start()
+            with self._ipc_lock:
+                runtime = self._ipc
+                if runtime is None or runtime.owner_pid != os.getpid():
+                    return
+                self._ipc = None
+        finally:
+            self._abort_requested = False
         _live.discard(self)
         grace = self.config.shutdown_grace if grace is None else grace
         runtime.status.set_draining(True)

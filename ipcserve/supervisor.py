@@ -83,6 +83,7 @@ class Supervisor:
         self._wake_r, self._wake_w = ctx.Pipe(duplex=False)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards process start/kill against shutdown
+        self._aborted = False  # set by abort_start(): shutdown() came while loading
 
     # -- starting ----------------------------------------------------------------------
     def _spawn(self, slot: _Slot) -> None:
@@ -132,11 +133,19 @@ class Supervisor:
 
     def _await_ready(self, slot: _Slot, deadline: float) -> None:
         assert slot.ready is not None
-        remaining = max(0.0, deadline - time.monotonic())
-        if not wait([slot.ready, slot.proc.sentinel], remaining):
-            raise WorkerUnavailableError(
-                f"model {self._name!r}: load() did not finish within start_timeout="
-                f"{self._config.start_timeout}s")
+        while True:
+            if self._aborted:
+                raise WorkerUnavailableError(f"model {self._name!r}: stopped while loading")
+            remaining = max(0.0, deadline - time.monotonic())
+            ready = wait([slot.ready, slot.proc.sentinel, self._wake_r], remaining)
+            if not ready:
+                raise WorkerUnavailableError(
+                    f"model {self._name!r}: load() did not finish within start_timeout="
+                    f"{self._config.start_timeout}s")
+            if self._wake_r in ready:
+                self._wake_r.recv_bytes()
+                continue
+            break
         self._on_ready_message(slot, raise_errors=True)
 
     def _on_ready_message(self, slot: _Slot, raise_errors: bool) -> None:
@@ -324,6 +333,12 @@ class Supervisor:
             slot.proc = None
         self._wake_r.close()
         self._wake_w.close()
+
+    def abort_start(self) -> None:
+        """Make a pending or future start() give up at once (its loading processes are
+        killed); sticky, so it also works when called before start() spawned anything."""
+        self._aborted = True
+        self.wake()
 
     def _kill_all(self) -> None:
         for slot in self._slots:

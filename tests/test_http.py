@@ -291,3 +291,13 @@ def test_readiness_before_and_after_the_model_has_loaded(tmp_path) -> None:
         assert requests.post(f"{server.url}/predict", json={"x": 1}, timeout=30).json() == 1
     finally:
         assert server.stop() == 0
+
+
+def test_sigterm_while_the_model_loads_stops_promptly(tmp_path) -> None:
+    server = Server("--model", "models:GatedLoad", env={"IPCSERVE_TEST_GATE": str(tmp_path / "never")},
+                    wait_ready=False)
+    try:
+        assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    finally:
+        assert server.stop(timeout=20) == 0
+    assert "stopped while loading" in server.output

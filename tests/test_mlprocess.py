@@ -239,3 +239,19 @@ def test_public_api_is_pinned() -> None:
     }
     for name in ipcserve.__all__:
         assert hasattr(ipcserve, name)
+
+
+def test_a_batch_never_includes_a_request_whose_deadline_passed() -> None:
+    entered, release = events()
+    with Batcher(entered, release, max_batch_size=8) as ml:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            first = pool.submit(ml, "block")
+            assert entered.wait(5)
+            late = pool.submit(ml, 7, timeout=0.05)
+            on_time = pool.submit(ml, 8, timeout=10)
+            with pytest.raises(QueueDeadlineError):
+                late.result(5)
+            release.set()
+            assert first.result(5) == "block" and on_time.result(5) == 80
+        batches = ml("batches")
+        assert all(7 not in b for b in batches), batches
