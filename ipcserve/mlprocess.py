@@ -178,7 +178,7 @@ class MLProcess:
                 raise RuntimeError(f"MLProcess {self.name!r} is already started")
             runtime = _Runtime(self)
             self._loading = True  # callers meanwhile get "loading", not "not started"
-            self._starting = runtime  # lets shutdown() abort a long load
+            self._starting: _Runtime | None = runtime  # lets shutdown() abort a long load
             if self.__dict__.get("_abort_requested"):  # shutdown() is waiting for the lock
                 runtime.supervisor.abort_start()
             # Tracked from now on: ML processes ignore SIGTERM, so multiprocessing's own exit
