@@ -20,18 +20,18 @@ class _HasRequest(Protocol):
 T = TypeVar("T", bound=_HasRequest)
 
 
-def item_of(request: Any) -> Any:
-    """The value handed to ``predict_batch`` for one request.
+def item_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The value handed to ``predict_batch`` for one call ``(*args, **kwargs)``.
 
     A call with one positional argument batches that argument; a call with keyword
     arguments only batches the keyword dict.
     """
-    if request.args and not request.kwargs and len(request.args) == 1:
-        return request.args[0]
-    if not request.args:
-        return dict(request.kwargs)
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args:
+        return dict(kwargs)
     raise TypeError("a batching model takes one positional argument or keyword arguments, "
-                    f"got {len(request.args)} positional and {len(request.kwargs)} keyword")
+                    f"got {len(args)} positional and {len(kwargs)} keyword")
 
 
 def size_of(request: Any) -> int:

@@ -119,11 +119,8 @@ class Caller:
         self._status = status
         self._config = config
         self._name = name
-        self._local = threading.local()
-        self._cond = threading.Condition()
-        self._inflight = 0
         self._channel_ids = itertools.count(1)
-        self.last_stats: threading.local = threading.local()
+        self._reset_after_fork()  # the per-process state: locks, counters, channels
         # A web process forked after start() (gunicorn with preload_app) shares the queue
         # and the status block, but must not inherit this process's locks, counters or
         # channels: a lock held by another thread at fork time would never be released.
@@ -131,7 +128,7 @@ class Caller:
 
     def _reset_after_fork(self) -> None:
         self._local = threading.local()
-        self.last_stats = threading.local()
+        self.last_stats: threading.local = threading.local()
         self._cond = threading.Condition()
         self._inflight = 0
 

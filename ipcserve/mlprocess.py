@@ -106,9 +106,8 @@ class MLProcess:
         if type(self).predict_batch is MLProcess.predict_batch:
             raise NotImplementedError(f"{type(self).__name__} must override predict() or predict_batch()")
         from .batching import item_of
-        from .protocol import Request
 
-        return self.predict_batch([item_of(Request(0, 0.0, args, kwargs))])[0]
+        return self.predict_batch([item_of(args, kwargs)])[0]
 
     def predict_batch(self, xs: list[Any]) -> list[Any]:
         """Answer a batch of requests, one result per input, in order. Runs in the ML process.

@@ -283,22 +283,19 @@ class _Loop:
         self._finish([item], [result], started)
 
     def _run_batch(self, items: list[_Pending]) -> None:
-        bad: list[tuple[_Pending, IPCServeError]] = []
         good: list[_Pending] = []
+        xs: list[Any] = []
         for item in items:
             try:
-                batching.item_of(item.request)
+                xs.append(batching.item_of(item.request.args, item.request.kwargs))
                 good.append(item)
             except TypeError as exc:
-                bad.append((item, InputError(str(exc))))
-        for item, error in bad:
-            _send(item.conn, Reply(item.request.id, error=error))
+                _send(item.conn, Reply(item.request.id, error=InputError(str(exc))))
         if not good:
             return
         items = good
         started = time.monotonic()
         self.status.set_busy(self.slot, started)
-        xs = [batching.item_of(p.request) for p in items]
         results: list[tuple[Any, IPCServeError | None]]
         try:
             outputs = self.model.predict_batch(xs)

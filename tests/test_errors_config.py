@@ -90,6 +90,7 @@ def test_batching_policy_counts_items_and_keeps_order() -> None:
     pending = [P(i) for i in range(5)]
     batch, rest = batching.take(pending, 2)
     assert [p.request.id for p in batch] == [0, 1] and [p.request.id for p in rest] == [2, 3, 4]
-    assert batching.item_of(Request(0, 0.0, (), {"a": 1})) == {"a": 1}
+    assert batching.item_of((), {"a": 1}) == {"a": 1}
+    assert batching.item_of((5,), {}) == 5
     with pytest.raises(TypeError):
-        batching.item_of(Request(0, 0.0, (1, 2), {}))
+        batching.item_of((1, 2), {})
