@@ -7,8 +7,10 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from server import Server
 
 # Threads the stdlib starts once per process and keeps (multiprocessing's resource sharer,
 # which hands pipe ends to other processes); not ours to reap.
@@ -54,3 +56,19 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         tick.wait(0.01)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """The real ``python app.py`` on the digits model, shared by a test module."""
+    server = Server()
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0, server.output
+
+
+def spawn_events() -> tuple[Any, Any]:
+    """Two Events that travel to a spawned ML process (entered, release)."""
+    ctx = multiprocessing.get_context("spawn")
+    return ctx.Event(), ctx.Event()

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from digits_data import well_classified_png
 from server import Server
 
@@ -36,15 +35,6 @@ WAIT = 30.0  # seconds; every wait below is bounded by this, well under the test
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--no-first-run", "--disable-quic", "--window-size=1000,1000")
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    server = Server()
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0, server.output
 
 
 @pytest.fixture(scope="module")

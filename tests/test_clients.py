@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from digits_data import held_out_pngs, well_classified_png
 from server import ROOT, Server
 
@@ -25,15 +24,6 @@ CLIENTS = {
     "python": [sys.executable, str(ROOT / "examples" / "client.py")],
     "node": ["node", str(ROOT / "examples" / "client.js")],
 }
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    server = Server()
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0, server.output
 
 
 @pytest.fixture(params=sorted(CLIENTS))

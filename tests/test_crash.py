@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -12,15 +11,10 @@ import textwrap
 import time
 
 import pytest
-from conftest import wait_until
+from conftest import spawn_events, wait_until
 from models import Blocker, Doubler
 
 from ipcserve import WorkerCrashedError, WorkerUnavailableError
-
-
-def events() -> tuple[object, object]:
-    ctx = multiprocessing.get_context("spawn")
-    return ctx.Event(), ctx.Event()
 
 
 def pid_alive(pid: int) -> bool:
@@ -38,7 +32,7 @@ def pid_alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("how, exitcode", [("sigkill", -9), ("exit", 3)])
 def test_crash_mid_request_fails_fast_then_restarts(how: str, exitcode: int) -> None:
-    entered, release = events()
+    entered, release = spawn_events()
     with Blocker(entered, release, restart_backoff=0.05) as ml:
         old_pid = ml.pids[0]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -74,7 +68,7 @@ def test_segfault_is_reported_and_recovered() -> None:
 
 
 def test_every_in_flight_request_gets_exactly_one_answer_on_crash() -> None:
-    entered, release = events()
+    entered, release = spawn_events()
     with Blocker(entered, release, restart_backoff=0.05) as ml:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             blocked = pool.submit(ml, "block", timeout=20)
@@ -95,7 +89,7 @@ def test_every_in_flight_request_gets_exactly_one_answer_on_crash() -> None:
 
 
 def test_requests_queued_during_a_restart_are_served_by_the_new_process() -> None:
-    entered, release = events()
+    entered, release = spawn_events()
     with Blocker(entered, release, restart_backoff=0.5) as ml:
         old_pid = ml.pids[0]
         os.kill(old_pid, signal.SIGKILL)

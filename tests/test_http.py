@@ -20,13 +20,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def digits() -> Server:
-    server = Server()
-    yield server
-    assert server.stop() == 0, server.output
-
-
-@pytest.fixture(scope="module")
 def doubler() -> Server:
     server = Server("--model", "models:Doubler", "--timeout", "1", "--hang-timeout", "3",
                     env={"IPCSERVE_RESTART_BACKOFF": "0.05", "IPCSERVE_HEARTBEAT_INTERVAL": "0.1"})
@@ -50,14 +43,14 @@ def png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def test_digits_model_is_accurate_over_http(digits: Server) -> None:
+def test_digits_model_is_accurate_over_http(server: Server) -> None:
     samples = held_out_pngs()
     local = threading.local()
 
     def classify(sample: tuple[bytes, int]) -> bool:
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
-        r = session.post(f"{digits.url}/predict", data=sample[0],
+        r = session.post(f"{server.url}/predict", data=sample[0],
                          headers={"Content-Type": "image/png"}, timeout=30)
         assert r.status_code == 200, r.text
         body = r.json()
@@ -72,12 +65,12 @@ def test_digits_model_is_accurate_over_http(digits: Server) -> None:
     assert accuracy >= 0.90, accuracy
 
 
-def test_multipart_upload_and_json_pixels(digits: Server) -> None:
+def test_multipart_upload_and_json_pixels(server: Server) -> None:
     image, label = held_out_pngs()[0]
-    r = requests.post(f"{digits.url}/v1/models/digits/predict",
+    r = requests.post(f"{server.url}/v1/models/digits/predict",
                       files={"image": ("d.png", image, "image/png")}, timeout=30)
     assert r.status_code == 200 and r.json()["label"] == label
-    r = requests.post(f"{digits.url}/predict", json={"pixels": [0.0] * 64}, timeout=30)
+    r = requests.post(f"{server.url}/predict", json={"pixels": [0.0] * 64}, timeout=30)
     assert r.status_code == 200 and 0 <= r.json()["label"] <= 9
 
 
@@ -94,53 +87,53 @@ def test_multipart_upload_and_json_pixels(digits: Server) -> None:
     ({"data": {"a": "b"}}, 415, "got application/x-www-form-urlencoded"),
 ], ids=["garbage", "empty", "text", "bad-json", "json-array", "json-type", "json-field",
         "json-nan", "multipart-empty-file", "form"])
-def test_bad_input_gets_a_clear_json_error(digits: Server, kwargs: dict, status: int, words: str) -> None:
-    r = requests.post(f"{digits.url}/predict", timeout=30, **kwargs)
+def test_bad_input_gets_a_clear_json_error(server: Server, kwargs: dict, status: int, words: str) -> None:
+    r = requests.post(f"{server.url}/predict", timeout=30, **kwargs)
     assert r.status_code == status, r.text
     assert words.lower() in error_of(r)["message"].lower()
 
 
-def test_oversized_inputs_get_413(digits: Server) -> None:
-    r = requests.post(f"{digits.url}/predict", data=png(6000, 4000),  # 24 Mpx > 20 Mpx
+def test_oversized_inputs_get_413(server: Server) -> None:
+    r = requests.post(f"{server.url}/predict", data=png(6000, 4000),  # 24 Mpx > 20 Mpx
                       headers={"Content-Type": "image/png"}, timeout=30)
     assert r.status_code == 413 and "pixels" in error_of(r)["message"]
-    r = requests.post(f"{digits.url}/predict", data=b"\0" * (17 * 1024 * 1024),
+    r = requests.post(f"{server.url}/predict", data=b"\0" * (17 * 1024 * 1024),
                       headers={"Content-Type": "image/png"}, timeout=30)
     assert r.status_code == 413
     error_of(r)
 
 
-def test_truncated_image_is_400(digits: Server) -> None:
+def test_truncated_image_is_400(server: Server) -> None:
     data = held_out_pngs()[0][0]
-    r = requests.post(f"{digits.url}/predict", data=data[: len(data) // 2],
+    r = requests.post(f"{server.url}/predict", data=data[: len(data) // 2],
                       headers={"Content-Type": "image/png"}, timeout=30)
     assert r.status_code in (400, 415)
     error_of(r)
 
 
-def test_unknown_model_and_method(digits: Server) -> None:
-    r = requests.post(f"{digits.url}/v1/models/nope/predict", json={}, timeout=30)
+def test_unknown_model_and_method(server: Server) -> None:
+    r = requests.post(f"{server.url}/v1/models/nope/predict", json={}, timeout=30)
     assert r.status_code == 404 and "digits" in error_of(r)["message"]
-    r = requests.get(f"{digits.url}/predict", timeout=30)
+    r = requests.get(f"{server.url}/predict", timeout=30)
     assert r.status_code == 405
     error_of(r)
-    r = requests.get(f"{digits.url}/no/such/page", timeout=30)
+    r = requests.get(f"{server.url}/no/such/page", timeout=30)
     assert r.status_code == 404
     error_of(r)
 
 
-def test_health_readiness_status_and_metrics(digits: Server) -> None:
-    assert requests.get(f"{digits.url}/healthz", timeout=30).json() == {"status": "ok"}
-    ready = requests.get(f"{digits.url}/readyz", timeout=30)
+def test_health_readiness_status_and_metrics(server: Server) -> None:
+    assert requests.get(f"{server.url}/healthz", timeout=30).json() == {"status": "ok"}
+    ready = requests.get(f"{server.url}/readyz", timeout=30)
     assert ready.status_code == 200 and ready.json()["models"] == {"digits": True}
-    models = requests.get(f"{digits.url}/v1/models", timeout=30).json()
+    models = requests.get(f"{server.url}/v1/models", timeout=30).json()
     assert models["default"] == "digits"
     status = models["models"][0]["status"]
     assert status["workers"][0]["state"] == "ready" and status["workers"][0]["pid"]
-    before = _samples(digits)
-    requests.post(f"{digits.url}/predict", json={"pixels": [0] * 64}, timeout=30)
-    requests.post(f"{digits.url}/predict", json={"pixels": [0]}, timeout=30)
-    after = _samples(digits)
+    before = _samples(server)
+    requests.post(f"{server.url}/predict", json={"pixels": [0] * 64}, timeout=30)
+    requests.post(f"{server.url}/predict", json={"pixels": [0]}, timeout=30)
+    after = _samples(server)
     key200 = ("ipcserve_requests_total", (("model", "digits"), ("status", "200")))
     key400 = ("ipcserve_requests_total", (("model", "digits"), ("status", "400")))
     assert after[key200] - before.get(key200, 0) == 1
@@ -162,8 +155,8 @@ def _samples(server: Server) -> dict:
     return out
 
 
-def test_status_page_is_served(digits: Server) -> None:
-    r = requests.get(f"{digits.url}/", timeout=30)
+def test_status_page_is_served(server: Server) -> None:
+    r = requests.get(f"{server.url}/", timeout=30)
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
     assert "<form" in r.text and "http://" not in r.text.replace("http://127.0.0.1", "")
 

@@ -8,7 +8,7 @@ import os
 import threading
 
 import pytest
-from conftest import wait_until
+from conftest import spawn_events, wait_until
 from models import Batcher, BatchTripler, Blocker, Doubler, FailsToLoad, make_tripler
 
 import ipcserve
@@ -22,11 +22,6 @@ from ipcserve import (
     WorkerUnavailableError,
 )
 from ipcserve.protocol import Shutdown
-
-
-def events() -> tuple[object, object]:
-    ctx = multiprocessing.get_context("spawn")
-    return ctx.Event(), ctx.Event()
 
 
 def test_call_returns_the_models_answer_and_per_call_timeout() -> None:
@@ -116,7 +111,7 @@ def test_load_failure_raises_from_start_without_a_restart_loop() -> None:
 
 
 def test_hung_predict_times_out_then_the_watchdog_restarts_it() -> None:
-    entered, release = events()
+    entered, release = spawn_events()
     with Blocker(entered, release, hang_timeout=1.0, heartbeat_interval=0.1,
                  restart_backoff=0.05) as ml:
         pid = ml.pids[0]
@@ -131,7 +126,7 @@ def test_hung_predict_times_out_then_the_watchdog_restarts_it() -> None:
 
 
 def test_deadline_passed_in_queue_is_skipped_without_computing() -> None:
-    entered, release = events()
+    entered, release = spawn_events()
     with Blocker(entered, release) as ml:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             blocked = pool.submit(ml, "block")
@@ -145,7 +140,7 @@ def test_deadline_passed_in_queue_is_skipped_without_computing() -> None:
 
 
 def test_overload_is_refused_at_once() -> None:
-    entered, release = events()
+    entered, release = spawn_events()
     with Blocker(entered, release, max_inflight=2) as ml:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first = pool.submit(ml, "block")
@@ -161,7 +156,7 @@ def test_overload_is_refused_at_once() -> None:
 
 
 def test_shutdown_drains_in_flight_and_refuses_new_calls() -> None:
-    entered, release = events()
+    entered, release = spawn_events()
     ml = Blocker(entered, release).start()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         in_flight = pool.submit(ml, "block")
@@ -179,7 +174,7 @@ def test_shutdown_drains_in_flight_and_refuses_new_calls() -> None:
 
 
 def test_shutdown_kills_a_process_that_will_not_stop() -> None:
-    entered, release = events()
+    entered, release = spawn_events()
     ml = Blocker(entered, release).start()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         stuck = pool.submit(ml, "hang", timeout=30)
@@ -200,7 +195,7 @@ def test_from_factory_serves_a_callable_and_a_batching_model() -> None:
 
 
 def test_batches_form_under_load_keep_order_and_isolate_poison() -> None:
-    entered, release = events()
+    entered, release = spawn_events()
     with Batcher(entered, release, max_batch_size=4) as ml:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             first = pool.submit(ml, "block")
@@ -242,7 +237,7 @@ def test_public_api_is_pinned() -> None:
 
 
 def test_a_batch_never_includes_a_request_whose_deadline_passed() -> None:
-    entered, release = events()
+    entered, release = spawn_events()
     with Batcher(entered, release, max_batch_size=8) as ml:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             first = pool.submit(ml, "block")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing
 import os
 import signal
 
 import numpy as np
 import pytest
+from conftest import spawn_events
 from models import ArrayModel
 
 from ipcserve import ResultDeadlineError, WorkerCrashedError
@@ -53,18 +53,13 @@ def test_large_arrays_both_ways_match(threshold: int) -> None:
             np.testing.assert_array_equal(out, x[i:i + 600] * i)
 
 
-def _events() -> tuple[object, object]:
-    ctx = multiprocessing.get_context("spawn")
-    return ctx.Event(), ctx.Event()
-
-
 X = np.ones((1024, 1024), dtype=np.float64)  # 8 MB
 
 
 def test_no_segment_left_when_the_ml_process_crashes_mid_request() -> None:
     # (Never set an Event a killed process was waiting on: multiprocessing's Condition
     # waits for the dead sleeper to acknowledge.)
-    entered, release = _events()
+    entered, release = spawn_events()
     with ArrayModel(entered, release, restart_backoff=0.05) as ml:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             fut = pool.submit(ml, X, block=True)
@@ -75,7 +70,7 @@ def test_no_segment_left_when_the_ml_process_crashes_mid_request() -> None:
 
 
 def test_no_segment_left_when_a_call_times_out() -> None:
-    entered, release = _events()
+    entered, release = spawn_events()
     with ArrayModel(entered, release) as ml:
         with pytest.raises(ResultDeadlineError):
             ml(X, block=True, timeout=0.5)
