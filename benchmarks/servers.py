@@ -57,6 +57,7 @@ def naive_app(model: str) -> Any:
 
 def ipcserve_app(model: str, workers: int = 1) -> Any:
     from ipcserve.cli import create_app
+    from ipcserve.flask import IPCServe
 
     if model == "echo":
         from models import Echo
@@ -74,7 +75,7 @@ def ipcserve_app(model: str, workers: int = 1) -> Any:
         ml = TransformersModel(minilm_path(), task="feature-extraction", normalize=True,
                                name="minilm", workers=workers, max_batch_size=32)
     app = create_app([(ml, "json")])
-    app.extensions["ipcserve"].ext.start()
+    IPCServe.of(app).start()
     return app
 
 
@@ -103,7 +104,9 @@ def main() -> None:
         pass
     finally:
         if kind == "ipcserve":
-            app.extensions["ipcserve"].ext.shutdown(grace=1)
+            from ipcserve.flask import IPCServe
+
+            IPCServe.of(app).drain(grace=1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Pure batch policy: which pending requests form the next batch. No I/O.
+"""Pure batch policy: which pending requests form the next batch, and how long the ML
+process keeps collecting before it runs one. No I/O; the clock is injectable.
 
 Today every request is exactly one item; ``size_of`` exists so that a multi-item request
 type changes only this module. ``max_batch_size`` counts items, not requests.
@@ -6,10 +7,11 @@ type changes only this module. ``max_batch_size`` counts items, not requests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-__all__ = ["item_of", "size_of", "take"]
+__all__ = ["BatchWait", "item_of", "size_of", "take"]
 
 
 class _HasRequest(Protocol):
@@ -50,3 +52,29 @@ def take(pending: Sequence[T], max_items: int) -> tuple[list[T], list[T]]:
         batch.append(item)
         count += size
     return batch, []
+
+
+class BatchWait:
+    """How long to keep collecting once a batch has started to form.
+
+    With ``max_batch_wait == 0`` (the default) a batch runs as soon as the ML process has
+    read whatever is queued: at low load a request never waits for company. With a wait,
+    the batch runs when it is full or when its oldest item has waited ``max_batch_wait``.
+
+    Args:
+        max_batch_size: items that make a batch full.
+        max_batch_wait: seconds the oldest item may wait for the batch to fill.
+        clock: ``time.monotonic`` or a fake for tests.
+    """
+
+    def __init__(self, max_batch_size: int, max_batch_wait: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_batch_wait = max_batch_wait
+        self.clock = clock
+
+    def remaining(self, items: int, oldest_arrival: float) -> float:
+        """Seconds to keep collecting before running ``items`` items (0: run now)."""
+        if self.max_batch_wait <= 0 or items <= 0 or items >= self.max_batch_size:
+            return 0.0
+        return max(0.0, oldest_arrival + self.max_batch_wait - self.clock())

@@ -13,14 +13,22 @@ Waiting: ``poll()`` in slices of ``poll_interval``. Between slices the caller re
 shared status block: a channel whose end the ML process never took gives no EOF when that
 process dies, and with the fork start method a dead process's pipe end may live on in a
 sibling, so EOF alone is not a liveness signal.
+
+Admission comes first (:meth:`Caller.admit`): past ``max_inflight`` a call is refused at
+once, before its input is even decoded, and the one in-flight counter here is what
+``shutdown()`` and the HTTP layer's drain wait on.
 """
 
 from __future__ import annotations
 
+import array
+import dataclasses
+import fcntl
 import itertools
 import logging
 import os
 import select
+import termios
 import threading
 import time
 import weakref
@@ -28,41 +36,53 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import shm
-from .config import Config
 from .errors import (
     InputError,
     ModelError,
     OverloadedError,
     QueueDeadlineError,
+    RemoteTraceback,
     ResultDeadlineError,
     WorkerCrashedError,
     WorkerUnavailableError,
+    describe_exit,
 )
 from .protocol import Attach, Attached, Reply, Request
-from .status import State, StatusBlock
+from .runtime import Plumbing
+from .statusblock import State
 
-__all__ = ["Caller", "CallStats"]
+__all__ = ["Admission", "CallResult", "Caller"]
 
 logger = logging.getLogger(__name__)
 
+# How long a caller that saw its ML process die waits for the supervisor to record the
+# exit code, so the error can say "killed by signal 9" rather than "not yet known".
+_EXITCODE_WAIT = 0.5
 
-class RemoteTraceback(Exception):
-    """Carries the ML process's formatted traceback as the ``__cause__`` of a ModelError."""
 
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
+@dataclasses.dataclass(frozen=True)
+class CallResult:
+    """The answer to one call, with where its time went.
 
-    def __str__(self) -> str:
-        return f"\n\"\"\"\n{self.tb}\"\"\""
+    Attributes:
+        value: what ``predict`` (or ``predict_batch``, for this item) returned.
+        queue_wait: seconds the request waited in the ML process before its batch started.
+        inference_time: seconds the model call that answered it took.
+        batch_size: items in that model call.
+    """
+
+    value: Any
+    queue_wait: float = 0.0
+    inference_time: float = 0.0
+    batch_size: int = 0
 
 
 class _Channel:
     """One thread's persistent pipe to whichever ML process took its other end."""
 
-    __slots__ = ("conn", "poller", "pid", "slot", "generation", "ids")
+    __slots__ = ("conn", "poller", "pid", "slot", "generation", "ids", "crashes_at_attach")
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, crashes: int) -> None:
         self.conn = conn
         # A poll object made once: Connection.poll() builds a new selector on every call.
         self.poller = select.poll()
@@ -71,17 +91,19 @@ class _Channel:
         self.slot: int | None = None  # set by the ML process's Attached message
         self.generation = -1
         self.ids = itertools.count(1)
+        # ML-process deaths seen when the Attach was queued: a death after that may have
+        # taken our pipe end with it (see Caller._wait).
+        self.crashes_at_attach = crashes
 
-
-class CallStats:
-    """Timings of one answered call, for metrics."""
-
-    __slots__ = ("queue_wait", "inference_time", "batch_size")
-
-    def __init__(self, reply: Reply) -> None:
-        self.queue_wait = reply.queue_wait
-        self.inference_time = reply.inference_time
-        self.batch_size = reply.batch_size
+    def unread(self) -> bool:
+        """Whether bytes we sent still sit unread in the pipe (Linux: TIOCOUTQ/SIOCOUTQ on
+        the socketpair). True means no ML process has read our request."""
+        outq = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.conn.fileno(), termios.TIOCOUTQ, outq, True)
+        except OSError:
+            return self.slot is None  # elsewhere: what we know from the Attached message
+        return outq[0] > 0
 
 
 _after_fork: weakref.WeakSet[Caller] = weakref.WeakSet()
@@ -95,30 +117,44 @@ def _reset_callers_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_callers_after_fork)
 
 
-def describe_exit(exitcode: int | None) -> str:
-    """A readable cause for a process exit code."""
-    if exitcode is None:
-        return "exited (exit code not yet known)"
-    if exitcode < 0:
-        import signal
+class Admission:
+    """A place among the ``max_inflight`` calls in flight; release it with ``with`` or
+    :meth:`release`. Made by :meth:`Caller.admit` (``MLProcess.admit()``)."""
 
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = "unknown signal"
-        return f"was killed by signal {-exitcode} ({name})"
-    return f"exited with code {exitcode}"
+    __slots__ = ("_caller", "_released")
+
+    def __init__(self, caller: Caller) -> None:
+        self._caller = caller
+        self._released = False
+
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+             timeout: float | None = None, deadline: float | None = None) -> CallResult:
+        """Run one call in the ML process; see :meth:`MLProcess.call`."""
+        if self._released:
+            raise RuntimeError("this admission was released; admit() again")
+        return self._caller._call(args, kwargs, self._caller._deadline(timeout, deadline))
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._caller._release()
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
 
 
 class Caller:
     """Client side of one MLProcess inside one (web) process. Thread-safe."""
 
-    def __init__(self, ctx: Any, queue: Any, status: StatusBlock, config: Config, name: str) -> None:
+    def __init__(self, ctx: Any, plumbing: Plumbing) -> None:
         self._ctx = ctx
-        self._queue = queue
-        self._status = status
-        self._config = config
-        self._name = name
+        self._queue = plumbing.queue
+        self._status = plumbing.status
+        self._config = plumbing.config
+        self._name = plumbing.name
         self._channel_ids = itertools.count(1)
         self._reset_after_fork()  # the per-process state: locks, counters, channels
         # A web process forked after start() (gunicorn with preload_app) shares the queue
@@ -128,12 +164,13 @@ class Caller:
 
     def _reset_after_fork(self) -> None:
         self._local = threading.local()
-        self.last_stats: threading.local = threading.local()
         self._cond = threading.Condition()
         self._inflight = 0
+        self._stop_waiting = False
 
     @property
     def inflight(self) -> int:
+        """Admitted calls not yet released, in this process."""
         return self._inflight
 
     # -- channels ----------------------------------------------------------------------
@@ -142,12 +179,13 @@ class Caller:
         if channel is not None and channel.pid == os.getpid():
             return channel
         mine, theirs = self._ctx.Pipe(duplex=True)
+        crashes = self._status.crashes
         try:
             self._queue.put(Attach(theirs, f"{os.getpid()}-{next(self._channel_ids)}"))
         finally:
             # Pickling dup'ed the end; keep no copy, or we would never see EOF from it.
             theirs.close()
-        channel = _Channel(mine)
+        channel = _Channel(mine, crashes)
         self._local.channel = channel
         return channel
 
@@ -169,27 +207,41 @@ class Caller:
             self._discard(channel)
 
     # -- admission ---------------------------------------------------------------------
-    def _admit(self) -> None:
+    def _unavailable(self) -> WorkerUnavailableError | None:
+        """Why no call can be taken now, or None."""
         status = self._status
         if status.draining:
-            raise WorkerUnavailableError(f"model {self._name!r} is shutting down")
+            return WorkerUnavailableError(f"model {self._name!r} is shutting down")
         if status.circuit_open:
             wait = max(0.0, status.next_start - time.monotonic())
             error = WorkerUnavailableError(
                 f"model {self._name!r} is unavailable: its ML process crashed "
                 f"{status.consecutive_crashes} times in a row; the next restart is in {wait:.1f}s")
             error.retry_after = max(1.0, wait)
-            raise error
+            return error
         if status.all_stopped():
-            raise WorkerUnavailableError(
+            return WorkerUnavailableError(
                 f"model {self._name!r} is not running. Did you call start() or use the "
                 "MLProcess as a context manager?")
+        return None
+
+    def admit(self) -> Admission:
+        """Take a place among the calls in flight.
+
+        Raises:
+            OverloadedError: ``max_inflight`` calls are in flight already.
+            WorkerUnavailableError: shutting down, stopped, or the circuit is open.
+        """
+        error = self._unavailable()
+        if error is not None:
+            raise error
         with self._cond:
             if self._inflight >= self._config.max_inflight:
                 raise OverloadedError(
                     f"model {self._name!r} has {self._inflight} requests in flight "
                     f"(max_inflight={self._config.max_inflight}); retry later")
             self._inflight += 1
+        return Admission(self)
 
     def _release(self) -> None:
         with self._cond:
@@ -198,23 +250,34 @@ class Caller:
                 self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
-        """Block until no call is in flight (True) or ``timeout`` passes (False)."""
+        """Block until no call is in flight (True), or ``timeout`` passes or
+        :meth:`stop_waiting` is called (False)."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._inflight == 0, timeout)
+            self._cond.wait_for(lambda: self._inflight == 0 or self._stop_waiting, timeout)
+            return self._inflight == 0
+
+    def stop_waiting(self) -> None:
+        """Make :meth:`wait_idle` return now (a forced stop)."""
+        with self._cond:
+            self._stop_waiting = True
+            self._cond.notify_all()
+
+    def _deadline(self, timeout: float | None, deadline: float | None) -> float:
+        if deadline is not None:
+            return deadline
+        timeout = self._config.timeout if timeout is None else timeout
+        if not timeout > 0:
+            raise InputError(f"timeout must be > 0, got {timeout!r}")
+        return time.monotonic() + timeout
 
     # -- the call ----------------------------------------------------------------------
-    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        timeout = self._config.timeout if timeout is None else timeout
-        if timeout <= 0:
-            raise InputError(f"timeout must be > 0, got {timeout!r}")
-        deadline = time.monotonic() + timeout
-        self._admit()
-        try:
-            return self._call(args, kwargs, deadline)
-        finally:
-            self._release()
-
-    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float) -> Any:
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float) -> CallResult:
+        if deadline <= time.monotonic():
+            raise QueueDeadlineError("the request's deadline passed before it was sent to "
+                                     "the ML process; it was not computed")
+        error = self._unavailable()
+        if error is not None:  # e.g. the circuit opened while this call was being decoded
+            raise error
         channel = self._channel()
         if channel.slot is not None and self._status.generation(channel.slot) != channel.generation:
             # The process behind this channel died since our last call: nothing of ours
@@ -226,24 +289,30 @@ class Caller:
             # through the shared queue, where the idle process is waiting to take it.
             self._discard(channel)
             channel = self._channel()
-        request = Request(next(channel.ids), deadline, args, kwargs)
-        try:
-            data, segment = shm.dumps(request, self._config.shm_threshold)
-        except Exception as exc:
-            raise InputError(f"the input cannot be sent to the ML process: it is not "
-                             f"picklable ({type(exc).__name__}: {exc})") from None
-        try:
+        while True:
+            request = Request(next(channel.ids), deadline, args, kwargs)
             try:
-                channel.conn.send_bytes(data)
-            except (BrokenPipeError, OSError):
-                # The process that held this channel is gone; nothing was sent. A new
-                # channel reaches whichever process serves the queue now.
-                self._discard(channel)
-                channel = self._channel()
-                channel.conn.send_bytes(data)
-            return self._wait(channel, request, deadline)
-        finally:
-            shm.discard(segment)  # the ML process unlinked it already, unless it never read it
+                data, segment = shm.dumps(request, self._config.shm_threshold)
+            except Exception as exc:
+                raise InputError(f"the input cannot be sent to the ML process: it is not "
+                                 f"picklable ({type(exc).__name__}: {exc})") from None
+            try:
+                try:
+                    channel.conn.send_bytes(data)
+                except (BrokenPipeError, OSError):
+                    # The process that held this channel is gone; nothing was sent. A new
+                    # channel reaches whichever process serves the queue now.
+                    self._discard(channel)
+                    channel = self._channel()
+                    channel.conn.send_bytes(data)
+                reply = self._wait(channel, request, deadline)
+            finally:
+                shm.discard(segment)  # the ML process unlinked it already, unless it never read it
+            if reply is not None:
+                return reply
+            # Our channel was lost with an ML process before any process read it: send the
+            # request again on a fresh channel (it was never computed).
+            channel = self._channel()
 
     def _should_move(self, slot: int) -> bool:
         status = self._status
@@ -257,37 +326,73 @@ class Caller:
         if self._status.draining:
             return WorkerUnavailableError(f"model {self._name!r} is shutting down")
         slot = channel.slot if channel.slot is not None else 0
+        # EOF can reach us before the supervisor has reaped the process: give it a moment
+        # to record the exit code (it bumps the generation after writing the code).
+        give_up = time.monotonic() + _EXITCODE_WAIT
+        tick = threading.Event()
+        while self._status.generation(slot) == channel.generation and time.monotonic() < give_up:
+            tick.wait(0.005)
         exitcode = self._status.exitcode(slot) if self._status.generation(slot) != channel.generation else None
-        return WorkerCrashedError(
+        error = WorkerCrashedError(
             f"the ML process of model {self._name!r} {describe_exit(exitcode)} while this "
             "request was in flight; it is being restarted, retry shortly", exitcode)
+        if self._status.circuit_open:
+            error.retry_after = max(1.0, self._status.next_start - time.monotonic())
+        return error
 
-    def _wait(self, channel: _Channel, request: Request, deadline: float) -> Any:
+    def _timed_out(self, channel: _Channel) -> QueueDeadlineError | ResultDeadlineError:
+        # Ask the pipe, not our bookkeeping: a request on a reused channel that the ML process
+        # never read was never taken, even though the channel was attached long ago.
+        unread = channel.unread()
+        self._discard(channel)  # a late reply must never answer a later request
+        if unread:
+            return QueueDeadlineError("the request's deadline passed before an ML process took "
+                                      "it; it was not computed")
+        return ResultDeadlineError("the request's deadline passed before the ML process answered")
+
+    def _wait(self, channel: _Channel, request: Request, deadline: float) -> CallResult | None:
+        """The reply to ``request``, raised as its error; None when the channel was lost
+        unread with a dead ML process and the request should be sent again."""
         conn = channel.conn
         status = self._status
         slice_ = self._config.poll_interval
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._discard(channel)  # a late reply must never answer a later request
-                if channel.slot is None:
-                    raise QueueDeadlineError(
-                        "the request's deadline passed before an ML process took it")
-                raise ResultDeadlineError(
-                    "the request's deadline passed before the ML process answered")
+                raise self._timed_out(channel)
             try:
                 readable = channel.poller.poll(min(remaining, slice_) * 1000.0)
-                message = shm.loads(conn.recv_bytes()) if readable else None
+                data = conn.recv_bytes() if readable else None
             except (EOFError, OSError):
                 raise self._crashed(channel) from None
-            if message is None:
-                if channel.slot is not None and status.generation(channel.slot) != channel.generation:
-                    raise self._crashed(channel)
-                if channel.slot is None and status.all_stopped():
+            if data is None:
+                if channel.slot is not None:
+                    if status.generation(channel.slot) != channel.generation:
+                        raise self._crashed(channel)
+                    continue
+                # Not attached yet: our Attach is still queued, or a process took it off the
+                # queue and died before it could attach (no EOF comes then: the resource
+                # sharer keeps a copy of the end). After a death, send again; the stale end,
+                # if still queued, is dropped by the ML process that attaches it, because we
+                # close our side.
+                error = self._unavailable()
+                if error is not None:
                     self._discard(channel)
-                    raise WorkerUnavailableError(f"model {self._name!r} stopped before an ML "
-                                                 "process took the request")
+                    raise error
+                if status.crashes != channel.crashes_at_attach:
+                    self._discard(channel)
+                    return None
                 continue
+            try:
+                message = shm.loads(data)
+            except FileNotFoundError:
+                # The reply's shared-memory segment was swept: its ML process died right
+                # after sending it (the supervisor removes a dead process's segments).
+                raise self._crashed(channel) from None
+            except Exception as exc:
+                self._discard(channel)
+                raise ModelError(f"the model's result could not be read in the web process: "
+                                 f"{type(exc).__name__}: {exc}", remote_type=type(exc).__name__) from None
             if isinstance(message, Attached):
                 channel.slot = message.slot
                 channel.generation = message.generation
@@ -296,10 +401,10 @@ class Caller:
                 logger.warning("dropped a stale or unexpected message on a channel: %r",
                                type(message).__name__)
                 continue
-            self.last_stats.value = CallStats(message)
             if message.error is not None:
                 error = message.error
                 if isinstance(error, ModelError) and error.remote_traceback:
                     raise error from RemoteTraceback(error.remote_traceback)
                 raise error
-            return message.value
+            return CallResult(message.value, message.queue_wait, message.inference_time,
+                              message.batch_size)

@@ -1,13 +1,18 @@
-"""``ipcserve serve`` / ``python -m ipcserve serve``: a complete server on waitress.
+"""``ipcserve serve`` / ``python -m ipcserve serve`` / ``python app.py``: a complete server.
 
-Every flag has an environment variable: ``--port`` = ``IPCSERVE_PORT``, ``--api-key`` =
-``IPCSERVE_API_KEY``, and every engine setting of :class:`~ipcserve.config.Config` is read
-from ``IPCSERVE_<FIELD>`` (``IPCSERVE_TIMEOUT``, ``IPCSERVE_MAX_BATCH_SIZE``, ...).
+The flags come from the settings table (:data:`ipcserve.config.SETTINGS`): every setting
+is a flag (``--max-batch-wait``) and an environment variable (``IPCSERVE_MAX_BATCH_WAIT``);
+a flag on the command line wins over the variable, which wins over the default.
+
+Stopping: SIGTERM, SIGINT (Ctrl-C) and SIGHUP (a closed terminal) drain through
+:meth:`IPCServe.drain <ipcserve.flask_ext.IPCServe.drain>`: new requests get 503, the ones
+in flight are answered, the ML processes stop, the server exits 0. A second signal stops at
+once (within a second), answering what is still in flight with 503, and exits 128 + the
+signal number (130 for a second Ctrl-C).
 """
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import importlib
 import logging
@@ -15,17 +20,22 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from .config import Config
-from .errors import IPCServeError
+from .config import SETTINGS, Config, Setting, settings_of
+from .errors import ConfigError
 
 __all__ = ["build_model", "create_app", "main", "serve"]
 
-logger = logging.getLogger("ipcserve")
+logger = logging.getLogger(__name__)
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# After the drain: how long the server keeps sending responses that are still buffered
+# for slow clients before it closes their connections.
+_FLUSH_TIMEOUT = 5.0
 
 
 def build_model(spec: str, config: Config) -> Any:
@@ -39,7 +49,7 @@ def build_model(spec: str, config: Config) -> Any:
         return DigitsClassifier(config=config)
     module_name, sep, attr = spec.partition(":")
     if not sep:
-        raise SystemExit(f"--model must be 'digits' or 'package.module:attribute', got {spec!r}")
+        raise ConfigError(f"--model must be 'digits' or 'package.module:attribute', got {spec!r}")
     target = getattr(importlib.import_module(module_name), attr)
     if isinstance(target, MLProcess):
         return target
@@ -48,25 +58,26 @@ def build_model(spec: str, config: Config) -> Any:
     return MLProcess.from_factory(target, config=config)
 
 
-def create_app(models: Sequence[tuple[Any, str]], api_key: str | None = None,
-               max_content_length: int | None = None, max_image_pixels: int | None = None) -> Any:
-    """A Flask app serving ``models`` (pairs of MLProcess and kind), with JSON errors everywhere."""
+def create_app(models: Sequence[tuple[Any, str]], **http_settings: Any) -> Any:
+    """A Flask app serving ``models`` (pairs of MLProcess and kind), with JSON errors
+    everywhere. ``http_settings`` are the ``http`` settings by name (``api_key=...``,
+    ``max_content_length=...``), put into ``app.config`` as ``IPCSERVE_*``."""
     from flask import Flask
     from werkzeug.exceptions import HTTPException
 
     from .flask_ext import IPCServe, error_response
 
     app = Flask("ipcserve")
-    app.config["IPCSERVE_API_KEY"] = api_key
-    if max_content_length is not None:
-        app.config["MAX_CONTENT_LENGTH"] = max_content_length
-    if max_image_pixels is not None:
-        app.config["IPCSERVE_MAX_IMAGE_PIXELS"] = max_image_pixels
+    known = {s.name: s for s in settings_of("http")}
+    for name, value in http_settings.items():
+        if name not in known:
+            raise ConfigError(f"unknown HTTP setting {name!r}; known: {', '.join(known)}")
+        app.config[known[name].env] = value
     ipc = IPCServe(app)
     for ml, kind in models:
         preprocess = None
         if getattr(ml, "name", None) == "digits" and kind == "image":
-            from .adapters.builtin import image_to_pixels
+            from .adapters.digits import image_to_pixels
 
             preprocess = image_to_pixels
         ipc.add_model(ml, kind=kind, preprocess=preprocess)
@@ -74,19 +85,41 @@ def create_app(models: Sequence[tuple[Any, str]], api_key: str | None = None,
     return app
 
 
-def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
-          grace: float = 10.0) -> int:
-    """Start the models, serve ``app`` on waitress until SIGTERM/SIGINT, then drain.
+class _Lifecycle:
+    """What the main thread's serving loop watches: stop requested, forced, failed."""
 
-    On the first signal: ``/readyz`` turns 503 and new requests get 503; requests in flight
-    are answered (up to ``grace`` seconds); the ML processes get the Shutdown sentinel; the
-    server exits 0. A second signal stops at once.
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.stop = threading.Event()  # leave the serving loop
+        self.draining = threading.Event()
+        self.exit_code = 0
+
+    def wake(self) -> None:
+        """Make the serving loop look at the events now (it polls sockets)."""
+        try:
+            self.server.pull_trigger()
+        except OSError:  # the trigger is closed already
+            pass
+
+
+def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
+          grace: float | None = None) -> int:
+    """Serve ``app`` on waitress until a stop signal, loading its models meanwhile.
+
+    The port is listened on at once: ``/healthz`` answers, ``/readyz`` says 503 and a
+    prediction says "loading" until every model has loaded. A model that fails to load
+    stops the server with exit code 1. Signals: see the module docstring.
+
+    Returns:
+        the exit code: 0 after a drain, 1 after a failed load or bind, 128 + signal after a
+        forced stop.
     """
     import waitress
 
-    state = app.extensions["ipcserve"]
-    ipc = state.ext
-    if host not in _LOOPBACK and not state.api_key:
+    from .flask_ext import IPCServe
+
+    ext = IPCServe.of(app)
+    if host not in _LOOPBACK and not app.config.get("IPCSERVE_API_KEY"):
         logger.warning("binding %s without an API key: anyone who can reach this host can use "
                        "the model. Set --api-key or IPCSERVE_API_KEY.", host)
     try:
@@ -98,125 +131,138 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", host, port, exc)
         return 1
-    # Serve at once (healthz answers, readyz says 503 and predict "loading") while the
-    # models load in the background; a model that fails to load stops the server.
-    for endpoint in ipc.endpoints.values():
-        if not endpoint.ml.started:
-            endpoint.ml._loading = True  # from the first request on, not from the thread's start
-    logger.warning("ipcserve: serving %s on http://%s:%s (pid %d)", ", ".join(ipc.endpoints),
-                   host, server.effective_port, os.getpid())
-    done = threading.Event()
-    force = threading.Event()
-    failed = threading.Event()
+    life = _Lifecycle(server)
+    ext.start(wait=False)  # requests get "loading" from now on
+    logger.info("serving %s on http://%s:%s (pid %d)", ", ".join(ext.endpoints), host,
+                server.effective_port, os.getpid())
 
-    def start_models() -> None:
-        if state.draining.is_set():
-            return
+    def watch_start() -> None:
         try:
-            ipc.start()
+            ext.wait_started()
         except Exception as exc:
-            if state.draining.is_set():
-                logger.warning("ipcserve: stopped while loading: %s", exc)
+            if life.draining.is_set():
+                logger.info("stopped while loading: %s", exc)
                 return
             logger.error("a model failed to start: %s", exc)
-            failed.set()
-            done.set()
-            _thread.interrupt_main()
+            life.exit_code = 1
+            life.stop.set()
+            life.wake()
             return
-        if state.draining.is_set():  # a signal came while start() was finishing
-            ipc.shutdown(grace=0)
-            return
-        logger.warning("ipcserve: models ready: %s", ", ".join(ipc.endpoints))
+        logger.info("models ready: %s", ", ".join(ext.endpoints))
 
     def drain() -> None:
-        if not state.wait_idle(grace):
-            logger.warning("requests still in flight after %.1fs; stopping anyway", grace)
-        ipc.shutdown(grace=1.0)
-        done.set()
-        _thread.interrupt_main()  # ends waitress's loop in the main thread
+        if not ext.drain(grace):
+            logger.warning("requests still in flight after the grace period; stopped anyway")
+        life.stop.set()
+        life.wake()
 
     def on_signal(signum: int, frame: Any) -> None:
-        if failed.is_set():
-            raise KeyboardInterrupt
-        if done.is_set() or state.draining.is_set():
-            if not done.is_set():
-                force.set()
-                logger.warning("ipcserve: second signal, stopping now")
-            raise KeyboardInterrupt
-        logger.warning("ipcserve: %s received, draining (up to %.0fs)", signal.Signals(signum).name, grace)
-        state.draining.set()
+        name = signal.Signals(signum).name
+        if life.draining.is_set():
+            logger.warning("%s received again: stopping now", name)
+            life.exit_code = 128 + signum
+            for endpoint in ext.endpoints.values():
+                endpoint.ml.shutdown(grace=0)  # hurries the drain: kills the ML processes
+            life.stop.set()
+            return
+        logger.info("%s received: draining (send it again to stop at once)", name)
+        life.draining.set()
         threading.Thread(target=drain, name="ipcserve-drain", daemon=True).start()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    starter = threading.Thread(target=start_models, name="ipcserve-start", daemon=True)
-    starter.start()
+    previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
+    watcher = threading.Thread(target=watch_start, name="ipcserve-start-watch", daemon=True)
+    watcher.start()
     try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
+        _run_until(server, life.stop)
+        # Send what is answered or about to be (a forced stop answers 503 at once).
+        _flush(server, _FLUSH_TIMEOUT if life.exit_code == 0 else 0.5)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         server.close()
-        if state.draining.is_set() and not force.is_set():
-            done.wait(grace + 5.0)  # let the drain thread finish its orderly shutdown
-        ipc.shutdown(grace=0)
-    if failed.is_set():
-        return 1
-    logger.warning("ipcserve: stopped")
-    return 0
+        server.task_dispatcher.shutdown(timeout=1.0)
+        ext.drain(grace=0)  # no-op after a drain; stops models after a failed load
+        watcher.join(5.0)
+    if life.exit_code == 0:
+        logger.info("stopped")
+    return life.exit_code
+
+
+def _run_until(server: Any, stop: threading.Event) -> None:
+    """waitress's own loop, one poll at a time, until ``stop`` is set (no KeyboardInterrupt
+    thrown into the main thread to end it)."""
+    while not stop.is_set():
+        server.asyncore.loop(timeout=server.adj.asyncore_loop_timeout, map=server._map,
+                             use_poll=server.adj.asyncore_use_poll, count=1)
+
+
+def _flush(server: Any, timeout: float) -> None:
+    """Keep serving I/O until every response already made has been sent (bounded)."""
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        busy = [channel for channel in list(server._map.values())
+                if getattr(channel, "total_outbufs_len", 0) or getattr(channel, "requests", None)]
+        if not busy:
+            return
+        server.asyncore.loop(timeout=0.05, map=server._map,
+                             use_poll=server.adj.asyncore_use_poll, count=1)
 
 
 def _parser() -> argparse.ArgumentParser:
-    env = os.environ.get
     parser = argparse.ArgumentParser(prog="ipcserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve a model over HTTP on waitress")
-    s.add_argument("--host", default=env("IPCSERVE_HOST", "127.0.0.1"),
-                   help="address to bind (default 127.0.0.1; binding another address without "
-                        "--api-key logs a warning)")
-    s.add_argument("--port", type=int, default=int(env("IPCSERVE_PORT", "8000")),
-                   help="port (default 8000; 0 picks a free one)")
-    s.add_argument("--threads", type=int, default=int(env("IPCSERVE_THREADS", "8")),
-                   help="waitress threads (default 8)")
-    s.add_argument("--model", default=env("IPCSERVE_MODEL", "digits"),
-                   help="'digits' or package.module:attribute (default digits)")
-    s.add_argument("--kind", choices=("json", "image"), default=env("IPCSERVE_KIND"),
-                   help="endpoint kind (default: image for digits, json otherwise)")
-    s.add_argument("--max-content-length", type=int,
-                   default=int(env("IPCSERVE_MAX_CONTENT_LENGTH", str(16 * 1024 * 1024))),
-                   help="largest request body in bytes (default 16 MiB)")
-    s.add_argument("--max-image-pixels", type=int,
-                   default=int(env("IPCSERVE_MAX_IMAGE_PIXELS", "20000000")),
-                   help="largest image in pixels, checked before decoding (default 20,000,000)")
-    s.add_argument("--api-key", default=env("IPCSERVE_API_KEY"), help="require Authorization: Bearer KEY")
-    s.add_argument("--timeout", type=float, help="per-request deadline in seconds (IPCSERVE_TIMEOUT)")
-    s.add_argument("--workers", type=int, help="ML processes for the model (IPCSERVE_WORKERS)")
-    s.add_argument("--max-batch-size", type=int, help="items per model call (IPCSERVE_MAX_BATCH_SIZE)")
-    s.add_argument("--hang-timeout", type=float, help="watchdog limit in seconds (IPCSERVE_HANG_TIMEOUT)")
-    s.add_argument("--grace", type=float, default=float(env("IPCSERVE_SHUTDOWN_GRACE", "10")),
-                   help="seconds to drain on SIGTERM/Ctrl-C (default 10)")
-    s.add_argument("--log-level", default=env("IPCSERVE_LOG_LEVEL", "INFO"))
+    s = sub.add_parser("serve", help="serve a model over HTTP on waitress",
+                       description="Every flag also reads IPCSERVE_<NAME> from the environment.")
+    for setting in SETTINGS:
+        names = [setting.flag]
+        if setting.name == "shutdown_grace":
+            names.append("--grace")  # the 0.1 name
+        default = f"{setting.default!r}" if setting.default not in (None, ()) else "none"
+        s.add_argument(*names, dest=setting.name, metavar=setting.name.upper(),
+                       choices=setting.choices, type=_typed(setting), default=None,
+                       help=f"{setting.help} ({setting.env}, default {default})")
     return parser
+
+
+def _typed(setting: Setting) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return setting.parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace(setting.env, setting.flag)) from None
+
+    convert.__name__ = setting.name
+    return convert
+
+
+def resolve(args: argparse.Namespace, environ: Any = None) -> dict[str, Any]:
+    """Every setting's value: the flag if given, else the env var, else the default."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        flagged = getattr(args, setting.name, None)
+        if flagged is not None:
+            values[setting.name] = flagged
+        elif setting.env in environ:
+            values[setting.name] = setting.parse(environ[setting.env])
+        else:
+            values[setting.name] = setting.default
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in (("timeout", args.timeout), ("workers", args.workers),
-                                   ("max_batch_size", args.max_batch_size),
-                                   ("hang_timeout", args.hang_timeout)) if v is not None}
     try:
-        config = Config.from_env(**overrides)
-    except IPCServeError as exc:
+        values = resolve(args)
+        logging.getLogger().setLevel(values["log_level"])
+        config = Config(**{s.name: values[s.name] for s in settings_of("engine")})
+        ml = build_model(values["model"], config)
+        kind = values["kind"] or ("image" if values["model"] == "digits" else "json")
+        app = create_app([(ml, kind)], **{s.name: values[s.name] for s in settings_of("http")})
+    except ConfigError as exc:
         logger.error("invalid setting: %s", exc)
         return 2
-    if args.kind not in (None, "json", "image"):
-        logger.error("IPCSERVE_KIND must be json or image, got %r", args.kind)
-        return 2
-    ml = build_model(args.model, config)
-    kind = args.kind or ("image" if args.model == "digits" else "json")
-    app = create_app([(ml, kind)], api_key=args.api_key, max_content_length=args.max_content_length,
-                     max_image_pixels=args.max_image_pixels)
-    return serve(app, host=args.host, port=args.port, threads=args.threads, grace=args.grace)
+    return serve(app, host=values["host"], port=values["port"], threads=values["threads"],
+                 grace=values["shutdown_grace"])

@@ -1,7 +1,19 @@
-"""One settings object for the engine: keyword = env var ``IPCSERVE_*`` = CLI flag.
+"""Every setting of ipcserve in one table: keyword = env var ``IPCSERVE_*`` = CLI flag =
+``app.config`` key.
 
-When you add a setting: add the field here (with a comment on its default), a row in
-docs/configuration.md, and, if the server should expose it, a flag in ``cli.py``.
+Three layers, one table (:data:`SETTINGS`):
+
+* ``engine``: the fields of :class:`Config`, one per MLProcess (``MLProcess(timeout=5)``);
+* ``http``: the Flask extension's, read from ``app.config["IPCSERVE_*"]`` by ``init_app``;
+* ``server``: ``ipcserve serve`` / ``python app.py`` only (host, port, threads, ...).
+
+Field ``max_batch_size`` is env var ``IPCSERVE_MAX_BATCH_SIZE``, flag
+``--max-batch-size`` and ``app.config["IPCSERVE_MAX_BATCH_SIZE"]``; ``cli.py`` builds its
+flags from the table and ``tests/test_config.py`` checks docs/configuration.md against it.
+
+When you add a setting: add a :class:`Config` field (engine) or a :class:`Setting` row below
+(http, server), with its help text; add its row to docs/configuration.md (the test tells
+you if you forget); read it where it takes effect.
 """
 
 from __future__ import annotations
@@ -9,14 +21,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Config"]
+__all__ = ["Config", "SETTINGS", "Setting", "settings_of"]
 
 START_METHODS = ("spawn", "forkserver", "fork")
+PREFIX = "IPCSERVE_"
+
+
+def _field(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,42 +44,28 @@ class Config:
     ``IPCSERVE_MAX_BATCH_SIZE`` by :meth:`from_env`.
     """
 
-    # Default per-request deadline; a call may pass its own ``timeout=``.
-    timeout: float = 30.0
-    # Requests in flight (sent, not yet answered) per MLProcess and web process; past it
-    # requests are shed at once with OverloadedError instead of queueing without bound.
-    max_inflight: int = 64
-    # Most items the ML process hands to predict_batch at once.
-    max_batch_size: int = 32
-    # How long the ML process may wait for more items once a batch has started to form.
-    # 0 keeps latency at low load minimal: it runs whatever is queued at once.
-    max_batch_wait: float = 0.0
-    # ML processes fed from the one shared queue.
-    workers: int = 1
-    # Per-process devices, e.g. ("cuda:0", "cuda:1"): ML process i gets devices[i % len]
-    # as its model's ``device`` attribute before load(). Empty: the model's own choice.
-    devices: tuple[str, ...] = ()
-    # multiprocessing start method; spawn is safe with threads and CUDA.
-    start_method: str = "spawn"
-    # How long load() plus warm-up may take before start() gives up.
-    start_timeout: float = 300.0
-    # A process that made no progress for this long is killed and restarted by the watchdog.
-    hang_timeout: float = 60.0
-    # How often an idle ML process proves it is alive; also the watchdog's tick.
-    heartbeat_interval: float = 0.5
-    # How often a waiting caller re-checks liveness between polls of its pipe.
-    poll_interval: float = 0.05
-    # First restart delay after a crash; doubles per crash in a row up to max_restart_backoff.
-    restart_backoff: float = 0.1
-    max_restart_backoff: float = 30.0
-    # Crashes in a row (no request served in between) that open the circuit breaker:
-    # new requests fail fast with 503 until a restarted process is ready again.
-    circuit_breaker_threshold: int = 5
-    # shutdown(): how long in-flight requests may take to finish before the process is stopped.
-    shutdown_grace: float = 10.0
-    # Arrays (and other out-of-band pickle buffers) of at least this many bytes travel
-    # through shared memory (/dev/shm) instead of the pipe; 0 turns that off.
-    shm_threshold: int = 1 << 20
+    # Default per-call deadline (seconds). HTTP requests measure it from their arrival.
+    timeout: float = _field(30.0, "default deadline of a call, in seconds")
+    # Past it requests are shed at once instead of queueing without bound.
+    max_inflight: int = _field(64, "calls in flight per model and web process; more get 503 at once")
+    max_batch_size: int = _field(32, "most items handed to predict_batch at once")
+    # 0 keeps latency at low load minimal: the ML process runs whatever is queued at once.
+    max_batch_wait: float = _field(0.0, "seconds a forming batch may wait to fill")
+    workers: int = _field(1, "ML processes fed from the one shared queue (each loads the model)")
+    devices: tuple[str, ...] = _field((), "per-process devices, e.g. cuda:0,cuda:1")
+    # spawn is safe with threads and CUDA; fork is not.
+    start_method: str = _field("spawn", "multiprocessing start method: spawn, forkserver or fork")
+    start_timeout: float = _field(300.0, "seconds load() plus warmup() may take")
+    hang_timeout: float = _field(60.0, "seconds without progress before the watchdog kills a process")
+    heartbeat_interval: float = _field(0.5, "how often an idle ML process proves it is alive")
+    poll_interval: float = _field(0.05, "how often a waiting caller re-checks liveness")
+    restart_backoff: float = _field(0.1, "first restart delay after a crash; doubles per crash in a row")
+    max_restart_backoff: float = _field(30.0, "the longest restart delay")
+    # No request served in between: a restart loop, not bad luck.
+    circuit_breaker_threshold: int = _field(5, "crashes in a row that open the circuit breaker")
+    shutdown_grace: float = _field(10.0, "seconds calls in flight may take to finish at shutdown")
+    # 0 turns shared memory off.
+    shm_threshold: int = _field(1 << 20, "bytes from which arrays travel through /dev/shm")
 
     def __post_init__(self) -> None:
         positive = ("timeout", "start_timeout", "hang_timeout", "heartbeat_interval",
@@ -107,21 +110,7 @@ class Config:
         Raises:
             ConfigError: a value does not convert or is out of bounds.
         """
-        kwargs: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            key = prefix + field.name.upper()
-            if key not in values:
-                continue
-            raw = values[key]
-            kind: Any = type(field.default)
-            try:
-                if kind is tuple and isinstance(raw, str):
-                    kwargs[field.name] = tuple(p.strip() for p in raw.split(",") if p.strip())
-                else:
-                    kwargs[field.name] = kind(raw) if isinstance(raw, str) else raw
-            except ValueError:
-                raise ConfigError(f"{key} must be {kind.__name__}, got {raw!r}") from None
-        return cls(**kwargs)
+        return cls(**read_settings(values, "engine", prefix))
 
     @classmethod
     def from_env(cls, prefix: str = "IPCSERVE_", environ: Mapping[str, str] | None = None,
@@ -129,3 +118,117 @@ class Config:
         """Read settings from environment variables, then apply keyword overrides."""
         config = cls.from_mapping(os.environ if environ is None else environ, prefix)
         return config.replace(**overrides) if overrides else config
+
+
+def _tuple(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _optional_str(text: str) -> str:
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One row of the settings table.
+
+    Attributes:
+        name: the keyword, e.g. ``max_batch_size``.
+        layer: ``engine`` (a :class:`Config` field), ``http`` (``app.config``, read by the
+            Flask extension) or ``server`` (``ipcserve serve`` only).
+        default: the value when nothing sets it.
+        help: one line for ``--help`` and the docs.
+        convert: turns the text of an env var or flag into the value.
+        choices: the allowed values, if only a few are.
+    """
+
+    name: str
+    layer: str
+    default: Any
+    help: str
+    convert: Callable[[str], Any]
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def env(self) -> str:
+        """The env var, which is also the ``app.config`` key: ``IPCSERVE_<NAME>``."""
+        return PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        """The CLI flag: ``--max-batch-size``."""
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, raw: Any) -> Any:
+        """``raw`` from an env var, a flag or ``app.config``: text is converted, other values
+        are taken as they are.
+
+        Raises:
+            ConfigError: naming the env var and what it should be.
+        """
+        if not isinstance(raw, str):
+            return raw
+        try:
+            value = self.convert(raw)
+        except ValueError:
+            kind = getattr(self.convert, "__name__", "a value").lstrip("_")
+            raise ConfigError(f"{self.env} must be {kind}, got {raw!r}") from None
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"{self.env} must be one of {', '.join(self.choices)}, got {raw!r}")
+        return value
+
+
+def _converter(kind: Any) -> Callable[[str], Any]:
+    if kind is tuple:
+        return _tuple
+    return kind  # type: ignore[no-any-return]
+
+
+_ENGINE = tuple(
+    Setting(f.name, "engine", f.default, f.metadata["help"], _converter(type(f.default)),
+            START_METHODS if f.name == "start_method" else None)
+    for f in dataclasses.fields(Config))
+
+_MIB = 1024 * 1024
+
+#: Every setting, in the order of docs/configuration.md.
+SETTINGS: tuple[Setting, ...] = _ENGINE + (
+    # -- http: the Flask extension, from app.config (and the server's flags) --
+    Setting("api_key", "http", None,
+            "require 'Authorization: Bearer KEY' on every route but /healthz, /readyz and /",
+            _optional_str),
+    Setting("max_content_length", "http", 16 * _MIB,
+            "largest request body in bytes (413 past it)", int),
+    Setting("max_image_pixels", "http", 20_000_000,
+            "largest image in pixels, checked before decoding (413 past it)", int),
+    # -- server: ipcserve serve / python app.py --
+    Setting("host", "server", "127.0.0.1",
+            "address to bind; another one without an API key logs a warning", str),
+    Setting("port", "server", 8000, "port to listen on; 0 picks a free one", int),
+    Setting("threads", "server", 8, "waitress threads that run requests", int),
+    Setting("model", "server", "digits", "'digits' or package.module:attribute", str),
+    Setting("kind", "server", None, "endpoint kind: image (default for digits) or json", str,
+            ("json", "image")),
+    Setting("log_level", "server", "INFO", "DEBUG, INFO, WARNING or ERROR", str.upper,
+            ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+)
+
+
+def settings_of(layer: str) -> tuple[Setting, ...]:
+    """The rows of one layer: ``engine``, ``http`` or ``server``."""
+    return tuple(s for s in SETTINGS if s.layer == layer)
+
+
+def read_settings(values: Mapping[str, Any], layer: str, prefix: str = PREFIX) -> dict[str, Any]:
+    """``{name: value}`` for the settings of ``layer`` present in ``values`` (keyed
+    ``prefix + NAME``, e.g. ``os.environ`` or ``app.config``), converted.
+
+    Raises:
+        ConfigError: a value does not convert.
+    """
+    found: dict[str, Any] = {}
+    for setting in settings_of(layer):
+        key = prefix + setting.name.upper()
+        if key in values:
+            found[setting.name] = setting.parse(values[key])
+    return found

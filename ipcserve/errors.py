@@ -162,3 +162,30 @@ class ModelError(IPCServeError):
         if self.remote_type:
             body["model_error_type"] = self.remote_type
         return body
+
+
+class RemoteTraceback(Exception):
+    """The ML process's formatted traceback, attached as the ``__cause__`` of a ModelError
+    so that a local traceback shows where the model failed."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.tb}\"\"\""
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """A readable cause for a process exit code, e.g. "was killed by signal 9 (SIGKILL)"."""
+    if exitcode is None:
+        return "exited (exit code not yet known)"
+    if exitcode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "unknown signal"
+        return f"was killed by signal {-exitcode} ({name})"
+    return f"exited with code {exitcode}"

@@ -1,7 +1,13 @@
 """The Flask extension: MLProcess models as HTTP endpoints, health, readiness, metrics.
 
 Pallets style: ``IPCServe(app)`` or ``IPCServe()`` then ``init_app(app)``; per-app state lives
-in ``app.extensions["ipcserve"]``; settings are ``app.config["IPCSERVE_*"]``.
+in ``app.extensions["ipcserve"]``; settings are ``app.config["IPCSERVE_*"]`` (the ``http``
+rows of :data:`ipcserve.config.SETTINGS`, and any engine setting, applied to the models).
+
+Only the public engine API is used here: ``ml.admit()`` takes a place among the calls in
+flight *before* the body is decoded (overload is refused at once), ``admission.call()``
+runs the call with a deadline measured from when the server received the request, and
+:meth:`IPCServe.drain` is the one way to stop (the CLI and the gunicorn hooks call it).
 
 Routes (under the optional ``url_prefix``):
 
@@ -15,8 +21,9 @@ from __future__ import annotations
 
 import collections
 import hmac
-import math
 import logging
+import math
+import pathlib
 import statistics
 import threading
 import time
@@ -27,7 +34,9 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request, url
 from werkzeug.exceptions import HTTPException
 
 from . import decode
+from .config import read_settings, settings_of
 from .errors import (
+    ConfigError,
     InputError,
     IPCServeError,
     ModelError,
@@ -39,6 +48,10 @@ from .errors import (
 )
 from .metrics import Metrics
 from .mlprocess import MLProcess
+
+# Set by ipcserve's waitress integration: time.monotonic() when the whole request had
+# arrived. A request's deadline counts from then, not from when a thread picked it up.
+RECEIVED_KEY = "ipcserve.received"
 
 __all__ = ["IPCServe", "error_response"]
 
@@ -72,30 +85,37 @@ class _Endpoint:
                 "status": self.ml.status, "recent_latency": latency}
 
 
+def check_api_key(key: Any) -> bytes | None:
+    """The API key as the UTF-8 bytes to compare, or None for no key.
+
+    Raises:
+        ConfigError: a key that no client could send or that would disable checks by
+            accident: empty, blank, with surrounding spaces or control characters.
+    """
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise ConfigError(f"IPCSERVE_API_KEY must be a string, got {type(key).__name__}")
+    if not key.strip():
+        raise ConfigError("the API key is empty; leave IPCSERVE_API_KEY / --api-key unset to "
+                          "serve without one")
+    if key != key.strip():
+        raise ConfigError("the API key starts or ends with whitespace, which HTTP clients "
+                          "strip; remove it")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        raise ConfigError("the API key contains control characters, which cannot be sent "
+                          "in an HTTP header")
+    return key.encode("utf-8")
+
+
 class _State:
     """Per-app state, in ``app.extensions["ipcserve"]``."""
 
     def __init__(self, ext: IPCServe, app: Flask) -> None:
         self.ext = ext
-        self.api_key: str | None = app.config["IPCSERVE_API_KEY"] or None
+        self.api_key = check_api_key(app.config["IPCSERVE_API_KEY"])
         self.max_pixels = int(app.config["IPCSERVE_MAX_IMAGE_PIXELS"])
         self.metrics = Metrics(lambda: {n: e.ml for n, e in ext.endpoints.items()})
-        self.draining = threading.Event()
-        self._lock = threading.Condition()
-        self.inflight = 0
-
-    def enter(self) -> None:
-        with self._lock:
-            self.inflight += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self.inflight -= 1
-            self._lock.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._lock:
-            return self._lock.wait_for(lambda: self.inflight == 0, timeout)
 
 
 def error_response(error: IPCServeError | HTTPException) -> Response:
@@ -143,8 +163,25 @@ class IPCServe:
         self.url_prefix = url_prefix
         self.endpoints: dict[str, _Endpoint] = {}
         self.default: str | None = None
+        # Set by drain(): /readyz turns 503 and new requests get 503 at once.
+        self.draining = threading.Event()
+        self._engine_settings: dict[str, Any] = {}  # from app.config, for the models
         if app is not None:
             self.init_app(app)
+
+    @staticmethod
+    def of(app: Any) -> IPCServe:
+        """The IPCServe registered on ``app`` (for servers and hooks that get only the app).
+
+        Raises:
+            RuntimeError: ``app`` is not a Flask app on which IPCServe was initialised.
+        """
+        state = getattr(app, "extensions", {}).get("ipcserve")
+        if state is None:
+            raise RuntimeError("this app has no IPCServe; call IPCServe(app) or init_app(app) "
+                               "on the Flask app you serve")
+        ext: IPCServe = state.ext
+        return ext
 
     # -- models --------------------------------------------------------------------
     def add_model(self, ml: MLProcess, kind: str = "json", *, schema: Any = None,
@@ -165,20 +202,74 @@ class IPCServe:
             raise ValueError(f"a model named {ml.name!r} is already served")
         if preprocess is not None and kind != "image":
             raise ValueError("preprocess applies to kind='image' only")
+        if self._engine_settings and not ml.started:
+            ml.configure(keep_keywords=True, **self._engine_settings)
         self.endpoints[ml.name] = _Endpoint(ml, kind, schema, preprocess)
         if default or (default is None and self.default is None):
             self.default = ml.name
 
-    def start(self) -> None:
-        """Start every model that is not started yet (waits until each has loaded)."""
+    def start(self, *, wait: bool = True) -> None:
+        """Start every model that is not started yet.
+
+        Args:
+            wait: False returns at once: models load in the background, requests get 503
+                ("loading") meanwhile, and :meth:`wait_started` waits and raises load errors.
+
+        Raises:
+            ModelError / WorkerUnavailableError: a model failed to load (``wait=True``).
+        """
         for endpoint in self.endpoints.values():
             if not endpoint.ml.started:
-                endpoint.ml.start()
+                endpoint.ml.start(wait=wait)
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """After ``start(wait=False)``: True once every model is started, False when
+        ``timeout`` passed first.
+
+        Raises:
+            what a model's load raised.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for endpoint in self.endpoints.values():
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not endpoint.ml.wait_started(remaining):
+                return False
+        return True
+
+    @property
+    def inflight(self) -> int:
+        """Requests admitted and not yet answered, over every model (this web process)."""
+        return sum(endpoint.ml.inflight for endpoint in self.endpoints.values())
+
+    def drain(self, grace: float | None = None) -> bool:
+        """Stop the way a server should: refuse new requests (503 + Retry-After, ``/readyz``
+        503), answer the ones in flight for up to ``grace`` seconds, then stop every ML
+        process (the Shutdown sentinel, join, kill what is left). A model still loading
+        is aborted. Safe to call twice and from any thread.
+
+        Args:
+            grace: seconds for requests in flight (default: the largest ``shutdown_grace``
+                of the models).
+
+        Returns:
+            True when every request in flight was answered within ``grace``.
+        """
+        self.draining.set()
+        models = [endpoint.ml for endpoint in self.endpoints.values()]
+        if grace is None:
+            grace = max((ml.config.shutdown_grace for ml in models), default=0.0)
+        for ml in models:  # every model's intake stops at the same moment
+            ml.stop_admitting()
+        deadline = time.monotonic() + grace
+        idle = True
+        for ml in models:
+            remaining = max(0.0, deadline - time.monotonic())
+            idle = ml.shutdown(grace=remaining) and idle
+        return idle
 
     def shutdown(self, grace: float | None = None) -> None:
-        """Shut every model down (each drains its in-flight calls first)."""
-        for endpoint in self.endpoints.values():
-            endpoint.ml.shutdown(grace)
+        """Same as :meth:`drain` (kept for code written against ipcserve 0.1)."""
+        self.drain(grace)
 
     # -- Flask wiring ----------------------------------------------------------------
     def init_app(self, app: Flask) -> None:
@@ -190,11 +281,17 @@ class IPCServe:
         if "ipcserve" in app.extensions:
             raise RuntimeError("ipcserve is already registered on this app; create one IPCServe "
                                "per app and call init_app once")
-        app.config.setdefault("IPCSERVE_API_KEY", None)
-        app.config.setdefault("IPCSERVE_MAX_IMAGE_PIXELS", 20_000_000)
-        app.config.setdefault("IPCSERVE_MAX_CONTENT_LENGTH", 16 * 1024 * 1024)
+        for setting in settings_of("http"):
+            app.config.setdefault(setting.env, setting.default)
+            app.config[setting.env] = setting.parse(app.config[setting.env])
         if app.config.get("MAX_CONTENT_LENGTH") is None:
             app.config["MAX_CONTENT_LENGTH"] = app.config["IPCSERVE_MAX_CONTENT_LENGTH"]
+        # Engine settings in app.config apply to this app's models (keywords given to a
+        # model's constructor win).
+        self._engine_settings = read_settings(app.config, "engine")
+        for endpoint in self.endpoints.values():
+            if self._engine_settings and not endpoint.ml.started:
+                endpoint.ml.configure(keep_keywords=True, **self._engine_settings)
         app.extensions["ipcserve"] = _State(self, app)
         app.register_blueprint(self._blueprint(), url_prefix=self.url_prefix or None)
 
@@ -229,8 +326,13 @@ def _check_api_key() -> None:
         return
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                             state.api_key.encode()):
+    # WSGI gives header values as latin-1 text: encoding them back gives the bytes the
+    # client sent, so a non-ASCII key sent as UTF-8 (curl's way) compares equal.
+    try:
+        sent = token.strip().encode("latin-1")
+    except UnicodeEncodeError:
+        sent = b""
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent, state.api_key):
         raise UnauthorizedError("this server needs an API key: send 'Authorization: Bearer <key>'")
 
 
@@ -287,23 +389,24 @@ def _predict(name: str | None = None) -> Response:
     endpoint = _endpoint(name)
     started = time.perf_counter()
     status = 500
-    stats = None
-    state.enter()
+    result = None
     try:
-        if state.draining.is_set():
+        if state.ext.draining.is_set():
             raise WorkerUnavailableError("the server is shutting down")
-        args, kwargs = _inputs(endpoint, state.max_pixels)
-        # The caller directly, not ml(...): JSON fields are the model's inputs, so a field
-        # named "timeout" or "self" must never reach MLProcess.__call__'s own parameters.
-        caller = endpoint.ml._runtime().caller
-        result = caller.call(args, kwargs, None)
-        stats = getattr(caller.last_stats, "value", None)
-        try:
-            body = decode.to_jsonable(result)
-        except TypeError as exc:
-            raise ModelError(str(exc)) from None
+        received = request.environ.get(RECEIVED_KEY) or time.monotonic()
+        deadline = received + endpoint.ml.config.timeout
+        # Admission before decoding: under overload the body is never even parsed.
+        with endpoint.ml.admit() as admission:
+            args, kwargs = _inputs(endpoint, state.max_pixels)
+            # call(), not ml(...): every JSON field is the model's input, "timeout" too.
+            result = admission.call(args, kwargs, deadline=deadline)
+            try:
+                body = decode.to_jsonable(result.value)
+            except TypeError as exc:
+                raise ModelError(str(exc)) from None
+            response = jsonify(body)
         status = 200
-        return jsonify(body)
+        return response
     except (IPCServeError, HTTPException) as exc:
         status = exc.http_status if isinstance(exc, IPCServeError) else (exc.code or 500)
         if isinstance(exc, OverloadedError):
@@ -313,10 +416,9 @@ def _predict(name: str | None = None) -> Response:
         raise
     finally:
         elapsed = time.perf_counter() - started
-        state.metrics.observe(endpoint.name, status, elapsed, stats)
+        state.metrics.observe(endpoint.name, status, elapsed, result)
         if status == 200:
             endpoint.recent.append(elapsed)
-        state.leave()
 
 
 def _models() -> Response:
@@ -335,9 +437,10 @@ def _healthz() -> Response:
 
 def _readyz() -> Response:
     state = _state()
+    draining = state.ext.draining.is_set()
     models = {name: e.ml.ready for name, e in state.ext.endpoints.items()}
-    ready = bool(models) and all(models.values()) and not state.draining.is_set()
-    response = jsonify({"ready": ready, "draining": state.draining.is_set(), "models": models})
+    ready = bool(models) and all(models.values()) and not draining
+    response = jsonify({"ready": ready, "draining": draining, "models": models})
     response.status_code = 200 if ready else 503
     return response
 
@@ -350,7 +453,5 @@ def _metrics() -> Response:
 def _index() -> Response:
     bp_static = current_app.blueprints["ipcserve"].static_folder
     assert bp_static is not None
-    import pathlib
-
     page = pathlib.Path(bp_static) / "index.html"
     return Response(page.read_bytes(), content_type="text/html; charset=utf-8")

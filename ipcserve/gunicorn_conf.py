@@ -6,7 +6,8 @@ at import time without starting them. The app is loaded once in the gunicorn mas
 (``preload_app``); ``when_ready`` starts the models there, before any web worker is
 forked, so every worker inherits the same shared queue and status block and talks to the
 same ML process - one copy of the model in memory however many web workers run.
-``on_exit`` drains and stops the ML processes after gunicorn has stopped its workers.
+``on_exit`` drains and stops the ML processes (:meth:`IPCServe.drain`) after gunicorn has
+stopped its workers.
 
 Import your own settings after these (``from ipcserve.gunicorn_conf import *``) to change
 ``bind``, ``workers`` or ``timeout``; keep ``preload_app = True``.
@@ -27,12 +28,9 @@ graceful_timeout = 30
 
 
 def _extension(server: Any) -> Any:
-    app = server.app.wsgi()
-    state = getattr(app, "extensions", {}).get("ipcserve")
-    if state is None:
-        raise RuntimeError("ipcserve.gunicorn_conf needs the WSGI app to be the Flask app on "
-                           "which IPCServe was initialised")
-    return state.ext
+    from ipcserve.flask_ext import IPCServe
+
+    return IPCServe.of(server.app.wsgi())
 
 
 def when_ready(server: Any) -> None:
@@ -44,5 +42,5 @@ def when_ready(server: Any) -> None:
 
 def on_exit(server: Any) -> None:
     """In the master, after the workers stopped: drain and stop the ML processes."""
-    _extension(server).shutdown()
+    _extension(server).drain()
     server.log.info("ipcserve: models stopped")

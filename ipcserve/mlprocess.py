@@ -4,8 +4,12 @@ Two sides, kept apart on purpose:
 
 * the ML-process side: ``load()``, ``warmup()``, ``predict()`` / ``predict_batch()`` - you
   override these; they run inside the ML process only;
-* the caller side: ``ml(x)``, ``start()``, ``shutdown()``, ``status`` - these run wherever
-  you hold the object. Calling the object never runs your ``predict`` in your process.
+* the caller side: ``ml(x)``, ``ml.call(args, kwargs)``, ``ml.admit()``, ``start()``,
+  ``shutdown()``, ``status`` - these run wherever you hold the object. Calling the object
+  never runs your ``predict`` in your process.
+
+Lifecycle (caller side): new -> loading (``start()`` running, in this thread or in the
+background) -> started -> stopped (``shutdown()``); a failed load goes back to new.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .channel import Caller
+from .channel import Admission, Caller, CallResult
 from .config import Config
 from .errors import ConfigError, WorkerUnavailableError
 from .protocol import new_token
-from .status import StatusBlock
+from .runtime import Plumbing
+from .statusblock import State, StatusBlock
 from .supervisor import Supervisor
 
 __all__ = ["MLProcess"]
@@ -51,10 +57,9 @@ class _Runtime:
         self.ctx = multiprocessing.get_context(config.start_method)
         self.queue = self.ctx.SimpleQueue()
         self.status = StatusBlock(self.ctx, config.workers)
-        self.token = new_token()
-        self.caller = Caller(self.ctx, self.queue, self.status, config, owner.name)
-        self.supervisor = Supervisor(owner, config, self.ctx, self.queue, self.status,
-                                     self.token, owner.name)
+        self.plumbing = Plumbing(owner.name, config, self.queue, self.status, new_token())
+        self.caller = Caller(self.ctx, self.plumbing)
+        self.supervisor = Supervisor(owner, self.plumbing, self.ctx)
         self.owner_pid = os.getpid()
 
 
@@ -85,11 +90,19 @@ class MLProcess:
                  **settings: Any) -> None:
         base = config if config is not None else Config()
         self.config = base.replace(**settings) if settings else base
+        self._keywords = frozenset(settings)  # settings given here win over configure(keep_keywords=True)
         self.name = name or type(self).__name__.lower()
         if not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError(f"name must be letters, digits, '-', '_' or '.', got {self.name!r}")
-        self._ipc: _Runtime | None = None
+        # Caller-side lifecycle state; none of it is pickled into the ML process.
+        self._ipc: _Runtime | None = None  # set once started
         self._ipc_lock = threading.Lock()
+        self._starting: _Runtime | None = None  # while start() loads: lets shutdown() abort it
+        self._loading = False  # callers get "loading" rather than "not started"
+        self._abort_requested = False  # shutdown() came while start() held the lock
+        self._start_thread: threading.Thread | None = None  # start(wait=False)
+        self._start_error: BaseException | None = None
+        self._stopping: _Runtime | None = None  # while shutdown() drains: lets a second call hurry it
 
     # -- ML-process side: override these ---------------------------------------------
     def load(self) -> None:
@@ -109,6 +122,12 @@ class MLProcess:
 
         return self.predict_batch([item_of(args, kwargs)])[0]
 
+    @property
+    def batching(self) -> bool:
+        """True when concurrent calls are handed to :meth:`predict_batch` together (the class
+        overrides it)."""
+        return type(self).predict_batch is not MLProcess.predict_batch
+
     def predict_batch(self, xs: list[Any]) -> list[Any]:
         """Answer a batch of requests, one result per input, in order. Runs in the ML process.
 
@@ -116,22 +135,26 @@ class MLProcess:
         """
         return [self.predict(x) for x in xs]
 
-    def _is_batching(self) -> bool:
-        return type(self).predict_batch is not MLProcess.predict_batch
-
     # -- pickling into the ML process --------------------------------------------------
+    _CALLER_SIDE = ("_ipc", "_ipc_lock", "_starting", "_loading", "_abort_requested",
+                    "_start_thread", "_start_error", "_stopping")
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_ipc"] = None
-        state.pop("_ipc_lock", None)
-        state.pop("_loading", None)
-        state.pop("_starting", None)
-        state.pop("_abort_requested", None)
+        for name in self._CALLER_SIDE:
+            state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._ipc = None
         self._ipc_lock = threading.Lock()
+        self._starting = None
+        self._loading = False
+        self._abort_requested = False
+        self._start_thread = None
+        self._start_error = None
+        self._stopping = None
 
     # -- caller side -------------------------------------------------------------------
     def _runtime(self) -> _Runtime:
@@ -149,36 +172,118 @@ class MLProcess:
     def __call__(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Run ``predict(*args, **kwargs)`` in the ML process and return its result.
 
+        A keyword named ``timeout`` is this call's deadline, never the model's input; use
+        :meth:`call` to pass arbitrary keyword names through.
+
         Args:
             timeout: this call's deadline in seconds (default: ``config.timeout``).
 
         Raises:
+            the errors of :meth:`call`.
+        """
+        return self.call(args, kwargs, timeout=timeout).value
+
+    def call(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
+             timeout: float | None = None, deadline: float | None = None) -> CallResult:
+        """Run ``predict(*args, **kwargs)`` in the ML process; the value and its timings.
+
+        Every key of ``kwargs`` reaches the model, ``timeout`` and ``self`` included.
+
+        Args:
+            args, kwargs: the model call's arguments.
+            timeout: seconds from now (default: ``config.timeout``).
+            deadline: an absolute ``time.monotonic()`` deadline instead, e.g. measured from
+                when the HTTP request arrived.
+
+        Returns:
+            a :class:`~ipcserve.channel.CallResult`: ``value``, ``queue_wait``,
+            ``inference_time``, ``batch_size``.
+
+        Raises:
             InputError: the input cannot be sent (not picklable) or the model rejected it.
-            OverloadedError: ``max_inflight`` calls are already waiting.
-            QueueDeadlineError / ResultDeadlineError: the deadline passed.
+            OverloadedError: ``max_inflight`` calls are already in flight.
+            QueueDeadlineError: the deadline passed before an ML process took the call.
+            ResultDeadlineError: the ML process took it, but did not answer in time.
             WorkerCrashedError: the ML process died with this call in flight.
-            WorkerUnavailableError: not started, shutting down, or the circuit is open.
+            WorkerUnavailableError: not started, loading, shutting down, or the circuit is open.
             ModelError: predict raised; the remote traceback is its ``__cause__``.
         """
-        return self._runtime().caller.call(args, kwargs, timeout)
+        with self.admit() as admission:
+            return admission.call(args, kwargs or {}, timeout=timeout, deadline=deadline)
 
-    def start(self) -> MLProcess:
+    def admit(self) -> Admission:
+        """Take a place among the ``max_inflight`` calls in flight, before preparing a call.
+
+        Use it to refuse work at once under overload, before decoding the input::
+
+            with ml.admit() as admission:       # OverloadedError past max_inflight
+                x = expensive_decode(body)
+                result = admission.call((x,), {})
+
+        ``shutdown()`` waits for every admission to be released.
+
+        Raises:
+            OverloadedError / WorkerUnavailableError: as for :meth:`call`.
+        """
+        return self._runtime().caller.admit()
+
+    def start(self, *, wait: bool = True) -> MLProcess:
         """Start the ML process(es) and wait until the model is loaded and warmed up.
+
+        Args:
+            wait: False returns at once and loads in a background thread; calls meanwhile
+                get ``WorkerUnavailableError`` ("loading"); :meth:`wait_started` waits and
+                raises what the load raised.
 
         Raises:
             ModelError: load() or warmup() raised (no restart loop follows).
             WorkerUnavailableError: the process died or timed out while loading.
-            RuntimeError: already started.
+            RuntimeError: already started or starting.
         """
         if "config" not in self.__dict__:
             raise ConfigError(f"{type(self).__name__}.__init__ must call super().__init__()")
+        if not wait:
+            with self._ipc_lock:
+                if self._ipc is not None or self._loading:
+                    raise RuntimeError(f"MLProcess {self.name!r} is already started")
+                self._loading = True
+                self._start_error = None
+                self._start_thread = threading.Thread(
+                    target=self._start_in_background, name=f"ipcserve-start-{self.name}", daemon=True)
+                self._start_thread.start()
+            return self
+        return self._start()
+
+    def _start_in_background(self) -> None:
+        try:
+            self._start()
+        except BaseException as exc:
+            self._start_error = exc
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """After ``start(wait=False)``: wait for the load; True once started, False if
+        ``timeout`` passed first.
+
+        Raises:
+            what ``start()`` raised in the background.
+        """
+        thread = self._start_thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
+        if self._start_error is not None:
+            raise self._start_error
+        return self.started
+
+    def _start(self) -> MLProcess:
         with self._ipc_lock:
             if self._ipc is not None:
                 raise RuntimeError(f"MLProcess {self.name!r} is already started")
             runtime = _Runtime(self)
             self._loading = True  # callers meanwhile get "loading", not "not started"
-            self._starting: _Runtime | None = runtime  # lets shutdown() abort a long load
-            if self.__dict__.get("_abort_requested"):  # shutdown() is waiting for the lock
+            self._starting = runtime  # lets shutdown() abort a long load
+            if self._abort_requested:  # shutdown() is waiting for the lock
                 runtime.supervisor.abort_start()
             # Tracked from now on: ML processes ignore SIGTERM, so multiprocessing's own exit
             # handler (terminate, then join) would wait forever on a loading one.
@@ -194,36 +299,91 @@ class MLProcess:
             self._ipc = runtime
         return self
 
-    def shutdown(self, grace: float | None = None) -> None:
+    def shutdown(self, grace: float | None = None) -> bool:
         """Stop admitting calls, let in-flight ones finish (up to ``grace`` seconds), then
         send the Shutdown sentinel, join the process(es) and kill what is left.
 
         Safe to call twice and from a signal handler's thread. While start() is still
-        loading the model, the loading processes are killed and start() raises.
+        loading the model, the loading processes are killed and start() raises. A call
+        while another shutdown() drains makes that one stop waiting and kill the ML
+        processes at once (a second Ctrl-C).
+
+        Returns:
+            True when every call in flight finished within ``grace`` (or none was running).
         """
         # Flag first, then look: start() sets _starting, then looks at the flag, so one of
         # the two always sees the other and a load in progress is aborted.
         self._abort_requested = True
         try:
-            starting = self.__dict__.get("_starting")
+            starting = self._starting
             if starting is not None:
                 starting.supervisor.abort_start()
             with self._ipc_lock:
                 runtime = self._ipc
                 if runtime is None or runtime.owner_pid != os.getpid():
-                    return
-                self._ipc = None
+                    runtime = None
+                else:
+                    self._ipc = None
+                    self._stopping = runtime
         finally:
             self._abort_requested = False
+        thread = self._start_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(10.0)  # the aborted load ends at once
+        if runtime is None:
+            stopping = self._stopping
+            if stopping is not None:  # another thread drains: make it stop now
+                stopping.caller.stop_waiting()
+                stopping.supervisor.hurry()
+                return False
+            return True
         _live.discard(self)
         grace = self.config.shutdown_grace if grace is None else grace
         runtime.status.set_draining(True)
-        if not runtime.caller.wait_idle(grace):
-            logger.warning("model %s: %d calls still in flight after %.1fs; stopping anyway",
-                           self.name, runtime.caller.inflight, grace)
-        runtime.supervisor.stop(timeout=max(1.0, grace))
-        runtime.caller.close_thread_channel()
-        runtime.queue.close()
+        try:
+            idle = runtime.caller.wait_idle(grace)
+            if not idle:
+                logger.warning("model %s: %d calls still in flight at shutdown; stopping anyway",
+                               self.name, runtime.caller.inflight)
+            runtime.supervisor.stop(timeout=max(1.0, grace))
+            runtime.caller.close_thread_channel()
+            runtime.queue.close()
+        finally:
+            self._stopping = None
+        return idle
+
+    def configure(self, *, keep_keywords: bool = False, **settings: Any) -> None:
+        """Change settings before :meth:`start`.
+
+        Args:
+            keep_keywords: leave alone the settings given as keywords to the constructor
+                (how the Flask extension applies ``app.config["IPCSERVE_*"]``).
+            **settings: :class:`Config` fields.
+
+        Raises:
+            ConfigError: an unknown setting or an invalid value.
+            RuntimeError: already started.
+        """
+        if self._ipc is not None or self._loading:
+            raise RuntimeError(f"MLProcess {self.name!r} is started; configure it before start()")
+        if keep_keywords:
+            settings = {k: v for k, v in settings.items() if k not in self._keywords}
+        if settings:
+            self.config = self.config.replace(**settings)
+
+    def stop_admitting(self) -> None:
+        """Refuse new calls (``WorkerUnavailableError``, "shutting down") while the calls in
+        flight go on; :meth:`shutdown` then waits for them. Lets an app stop several models'
+        intake at the same moment before draining them one by one."""
+        runtime = self._ipc
+        if runtime is not None:
+            runtime.status.set_draining(True)
+
+    @property
+    def inflight(self) -> int:
+        """Calls admitted and not yet answered in this process."""
+        runtime = self._ipc
+        return 0 if runtime is None else runtime.caller.inflight
 
     def __enter__(self) -> MLProcess:
         return self.start()
@@ -233,31 +393,28 @@ class MLProcess:
 
     @property
     def started(self) -> bool:
-        return self.__dict__.get("_ipc") is not None
+        return self._ipc is not None
 
     @property
     def ready(self) -> bool:
         """True when every ML process is loaded and heartbeating and none is draining."""
-        runtime = self.__dict__.get("_ipc")
+        runtime = self._ipc
         if runtime is None or runtime.status.draining or runtime.status.circuit_open:
             return False
-        import time
-
         status = runtime.status
         now = time.monotonic()
         limit = max(3 * self.config.heartbeat_interval, 1.0)
         return all(
-            status.state(s).name == "READY" and (status.busy_since(s) or now - status.heartbeat(s) < limit)
+            status.state(s) is State.READY and (status.busy_since(s) or now - status.heartbeat(s) < limit)
             for s in range(status.workers))
 
     @property
     def status(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: per-process pid, generation, state, heartbeat age,
         in-flight count, restarts; crash and hang counters; circuit and draining flags."""
-        runtime = self.__dict__.get("_ipc")
+        runtime = self._ipc
         if runtime is None:
-            return {"name": self.name, "started": False, "ready": False,
-                    "loading": bool(self.__dict__.get("_loading"))}
+            return {"name": self.name, "started": False, "ready": False, "loading": self._loading}
         snap: dict[str, Any] = runtime.status.snapshot()
         snap.update(name=self.name, started=True, ready=self.ready,
                     inflight=runtime.caller.inflight)
@@ -293,6 +450,10 @@ class _FactoryMLProcess(MLProcess):
         self.model: Any = None
         self._batching = False
 
+    @property
+    def batching(self) -> bool:
+        return self._batching
+
     def load(self) -> None:
         self.model = self.factory()
         self._batching = callable(getattr(self.model, "predict_batch", None))
@@ -301,9 +462,6 @@ class _FactoryMLProcess(MLProcess):
         warm = getattr(self.model, "warmup", None)
         if callable(warm):
             warm()
-
-    def _is_batching(self) -> bool:
-        return self._batching
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         fn = getattr(self.model, "predict", None)

@@ -11,7 +11,8 @@ Who removes a segment's name: the receiver, as soon as it has mapped it; the sen
 when it learns the message will never be read (a request that failed or timed out, a reply
 the caller was no longer there to take). Unlinking twice is harmless. So a crash on either
 side leaves no segment behind, except when the sending process itself dies between
-creating a segment and handing it over.
+creating a segment and handing it over: segment names start with the creator's pid, and
+the supervisor removes a dead ML process's segments with :func:`sweep`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import secrets
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-__all__ = ["Segment", "discard", "dumps", "loads"]
+__all__ = ["Segment", "discard", "dumps", "loads", "sweep"]
 
 SHM_DIR = "/dev/shm"
 _PREFIX = "ipcserve-"
@@ -150,3 +151,23 @@ def segment_of(data: bytes) -> str | None:
     except Exception:
         return None
     return message.name if isinstance(message, Segment) else None
+
+
+def sweep(pid: int) -> int:
+    """Remove every segment made by process ``pid`` (which must be dead); returns how many."""
+    if not _HAVE_SHM:
+        return 0
+    prefix = f"{_PREFIX}{pid}-"
+    removed = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed

@@ -13,7 +13,8 @@ The supervisor thread (``ipcserve-supervisor-<name>``) blocks in one
 ``multiprocessing.connection.wait`` over every process's sentinel, every starting
 process's ready pipe and a wake-up pipe, with a timeout that is the watchdog's tick. So:
 
-* a death is seen at once; the slot's generation is bumped in the status block (callers
+* a death is seen at once; what the process started (its process group) is killed, the
+  shared-memory segments it made are removed, the slot's generation is bumped in the status block (callers
   with requests in flight on that process fail fast) and a restart is scheduled with
   exponential backoff; after ``circuit_breaker_threshold`` crashes in a row the circuit
   opens and new requests are refused until a restarted process is ready;
@@ -32,17 +33,14 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .channel import describe_exit
-from .config import Config
-from .errors import IPCServeError, ModelError, WorkerUnavailableError
+from . import shm
+from .errors import IPCServeError, ModelError, WorkerUnavailableError, describe_exit
 from .protocol import Shutdown
-from .status import State, StatusBlock
+from .runtime import Plumbing, ServedModel
+from .statusblock import State
 from .worker import worker_main
-
-if TYPE_CHECKING:
-    from .mlprocess import MLProcess
 
 __all__ = ["Supervisor"]
 
@@ -69,21 +67,22 @@ class _Slot:
 class Supervisor:
     """Owns the ML processes of one MLProcess in the process that called ``start()``."""
 
-    def __init__(self, model: MLProcess, config: Config, ctx: Any, queue: Any,
-                 status: StatusBlock, token: bytes, name: str) -> None:
+    def __init__(self, model: ServedModel, plumbing: Plumbing, ctx: Any) -> None:
         self._model = model
-        self._config = config
+        self._plumbing = plumbing
+        self._config = plumbing.config
         self._ctx = ctx
-        self._queue = queue
-        self._status = status
-        self._token = token
-        self._name = name
-        self._slots = [_Slot(i) for i in range(config.workers)]
+        self._queue = plumbing.queue
+        self._status = plumbing.status
+        self._token = plumbing.token
+        self._name = plumbing.name
+        self._slots = [_Slot(i) for i in range(self._config.workers)]
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = ctx.Pipe(duplex=False)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards process start/kill against shutdown
         self._aborted = False  # set by abort_start(): shutdown() came while loading
+        self._hurry = threading.Event()  # set by hurry(): stop() kills without waiting
 
     # -- starting ----------------------------------------------------------------------
     def _spawn(self, slot: _Slot) -> None:
@@ -91,8 +90,7 @@ class Supervisor:
         generation = self._status.generation(slot.index)
         proc = self._ctx.Process(
             target=worker_main,
-            args=(self._model, slot.index, generation, self._queue, self._status, self._token,
-                  self._config, ready_w, os.getpid()),
+            args=(self._model, self._plumbing, slot.index, generation, ready_w, os.getpid()),
             name=f"ipcserve-worker-{self._name}-{slot.index}",
             daemon=True,
         )
@@ -233,6 +231,7 @@ class Supervisor:
         proc = slot.proc
         proc.join(1)
         exitcode = proc.exitcode
+        self._reap_leftovers(proc.pid)
         hang = slot.killed_for_hang
         if slot.ready is not None:
             slot.ready.close()
@@ -294,6 +293,18 @@ class Supervisor:
             self._status.reset_consecutive()
 
     @staticmethod
+    def _reap_leftovers(pid: int) -> None:
+        """After ML process ``pid`` ended: kill what it started (its process group) and
+        remove the shared-memory segments it made that nobody took over."""
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        swept = shm.sweep(pid)
+        if swept:
+            logger.info("removed %d shared-memory segment(s) left by ML process pid=%d", swept, pid)
+
+    @staticmethod
     def _kill(proc: Any) -> None:
         try:
             os.kill(proc.pid, signal.SIGKILL)
@@ -319,7 +330,15 @@ class Supervisor:
             self._queue.put(Shutdown(self._token))
         deadline = time.monotonic() + timeout
         for slot in live:
-            slot.proc.join(max(0.0, deadline - time.monotonic()))
+            # Wait on the process's sentinel and on hurry()'s wake-up, whichever comes first.
+            while not self._hurry.is_set():
+                remaining = deadline - time.monotonic()
+                ready = wait([slot.proc.sentinel, self._wake_r], max(0.0, remaining))
+                if self._wake_r in ready:
+                    self._wake_r.recv_bytes()
+                if slot.proc.sentinel in ready or remaining <= 0:
+                    break
+            slot.proc.join(0 if self._hurry.is_set() else 1.0)
         for slot in live:
             if slot.proc.is_alive():
                 logger.warning("model %s: ML process pid=%d did not stop in time; killing it",
@@ -329,10 +348,17 @@ class Supervisor:
         for slot in self._slots:
             if slot.ready is not None:
                 slot.ready.close()
+            if slot.proc is not None:
+                self._reap_leftovers(slot.proc.pid)
             self._status.end_incarnation(slot.index, self._exitcode(slot), State.STOPPED)
             slot.proc = None
         self._wake_r.close()
         self._wake_w.close()
+
+    def hurry(self) -> None:
+        """Make a stop() in progress kill the ML processes now instead of waiting."""
+        self._hurry.set()
+        self.wake()
 
     def abort_start(self) -> None:
         """Make a pending or future start() give up at once (its loading processes are
@@ -345,6 +371,8 @@ class Supervisor:
             if slot.proc is not None and slot.proc.is_alive():
                 self._kill(slot.proc)
                 slot.proc.join(2.0)
+            if slot.proc is not None:
+                self._reap_leftovers(slot.proc.pid)
             if slot.ready is not None:
                 slot.ready.close()
                 slot.ready = None

@@ -1,10 +1,14 @@
 """The ML process: load the model once, then answer requests until the Shutdown sentinel.
 
 It multiplexes the shared queue (new channels, Shutdown) and every channel it serves with
-one ``multiprocessing.connection.wait`` call. Requests read off the channels are batched
+one persistent selector (epoll on Linux). Requests read off the channels are batched
 (:mod:`ipcserve.batching`), expired ones are skipped without computing, and every request
-gets exactly one :class:`~ipcserve.protocol.Reply`. A model exception or an unpicklable
-result fails that request only; the process lives on.
+gets exactly one :class:`~ipcserve.protocol.Reply`. A model exception (``SystemExit``
+included) or an unpicklable result fails that request only; the process lives on.
+
+The ML process leads its own process group, so whatever the model starts (a tokenizer
+server, a subprocess) is killed with it: by the supervisor when the process dies, and by
+the process itself when its parent is gone.
 
 Never imports Flask or waitress.
 """
@@ -20,16 +24,13 @@ import time
 import traceback
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import batching, shm
 from .errors import InputError, IPCServeError, ModelError, QueueDeadlineError
 from .protocol import Attach, Attached, Reply, Request, Shutdown
-from .status import State, StatusBlock
-
-if TYPE_CHECKING:
-    from .config import Config
-    from .mlprocess import MLProcess
+from .runtime import Plumbing, ServedModel
+from .statusblock import State
 
 __all__ = ["worker_main"]
 
@@ -66,7 +67,17 @@ def _watch_parent(parent_pid: int) -> None:
         if os.getppid() != parent_pid:
             break
     logger.warning("ML process pid=%d: parent pid=%d is gone, exiting", os.getpid(), parent_pid)
-    os._exit(0)
+    _exit_with_group(0)
+
+
+def _exit_with_group(code: int) -> None:
+    """Exit, taking every process the model started (our process group) with us."""
+    try:
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)  # ourselves included: nothing outlives us
+    except OSError:
+        pass
+    os._exit(code)
 
 
 def _send(conn: Connection, reply: Reply, threshold: int = 0) -> bool:
@@ -74,7 +85,9 @@ def _send(conn: Connection, reply: Reply, threshold: int = 0) -> bool:
     segment = None
     try:
         data, segment = shm.dumps(reply, threshold)
-    except Exception as exc:  # the model returned something pickle cannot carry
+    except BaseException as exc:  # the model returned something pickle cannot carry
+        # BaseException: a result whose __reduce__ raises SystemExit or KeyboardInterrupt
+        # must fail its request, not the process.
         logger.warning("reply %s could not be pickled: %r", reply.id, exc)
         reply = Reply(reply.id, error=ModelError(
             f"the model's result could not be sent back: {type(exc).__name__}: {exc}",
@@ -118,23 +131,23 @@ def _signature_error(predict: Any, request: Request) -> InputError | None:
 class _Loop:
     """State of one ML process's serving loop."""
 
-    def __init__(self, model: MLProcess, slot: int, generation: int, queue: Any,
-                 status: StatusBlock, token: bytes, config: Config) -> None:
+    def __init__(self, model: ServedModel, plumbing: Plumbing, slot: int, generation: int) -> None:
         self.model = model
         self.slot = slot
         self.generation = generation
-        self.queue = queue
-        self.status = status
-        self.token = token
-        self.config = config
+        self.queue = plumbing.queue
+        self.status = plumbing.status
+        self.token = plumbing.token
+        self.config = plumbing.config
+        self.wait_policy = batching.BatchWait(self.config.max_batch_size, self.config.max_batch_wait)
         self.conns: list[Connection] = []
         # One persistent epoll/poll selector: multiprocessing.connection.wait() builds a new
         # selector per call, which cost more than the rest of a small request.
         self.selector = selectors.DefaultSelector()
-        self.selector.register(queue._reader, selectors.EVENT_READ)
+        self.selector.register(self.queue._reader, selectors.EVENT_READ)
         self.pending: list[_Pending] = []
         self.stopping = False
-        self.batchable = model._is_batching()
+        self.batchable = model.batching
 
     # -- input -----------------------------------------------------------------------
     def _take_from_queue(self) -> Any:
@@ -278,7 +291,7 @@ class _Loop:
                 self.model.predict(*request.args, **request.kwargs), None)
         except TypeError as exc:
             result = (None, _signature_error(self.model.predict, request) or _model_error(exc))
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit from a model fails the request, not us
             result = (None, _model_error(exc))
         self._finish([item], [result], started)
 
@@ -303,7 +316,7 @@ class _Loop:
                 raise ModelError(f"predict_batch returned {len(outputs)} results for "
                                  f"{len(xs)} inputs")
             results = [(out, None) for out in outputs]
-        except Exception as exc:
+        except BaseException as exc:
             if len(xs) == 1:
                 results = [(None, _model_error(exc))]
             else:
@@ -314,7 +327,7 @@ class _Loop:
                     try:
                         outs = self.model.predict_batch([x])
                         results.append((outs[0], None))
-                    except Exception as item_exc:
+                    except BaseException as item_exc:
                         results.append((None, _model_error(item_exc)))
         self._finish(items, results, started)
 
@@ -323,8 +336,8 @@ class _Loop:
         interval = self.config.heartbeat_interval
         while not self.stopping:
             self.poll_once(0 if self.pending else interval)
-            if self.pending and self.config.max_batch_wait > 0 and self.batchable:
-                self._gather(time.monotonic() + self.config.max_batch_wait)
+            if self.pending and self.batchable:
+                self._gather()
             self.run_pending()
         # Drain: answer whatever is already readable, then exit.
         self.poll_once(0)
@@ -333,18 +346,26 @@ class _Loop:
             conn.close()
         self.selector.close()
 
-    def _gather(self, until: float) -> None:
-        """Wait up to max_batch_wait for a batch to fill (only used when it is > 0)."""
-        while sum(batching.size_of(p.request) for p in self.pending) < self.config.max_batch_size:
-            remaining = until - time.monotonic()
-            if remaining <= 0 or self.stopping:
+    def _gather(self) -> None:
+        """Keep reading while the batch policy says to wait for the batch to fill."""
+        while not self.stopping and self.pending:
+            items = sum(batching.size_of(p.request) for p in self.pending)
+            remaining = self.wait_policy.remaining(items, min(p.arrived for p in self.pending))
+            if remaining <= 0:
                 return
             self.poll_once(remaining)
 
 
-def worker_main(model: MLProcess, slot: int, generation: int, queue: Any, status: StatusBlock,
-                token: bytes, config: Config, ready: Connection, parent_pid: int) -> None:
+def worker_main(model: ServedModel, plumbing: Plumbing, slot: int, generation: int,
+                ready: Connection, parent_pid: int) -> None:
     """Entry point of an ML process (module level, plain arguments, so spawn can import it)."""
+    # Our own process group: the supervisor kills the group when we die, so processes the
+    # model started do not outlive us (issue: grandchildren survived with ppid 1).
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # already a group or session leader
+        pass
+    config, status = plumbing.config, plumbing.status
     # Ctrl-C in a terminal, and systemd's stop (KillMode=control-group), signal the whole
     # process group; the parent decides how and when to stop us (sentinel, then SIGKILL).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -363,11 +384,11 @@ def worker_main(model: MLProcess, slot: int, generation: int, queue: Any, status
             ready.send(("error", type(exc).__name__, str(exc), tb))
         finally:
             ready.close()
-        os._exit(3)
+        _exit_with_group(3)
     status.beat(slot)
     status.set_state(slot, State.READY)
     ready.send(("ready",))
     ready.close()
     logger.info("ML process pid=%d slot=%d generation=%d ready", os.getpid(), slot, generation)
-    _Loop(model, slot, generation, queue, status, token, config).serve()
+    _Loop(model, plumbing, slot, generation).serve()
     logger.info("ML process pid=%d slot=%d stopped", os.getpid(), slot)

@@ -1,4 +1,6 @@
-"""A shared status block: what every ML process is doing, readable from any process.
+"""The shared status block: what every ML process is doing, readable from any process.
+
+(Not the status *page*: that is ``static/index.html``, served by ``flask_ext``.)
 
 It is a ``RawArray`` of doubles created before the ML processes start, so the supervisor,
 the ML processes and web processes forked later (gunicorn with preload) all see the same
@@ -103,11 +105,12 @@ class StatusBlock:
     def end_incarnation(self, slot: int, exitcode: int | None, state: State) -> None:
         """Supervisor: the process in ``slot`` is gone. Bumping the generation tells every
         caller waiting on a channel of that process that its answer will never come."""
-        self._set(slot, _GENERATION, self.generation(slot) + 1)
+        # The generation last: a caller that sees it change reads the exit code next.
         self._set(slot, _EXITCODE, _NO_EXITCODE if exitcode is None else exitcode)
         self._set(slot, _STATE, int(state))
         self._set(slot, _PID, 0)
         self._set(slot, _BUSY_SINCE, 0.0)
+        self._set(slot, _GENERATION, self.generation(slot) + 1)
 
     def count_restart(self, slot: int) -> None:
         self._set(slot, _RESTARTS, self.restarts(slot) + 1)
