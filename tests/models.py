@@ -159,3 +159,50 @@ class GatedLoad(MLProcess):
 
     def predict(self, x: Any = None) -> Any:
         return x
+
+
+def _cannot_rebuild() -> Any:
+    raise RuntimeError("this result cannot be rebuilt outside the ML process")
+
+
+class _RebuildFails:
+    """Pickles fine in the ML process; unpickling it in the web process raises."""
+
+    def __reduce__(self) -> Any:
+        return (_cannot_rebuild, ())
+
+
+class _InterruptsPickling:
+    def __reduce__(self) -> Any:
+        raise KeyboardInterrupt
+
+
+class Misbehaver(MLProcess):
+    """Results and exceptions that must fail one request, never the ML process."""
+
+    def load(self) -> None:
+        self.children: list[Any] = []
+
+    def predict(self, x: Any) -> Any:
+        import subprocess
+
+        if x == "pid":
+            return os.getpid()
+        if x == "sysexit":
+            raise SystemExit(4)
+        if x == "interrupt-pickling":
+            return _InterruptsPickling()
+        if x == "rebuild-fails":
+            return _RebuildFails()
+        if x == "shm-then-exit":  # a segment made by this process, then a crash before the reply
+            import numpy as np
+
+            from ipcserve import shm
+
+            shm.dumps(np.zeros(1 << 21, dtype=np.uint8), 1)
+            os._exit(3)
+        if x == "child":  # a process the model starts, as a tokenizer server would
+            child = subprocess.Popen(["sleep", "120"])
+            self.children.append(child)
+            return child.pid
+        return x
