@@ -207,10 +207,11 @@ class Caller:
             self._discard(channel)
 
     # -- admission ---------------------------------------------------------------------
-    def _unavailable(self) -> WorkerUnavailableError | None:
-        """Why no call can be taken now, or None."""
+    def _unavailable(self, admitting: bool = True) -> WorkerUnavailableError | None:
+        """Why no call can be taken now, or None. Draining refuses new calls only
+        (``admitting``): calls admitted before it began are answered."""
         status = self._status
-        if status.draining:
+        if admitting and status.draining:
             return WorkerUnavailableError(f"model {self._name!r} is shutting down")
         if status.circuit_open:
             wait = max(0.0, status.next_start - time.monotonic())
@@ -275,7 +276,7 @@ class Caller:
         if deadline <= time.monotonic():
             raise QueueDeadlineError("the request's deadline passed before it was sent to "
                                      "the ML process; it was not computed")
-        error = self._unavailable()
+        error = self._unavailable(admitting=False)
         if error is not None:  # e.g. the circuit opened while this call was being decoded
             raise error
         channel = self._channel()
@@ -375,7 +376,7 @@ class Caller:
                 # sharer keeps a copy of the end). After a death, send again; the stale end,
                 # if still queued, is dropped by the ML process that attaches it, because we
                 # close our side.
-                error = self._unavailable()
+                error = self._unavailable(admitting=False)
                 if error is not None:
                     self._discard(channel)
                     raise error

@@ -1,0 +1,54 @@
+"""How ``python app.py`` stops: SIGHUP drains, a second Ctrl-C stops at once and cleanly."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+
+import pytest
+import requests
+from conftest import wait_until
+from server import Server
+
+
+def _inflight(server: Server) -> int:
+    status = requests.get(f"{server.url}/v1/models/sleeper", timeout=5).json()["status"]
+    return int(status.get("inflight", 0))
+
+
+@pytest.mark.timeout(60)
+def test_sighup_drains_and_drops_no_request() -> None:
+    server = Server("--model", "models:Sleeper")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(requests.post, f"{server.url}/predict", json={"seconds": 1.5},
+                               timeout=20) for _ in range(2)]
+        wait_until(lambda: _inflight(server) == 2, what="2 requests in flight")
+        server.proc.send_signal(signal.SIGHUP)
+        responses = [f.result(20) for f in futures]
+    assert [r.status_code for r in responses] == [200, 200]
+    code = server.proc.wait(20)  # the drain ends the server by itself
+    server.kill()
+    assert code == 0, server.output
+    assert "SIGHUP received: draining" in server.output
+
+
+@pytest.mark.timeout(60)
+def test_a_second_ctrl_c_stops_within_a_second_cleanly() -> None:
+    server = Server("--model", "models:Sleeper", "--timeout", "60", "--shutdown-grace", "30")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(requests.post, f"{server.url}/predict", json={"seconds": 40},
+                             timeout=30)
+        wait_until(lambda: _inflight(server) == 1, what="a request in flight")
+        server.proc.send_signal(signal.SIGINT)
+        wait_until(lambda: "SIGINT received: draining" in server.output, what="the drain")
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        code = server.proc.wait(10)
+        elapsed = time.monotonic() - t0
+        response = future.result(10)
+    assert code == 130, server.output
+    assert elapsed < 1.0, f"took {elapsed:.2f}s to stop after the second Ctrl-C"
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    server.kill()
+    assert "Traceback" not in server.output and "EBADF" not in server.output, server.output
