@@ -85,3 +85,16 @@ def test_app_config_timeout_is_the_http_deadline() -> None:
             assert response.status_code == 504
     finally:
         ipc.drain(grace=1)
+
+
+@pytest.mark.timeout(30)
+def test_a_json_field_named_timeout_reaches_the_model() -> None:
+    app = Flask(__name__)
+    ipc = IPCServe(app)
+    ipc.add_model(Doubler())
+    ipc.start()
+    try:
+        response = app.test_client().post("/predict", json={"timeout": 3})
+        assert response.status_code == 200 and response.get_json() == {"timeout": 6}
+    finally:
+        assert ipc.drain(grace=1)
