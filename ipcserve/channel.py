@@ -403,9 +403,9 @@ class Caller:
                                type(message).__name__)
                 continue
             if message.error is not None:
-                error = message.error
-                if isinstance(error, ModelError) and error.remote_traceback:
-                    raise error from RemoteTraceback(error.remote_traceback)
-                raise error
+                failure = message.error
+                if isinstance(failure, ModelError) and failure.remote_traceback:
+                    raise failure from RemoteTraceback(failure.remote_traceback)
+                raise failure
             return CallResult(message.value, message.queue_wait, message.inference_time,
                               message.batch_size)

@@ -58,7 +58,7 @@ def accuracy_in_process() -> float:
     """
     from PIL import Image
 
-    from ipcserve.adapters.builtin import DigitsModel, image_to_pixels
+    from ipcserve.adapters.digits import DigitsModel, image_to_pixels
 
     samples = held_out_pngs()
     pixels = []

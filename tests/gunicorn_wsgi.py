@@ -2,7 +2,7 @@
 
 from flask import Flask
 
-from ipcserve.adapters.builtin import image_to_pixels
+from ipcserve.adapters.digits import image_to_pixels
 from ipcserve.adapters.digits import DigitsClassifier
 from ipcserve.flask import IPCServe
 
