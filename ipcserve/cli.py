@@ -161,9 +161,8 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
         if life.draining.is_set():
             logger.warning("%s received again: stopping now", name)
             life.exit_code = 128 + signum
-            for endpoint in ext.endpoints.values():
-                endpoint.ml.shutdown(grace=0)  # hurries the drain: kills the ML processes
             life.stop.set()
+            ext.drain(grace=0)  # hurries the drain in progress: kills the ML processes now
             return
         logger.info("%s received: draining (send it again to stop at once)", name)
         life.draining.set()

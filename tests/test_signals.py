@@ -52,3 +52,17 @@ def test_a_second_ctrl_c_stops_within_a_second_cleanly() -> None:
     assert response.status_code == 503 and response.headers["Retry-After"]
     server.kill()
     assert "Traceback" not in server.output and "EBADF" not in server.output, server.output
+
+
+@pytest.mark.timeout(60)
+def test_a_normal_start_and_stop_logs_no_warning() -> None:
+    server = Server()
+    assert requests.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    assert server.stop() == 0
+    lines = server.output.splitlines()
+    assert any(" INFO ipcserve.cli: serving digits on http://" in line for line in lines), lines
+    assert any("models ready: digits" in line for line in lines), lines
+    assert any(line.endswith("INFO ipcserve.cli: stopped") for line in lines), lines
+    noisy = [line for line in lines if " WARNING " in line or " ERROR " in line]
+    assert not noisy, noisy
+    assert not any("ipcserve: ipcserve:" in line for line in lines)
