@@ -5,6 +5,7 @@ Importing ipcserve imports neither Flask, torch nor transformers.
 
 from __future__ import annotations
 
+from .channel import CallResult
 from .config import Config
 from .errors import (
     ConfigError,
@@ -16,6 +17,7 @@ from .errors import (
     OverloadedError,
     PayloadTooLargeError,
     QueueDeadlineError,
+    RequestCancelledError,
     ResultDeadlineError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
@@ -27,6 +29,7 @@ from .mlprocess import MLProcess
 __version__ = "0.1.0"
 
 __all__ = [
+    "CallResult",
     "Config",
     "ConfigError",
     "DeadlineError",
@@ -38,6 +41,7 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "QueueDeadlineError",
+    "RequestCancelledError",
     "ResultDeadlineError",
     "UnauthorizedError",
     "UnsupportedMediaTypeError",

@@ -32,6 +32,8 @@ import termios
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -42,12 +44,13 @@ from .errors import (
     OverloadedError,
     QueueDeadlineError,
     RemoteTraceback,
+    RequestCancelledError,
     ResultDeadlineError,
     WorkerCrashedError,
     WorkerUnavailableError,
     describe_exit,
 )
-from .protocol import Attach, Attached, Reply, Request
+from .protocol import Attach, Attached, Cancel, Reply, Request
 from .runtime import Plumbing
 from .statusblock import State
 
@@ -128,11 +131,13 @@ class Admission:
         self._released = False
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any], *,
-             timeout: float | None = None, deadline: float | None = None) -> CallResult:
+             timeout: float | None = None, deadline: float | None = None,
+             cancel_if: Callable[[], bool] | None = None) -> CallResult:
         """Run one call in the ML process; see :meth:`MLProcess.call`."""
         if self._released:
             raise RuntimeError("this admission was released; admit() again")
-        return self._caller._call(args, kwargs, self._caller._deadline(timeout, deadline))
+        return self._caller._call(args, kwargs, self._caller._deadline(timeout, deadline),
+                                  cancel_if)
 
     def release(self) -> None:
         if not self._released:
@@ -272,7 +277,8 @@ class Caller:
         return time.monotonic() + timeout
 
     # -- the call ----------------------------------------------------------------------
-    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float) -> CallResult:
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float,
+              cancel_if: Callable[[], bool] | None = None) -> CallResult:
         if deadline <= time.monotonic():
             raise QueueDeadlineError("the request's deadline passed before it was sent to "
                                      "the ML process; it was not computed")
@@ -306,7 +312,7 @@ class Caller:
                     self._discard(channel)
                     channel = self._channel()
                     channel.conn.send_bytes(data)
-                reply = self._wait(channel, request, deadline)
+                reply = self._wait(channel, request, deadline, cancel_if)
             finally:
                 shm.discard(segment)  # the ML process unlinked it already, unless it never read it
             if reply is not None:
@@ -341,17 +347,27 @@ class Caller:
             error.retry_after = max(1.0, self._status.next_start - time.monotonic())
         return error
 
-    def _timed_out(self, channel: _Channel) -> QueueDeadlineError | ResultDeadlineError:
+    def _cancel(self, channel: _Channel, request: Request, reason: str) -> None:
+        """Tell the ML process nobody waits for ``request``; the channel stays usable (a
+        late reply carries the old id and is dropped)."""
+        try:
+            channel.conn.send_bytes(ForkingPickler.dumps(Cancel(request.id, reason)))
+        except (BrokenPipeError, OSError):
+            self._discard(channel)
+
+    def _timed_out(self, channel: _Channel, request: Request) -> QueueDeadlineError | ResultDeadlineError:
         # Ask the pipe, not our bookkeeping: a request on a reused channel that the ML process
         # never read was never taken, even though the channel was attached long ago.
         unread = channel.unread()
-        self._discard(channel)  # a late reply must never answer a later request
+        self._cancel(channel, request, "deadline")  # the ML process stops working on it
         if unread:
             return QueueDeadlineError("the request's deadline passed before an ML process took "
                                       "it; it was not computed")
-        return ResultDeadlineError("the request's deadline passed before the ML process answered")
+        return ResultDeadlineError("the request's deadline passed before the ML process "
+                                   "answered; its work there was cancelled")
 
-    def _wait(self, channel: _Channel, request: Request, deadline: float) -> CallResult | None:
+    def _wait(self, channel: _Channel, request: Request, deadline: float,
+              cancel_if: Callable[[], bool] | None) -> CallResult | None:
         """The reply to ``request``, raised as its error; None when the channel was lost
         unread with a dead ML process and the request should be sent again."""
         conn = channel.conn
@@ -360,7 +376,11 @@ class Caller:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._timed_out(channel)
+                raise self._timed_out(channel, request)
+            if cancel_if is not None and cancel_if():
+                self._cancel(channel, request, "disconnect")
+                raise RequestCancelledError("the client stopped waiting; the request was "
+                                            "cancelled")
             try:
                 readable = channel.poller.poll(min(remaining, slice_) * 1000.0)
                 data = conn.recv_bytes() if readable else None
@@ -399,8 +419,9 @@ class Caller:
                 channel.generation = message.generation
                 continue
             if not isinstance(message, Reply) or message.id not in (request.id, None):
-                logger.warning("dropped a stale or unexpected message on a channel: %r",
-                               type(message).__name__)
+                # Normal after a cancel: the reply to a request nobody waited for any more.
+                logger.debug("dropped a stale or unexpected message on a channel: %r",
+                             type(message).__name__)
                 continue
             if message.error is not None:
                 failure = message.error

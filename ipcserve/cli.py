@@ -127,6 +127,10 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
                                         # Flask's MAX_CONTENT_LENGTH answers 413 in JSON;
                                         # waitress's own cap (plain text) is the backstop.
                                         max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"],
+                                        # Keeps a busy connection readable, so a client
+                                        # that leaves is seen (waitress.client_disconnected)
+                                        # and its work is cancelled.
+                                        channel_request_lookahead=1,
                                         ident="ipcserve")
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", host, port, exc)

@@ -13,6 +13,7 @@
     ├── DeadlineError (+TimeoutError)       504
     │   ├── QueueDeadlineError                    expired before the ML process took it
     │   └── ResultDeadlineError                   taken, no reply in time
+    ├── RequestCancelledError               499   the caller stopped waiting (client gone)
     ├── WorkerUnavailableError              503   starting / restarting / stopped / circuit open
     │   └── WorkerCrashedError                    died with this request in flight; .exitcode
     └── ModelError                          500   predict raised; .remote_traceback
@@ -36,6 +37,7 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "QueueDeadlineError",
+    "RequestCancelledError",
     "ResultDeadlineError",
     "UnauthorizedError",
     "UnsupportedMediaTypeError",
@@ -117,6 +119,17 @@ class QueueDeadlineError(DeadlineError):
 
 class ResultDeadlineError(DeadlineError):
     """The ML process had the request, but no answer came back before the deadline."""
+
+
+class RequestCancelledError(IPCServeError):
+    """The caller stopped waiting (e.g. the HTTP client disconnected); the request was
+    cancelled in the ML process: never computed, or its model call interrupted.
+
+    499 is nginx's "client closed request": nobody is there to read it; it shows in logs
+    and metrics.
+    """
+
+    http_status = 499
 
 
 class WorkerUnavailableError(IPCServeError):

@@ -42,6 +42,7 @@ from .errors import (
     ModelError,
     NotFoundError,
     OverloadedError,
+    RequestCancelledError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
     WorkerUnavailableError,
@@ -52,6 +53,9 @@ from .mlprocess import MLProcess
 # Set by ipcserve's waitress integration: time.monotonic() when the whole request had
 # arrived. A request's deadline counts from then, not from when a thread picked it up.
 RECEIVED_KEY = "ipcserve.received"
+# waitress (with channel_request_lookahead > 0) puts a callable here that says whether the
+# client has gone; the waiting handler checks it and cancels the work in the ML process.
+DISCONNECTED_KEY = "waitress.client_disconnected"
 
 __all__ = ["IPCServe", "error_response"]
 
@@ -399,7 +403,8 @@ def _predict(name: str | None = None) -> Response:
         with endpoint.ml.admit() as admission:
             args, kwargs = _inputs(endpoint, state.max_pixels)
             # call(), not ml(...): every JSON field is the model's input, "timeout" too.
-            result = admission.call(args, kwargs, deadline=deadline)
+            result = admission.call(args, kwargs, deadline=deadline,
+                                    cancel_if=request.environ.get(DISCONNECTED_KEY))
             try:
                 body = decode.to_jsonable(result.value)
             except TypeError as exc:
@@ -411,6 +416,8 @@ def _predict(name: str | None = None) -> Response:
         status = exc.http_status if isinstance(exc, IPCServeError) else (exc.code or 500)
         if isinstance(exc, OverloadedError):
             state.metrics.shed.labels(endpoint.name).inc()
+        if isinstance(exc, RequestCancelledError):
+            logger.info("model %s: client disconnected; request cancelled", endpoint.name)
         if isinstance(exc, ModelError) and exc.remote_traceback:
             logger.error("model %s raised:\n%s", endpoint.name, exc.remote_traceback)
         raise

@@ -37,6 +37,13 @@ class _StatusCollector:
                                   labels=["model"])
         circuit = GaugeMetricFamily("ipcserve_circuit_open", "1 while the circuit breaker is open",
                                     labels=["model"])
+        cancelled = CounterMetricFamily(
+            "ipcserve_cancelled", "Requests cancelled because nobody waited for them any more",
+            labels=["model", "reason", "stage"])
+        saved = CounterMetricFamily(
+            "ipcserve_cancel_saved_seconds",
+            "Estimated model time saved by cancelling (queued: never computed; running: interrupted)",
+            labels=["model"])
         for name, ml in self._models().items():
             status = ml.status
             workers = status.get("workers", [])
@@ -46,7 +53,11 @@ class _StatusCollector:
             depth.add_metric([name], status.get("inflight", 0))
             ready.add_metric([name], 1.0 if status.get("ready") else 0.0)
             circuit.add_metric([name], 1.0 if status.get("circuit_open") else 0.0)
-        yield from (restarts, crashes, hangs, depth, ready, circuit)
+            for key, count in status.get("cancelled", {}).items():
+                stage, _, reason = key.partition("_")
+                cancelled.add_metric([name, reason, stage], count)
+            saved.add_metric([name], status.get("cancel_saved_seconds", 0.0))
+        yield from (restarts, crashes, hangs, depth, ready, circuit, cancelled, saved)
 
 
 class Metrics:

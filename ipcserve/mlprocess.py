@@ -128,6 +128,17 @@ class MLProcess:
         overrides it)."""
         return type(self).predict_batch is not MLProcess.predict_batch
 
+    #: A model call whose every request was cancelled (client gone, deadline passed) is
+    #: interrupted: ``ipcserve.cancel.Cancelled`` is raised inside predict at the next
+    #: Python bytecode. Set False in a subclass whose predict must never be interrupted.
+    interruptible: bool = True
+
+    def cancelled(self) -> bool:
+        """Inside ``predict``: True when nobody waits for any request of this call any
+        more (a long model can check it between steps and return early)."""
+        probe = self.__dict__.get("_cancel_probe")
+        return bool(probe()) if probe is not None else False
+
     def predict_batch(self, xs: list[Any]) -> list[Any]:
         """Answer a batch of requests, one result per input, in order. Runs in the ML process.
 
@@ -184,7 +195,8 @@ class MLProcess:
         return self.call(args, kwargs, timeout=timeout).value
 
     def call(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
-             timeout: float | None = None, deadline: float | None = None) -> CallResult:
+             timeout: float | None = None, deadline: float | None = None,
+             cancel_if: Callable[[], bool] | None = None) -> CallResult:
         """Run ``predict(*args, **kwargs)`` in the ML process; the value and its timings.
 
         Every key of ``kwargs`` reaches the model, ``timeout`` and ``self`` included.
@@ -194,6 +206,11 @@ class MLProcess:
             timeout: seconds from now (default: ``config.timeout``).
             deadline: an absolute ``time.monotonic()`` deadline instead, e.g. measured from
                 when the HTTP request arrived.
+            cancel_if: checked while waiting (every ``poll_interval``); when it returns True
+                the call is cancelled in the ML process (never computed, or its model call
+                interrupted if nobody waits for any of its requests) and
+                ``RequestCancelledError`` is raised. E.g. waitress's
+                ``environ["waitress.client_disconnected"]``.
 
         Returns:
             a :class:`~ipcserve.channel.CallResult`: ``value``, ``queue_wait``,
@@ -207,9 +224,11 @@ class MLProcess:
             WorkerCrashedError: the ML process died with this call in flight.
             WorkerUnavailableError: not started, loading, shutting down, or the circuit is open.
             ModelError: predict raised; the remote traceback is its ``__cause__``.
+            RequestCancelledError: ``cancel_if()`` returned True.
         """
         with self.admit() as admission:
-            return admission.call(args, kwargs or {}, timeout=timeout, deadline=deadline)
+            return admission.call(args, kwargs or {}, timeout=timeout, deadline=deadline,
+                                  cancel_if=cancel_if)
 
     def admit(self) -> Admission:
         """Take a place among the ``max_inflight`` calls in flight, before preparing a call.

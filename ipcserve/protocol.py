@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import IPCServeError
 
-__all__ = ["Attach", "Attached", "Reply", "Request", "Shutdown", "new_token"]
+__all__ = ["Attach", "Attached", "Cancel", "Reply", "Request", "Shutdown", "new_token"]
 
 
 def new_token() -> bytes:
@@ -69,6 +69,22 @@ class Request:
     deadline: float
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cancel:
+    """Pipe message, caller to ML: nobody waits for request ``id`` any more.
+
+    No reply follows. The ML process never computes it if it is still queued, and
+    interrupts the model call if every request of that call is cancelled or expired.
+
+    Attributes:
+        id: the request's id on this channel.
+        reason: ``"disconnect"`` (the HTTP client went away) or ``"deadline"``.
+    """
+
+    id: int
+    reason: str
 
 
 @dataclasses.dataclass

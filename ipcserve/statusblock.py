@@ -7,8 +7,8 @@ the ML processes and web processes forked later (gunicorn with preload) all see 
 memory. Single aligned 8-byte stores are atomic on the platforms we support, and every
 field has a single writer, so no lock is taken on the hot path.
 
-Writers: the ML process writes ``heartbeat``, ``busy_since``, ``served`` and ``state=READY``;
-the supervisor writes everything else.
+Writers: the ML process writes ``heartbeat``, ``busy_since``, ``served``, the cancellation
+counters and ``state=READY``; the supervisor writes everything else.
 """
 
 from __future__ import annotations
@@ -31,7 +31,13 @@ class State(enum.IntEnum):
 
 # Per-worker slot layout.
 _PID, _GENERATION, _STATE, _HEARTBEAT, _BUSY_SINCE, _SERVED, _EXITCODE, _RESTARTS = range(8)
-_SLOT = 8
+# Cancellations counted by the ML process (its single writer): by stage and reason.
+_CANCELLED = {("queued", "disconnect"): 8, ("queued", "deadline"): 9,
+              ("running", "disconnect"): 10, ("running", "deadline"): 11}
+_SAVED = 12  # estimated seconds of model time saved by cancelling
+_SLOT = 13
+CANCEL_STAGES = ("queued", "running")
+CANCEL_REASONS = ("disconnect", "deadline")
 # Shared fields after the slots.
 _CRASHES, _CONSECUTIVE, _HANGS_KILLED, _CIRCUIT_OPEN, _NEXT_START, _DRAINING, _BACKOFF = range(7)
 _COMMON = 7
@@ -126,6 +132,24 @@ class StatusBlock:
     def add_served(self, slot: int, n: int) -> None:
         self._set(slot, _SERVED, self.served(slot) + n)
 
+    def count_cancelled(self, slot: int, stage: str, reason: str, saved: float = 0.0) -> None:
+        """ML process: a request was cancelled at ``stage`` (queued / running) for
+        ``reason`` (disconnect / deadline), saving about ``saved`` seconds of model time."""
+        field = _CANCELLED.get((stage, reason), _CANCELLED[(stage, "disconnect")])
+        self._set(slot, field, self._get(slot, field) + 1)
+        if saved > 0:
+            self._set(slot, _SAVED, self._get(slot, _SAVED) + saved)
+
+    def cancelled(self) -> dict[tuple[str, str], int]:
+        """Cancellations over every slot, by ``(stage, reason)``."""
+        return {key: sum(int(self._get(s, field)) for s in range(self.workers))
+                for key, field in _CANCELLED.items()}
+
+    @property
+    def saved_seconds(self) -> float:
+        """Estimated model time saved by cancellations, over every slot."""
+        return sum(self._get(s, _SAVED) for s in range(self.workers))
+
     # -- shared ------------------------------------------------------------------------
     @property
     def crashes(self) -> int:
@@ -205,6 +229,9 @@ class StatusBlock:
             })
         return {
             "workers": workers,
+            "cancelled": {f"{stage}_{reason}": count
+                          for (stage, reason), count in self.cancelled().items()},
+            "cancel_saved_seconds": round(self.saved_seconds, 3),
             "crashes": self.crashes,
             "consecutive_crashes": self.consecutive_crashes,
             "hangs_killed": self.hangs_killed,

@@ -3,8 +3,10 @@
 It multiplexes the shared queue (new channels, Shutdown) and every channel it serves with
 one persistent selector (epoll on Linux). Requests read off the channels are batched
 (:mod:`ipcserve.batching`), expired ones are skipped without computing, and every request
-gets exactly one :class:`~ipcserve.protocol.Reply`. A model exception (``SystemExit``
-included) or an unpicklable result fails that request only; the process lives on.
+gets exactly one :class:`~ipcserve.protocol.Reply`, unless its caller cancelled it
+(:mod:`ipcserve.cancel`): then it is never computed, or its model call is interrupted when
+nobody waits for any of that call's requests. A model exception (``SystemExit`` included) or
+an unpicklable result fails that request only; the process lives on.
 
 The ML process leads its own process group, so whatever the model starts (a tokenizer
 server, a subprocess) is killed with it: by the supervisor when the process dies, and by
@@ -27,8 +29,9 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from . import batching, shm
+from .cancel import Cancelled, CancelWatch
 from .errors import InputError, IPCServeError, ModelError, QueueDeadlineError
-from .protocol import Attach, Attached, Reply, Request, Shutdown
+from .protocol import Attach, Attached, Cancel, Reply, Request, Shutdown
 from .runtime import Plumbing, ServedModel
 from .statusblock import State
 
@@ -148,6 +151,9 @@ class _Loop:
         self.pending: list[_Pending] = []
         self.stopping = False
         self.batchable = model.batching
+        self.watch = CancelWatch(bool(getattr(model, "interruptible", True)), self._handle)
+        model._cancel_probe = self.watch.cancelled  # type: ignore[attr-defined]
+        self.item_time = 0.0  # moving average of model seconds per item, for "time saved"
 
     # -- input -----------------------------------------------------------------------
     def _take_from_queue(self) -> Any:
@@ -195,25 +201,55 @@ class _Loop:
         return None
 
     def _drop(self, conn: Connection) -> None:
+        """The caller closed its channel: requests of it not yet computed never will be."""
+        if conn not in self.conns:
+            return
+        for item in [p for p in self.pending if p.conn is conn]:
+            self._cancel_queued(item, "disconnect")
         self.conns.remove(conn)
         self.selector.unregister(conn)
         conn.close()
 
     def _read(self, conn: Connection, now: float) -> None:
-        try:
-            data = conn.recv_bytes()
-        except (EOFError, OSError):
-            self._drop(conn)  # the caller closed its channel (thread ended, timed out)
-            return
-        try:
-            request = shm.loads(data)
-            if not isinstance(request, Request):
-                raise TypeError(f"expected a Request, got {type(request).__name__}")
-        except Exception as exc:
+        """Read every message waiting on ``conn``: a Cancel right behind its Request must
+        be seen before the request is computed."""
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                self._drop(conn)  # the caller closed its channel (thread ended, timed out)
+                return
+            try:
+                message: Any = shm.loads(data)
+            except Exception as exc:
+                message = exc
+            self._handle(conn, message, now)
+            try:
+                if not conn.poll(0):
+                    return
+            except (EOFError, OSError):
+                self._drop(conn)
+                return
+
+    def _handle(self, conn: Connection, message: Any, now: float) -> None:
+        """One decoded channel message (None: the channel closed)."""
+        if message is None:
+            self._drop(conn)
+        elif isinstance(message, Request):
+            self.pending.append(_Pending(conn, message, now))
+        elif isinstance(message, Cancel):
+            for item in [p for p in self.pending if p.conn is conn and p.request.id == message.id]:
+                self._cancel_queued(item, message.reason)
+        else:
+            what = (f"{type(message).__name__}: {message}" if isinstance(message, Exception)
+                    else f"expected a Request, got {type(message).__name__}")
             _send(conn, Reply(None, error=InputError(
-                f"the ML process could not decode the request: {type(exc).__name__}: {exc}")))
-            return
-        self.pending.append(_Pending(conn, request, now))
+                f"the ML process could not decode the request: {what}")))
+
+    def _cancel_queued(self, item: _Pending, reason: str) -> None:
+        self.pending.remove(item)
+        self.status.count_cancelled(self.slot, "queued", reason, self.item_time)
+        logger.debug("request %s cancelled while queued (%s)", item.request.id, reason)
 
     def poll_once(self, timeout: float) -> None:
         reader = self.queue._reader
@@ -251,6 +287,7 @@ class _Loop:
             live: list[_Pending] = []
             for item in self.pending:
                 if item.request.deadline <= now:
+                    self.status.count_cancelled(self.slot, "queued", "deadline", self.item_time)
                     _send(item.conn, Reply(item.request.id, error=QueueDeadlineError(
                         "the request's deadline passed while it was queued; it was not computed")))
                 else:
@@ -262,8 +299,10 @@ class _Loop:
                 batch, self.pending = batching.take(live, self.config.max_batch_size)
                 self._run_batch(batch)
             else:
-                self._run_single(live[0])
+                # The rest first: messages read while the model runs (the cancel watch
+                # hands them back when the call ends) are appended to self.pending.
                 self.pending = live[1:]
+                self._run_single(live[0])
             self._poll_more()
 
     def _poll_more(self) -> None:
@@ -271,9 +310,12 @@ class _Loop:
         self.poll_once(0)
 
     def _finish(self, items: list[_Pending], results: list[tuple[Any, IPCServeError | None]],
-                started: float) -> None:
+                started: float, cancelled: dict[int, str] | None = None) -> None:
         elapsed = time.monotonic() - started
+        self.item_time = 0.8 * self.item_time + 0.2 * elapsed / max(1, len(items))
         for item, (value, error) in zip(items, results):
+            if cancelled and id(item) in cancelled:
+                continue  # nobody waits for it: its result is discarded
             _send(item.conn, Reply(item.request.id, value=value, error=error,
                                    queue_wait=max(0.0, started - item.arrived),
                                    inference_time=elapsed, batch_size=len(items)),
@@ -282,18 +324,38 @@ class _Loop:
         self.status.add_served(self.slot, len(items))
         self.status.beat(self.slot)
 
+    def _interrupted(self, items: list[_Pending], cancelled: dict[int, str], started: float) -> None:
+        """The model call was interrupted: nobody waited for any of ``items``."""
+        elapsed = time.monotonic() - started
+        saved = max(0.0, self.item_time * len(items) - elapsed)
+        for index, item in enumerate(items):
+            reason = cancelled.get(id(item), "deadline")
+            self.status.count_cancelled(self.slot, "running", reason, saved if index == 0 else 0.0)
+        logger.info("model call of %d request(s) interrupted after %.3fs: nobody waits for it",
+                    len(items), elapsed)
+        self.status.set_busy(self.slot, 0.0)
+        self.status.beat(self.slot)
+
     def _run_single(self, item: _Pending) -> None:
         started = time.monotonic()
         self.status.set_busy(self.slot, started)
         request = item.request
+        cancelled: dict[int, str] = {}
+        self.watch.begin([item])
         try:
-            result: tuple[Any, IPCServeError | None] = (
-                self.model.predict(*request.args, **request.kwargs), None)
+            try:
+                result: tuple[Any, IPCServeError | None] = (
+                    self.model.predict(*request.args, **request.kwargs), None)
+            finally:
+                cancelled = self.watch.end()
+        except Cancelled:  # (end() is idempotent: the signal may land inside it)
+            self._interrupted([item], cancelled or self.watch.end(), started)
+            return
         except TypeError as exc:
             result = (None, _signature_error(self.model.predict, request) or _model_error(exc))
         except BaseException as exc:  # SystemExit from a model fails the request, not us
             result = (None, _model_error(exc))
-        self._finish([item], [result], started)
+        self._finish([item], [result], started, cancelled)
 
     def _run_batch(self, items: list[_Pending]) -> None:
         good: list[_Pending] = []
@@ -310,12 +372,20 @@ class _Loop:
         started = time.monotonic()
         self.status.set_busy(self.slot, started)
         results: list[tuple[Any, IPCServeError | None]]
+        cancelled: dict[int, str] = {}
+        self.watch.begin(items)
         try:
-            outputs = self.model.predict_batch(xs)
+            try:
+                outputs = self.model.predict_batch(xs)
+            finally:
+                cancelled = self.watch.end()
             if len(outputs) != len(xs):
                 raise ModelError(f"predict_batch returned {len(outputs)} results for "
                                  f"{len(xs)} inputs")
             results = [(out, None) for out in outputs]
+        except Cancelled:
+            self._interrupted(items, cancelled or self.watch.end(), started)
+            return
         except BaseException as exc:
             if len(xs) == 1:
                 results = [(None, _model_error(exc))]
@@ -329,11 +399,12 @@ class _Loop:
                         results.append((outs[0], None))
                     except BaseException as item_exc:
                         results.append((None, _model_error(item_exc)))
-        self._finish(items, results, started)
+        self._finish(items, results, started, cancelled)
 
     # -- lifecycle -------------------------------------------------------------------
     def serve(self) -> None:
         interval = self.config.heartbeat_interval
+        self.watch.start()
         while not self.stopping:
             self.poll_once(0 if self.pending else interval)
             if self.pending and self.batchable:
@@ -342,6 +413,7 @@ class _Loop:
         # Drain: answer whatever is already readable, then exit.
         self.poll_once(0)
         self.run_pending()
+        self.watch.stop()
         for conn in self.conns:
             conn.close()
         self.selector.close()

@@ -10,6 +10,15 @@ from typing import Any
 from ipcserve import InputError, MLProcess
 
 
+def hang_like_native_code() -> None:
+    """Never return, and ignore the cancellation signal, as a stuck native call would:
+    only the watchdog ends this."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    threading.Event().wait()
+
+
 class Doubler(MLProcess):
     def load(self) -> None:
         self.k = 2
@@ -32,7 +41,7 @@ class Doubler(MLProcess):
         if x == "segfault":
             ctypes.string_at(0)
         if x == "hang":
-            threading.Event().wait()  # never returns: only the watchdog ends this
+            hang_like_native_code()
         if kwargs:
             return {k: v * self.k for k, v in kwargs.items()}
         return x * self.k
@@ -61,7 +70,7 @@ class Blocker(MLProcess):
             self.release.wait()
         if x == "hang":
             self.entered.set()
-            threading.Event().wait()  # never returns: only the watchdog ends this
+            hang_like_native_code()
         if x == "exit":
             os._exit(3)
         return x
@@ -206,3 +215,77 @@ class Misbehaver(MLProcess):
             self.children.append(child)
             return child.pid
         return x
+
+
+class Stepper(MLProcess):
+    """Runs ``steps`` steps of ``step`` seconds of work, counting each in ``counter`` (a
+    shared Value) and logging which requests it computed.
+
+    ``checks=True``: the model asks ``self.cancelled()`` between steps and stops early.
+    """
+
+    def __init__(self, counter: Any, step: float = 0.02, checks: bool = False,
+                 **settings: Any) -> None:
+        super().__init__(**settings)
+        self.counter = counter
+        self.step = step
+        self.checks = checks
+
+    def load(self) -> None:
+        self.computed: list[Any] = []
+
+    def predict(self, tag: Any, steps: int = 1) -> Any:
+        import time
+
+        if tag == "computed":
+            return list(self.computed)
+        self.computed.append(tag)
+        for done in range(int(steps)):
+            if self.checks and self.cancelled():
+                return {"tag": tag, "steps": done, "stopped": True}
+            with self.counter.get_lock():
+                self.counter.value += 1
+            time.sleep(self.step)  # the work of one step
+        return {"tag": tag, "steps": int(steps)}
+
+
+class StubbornStepper(Stepper):
+    interruptible = False
+
+
+class BatchStepper(MLProcess):
+    """predict_batch runs max(steps) steps for the whole batch; 'block' waits on release."""
+
+    def __init__(self, counter: Any, entered: Any, release: Any, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.counter = counter
+        self.entered = entered
+        self.release = release
+
+    def predict_batch(self, xs: list[Any]) -> list[Any]:
+        import time
+
+        if xs == ["block"]:
+            self.entered.set()
+            self.release.wait()
+            return ["block"]
+        for _ in range(max(int(x["steps"]) for x in xs)):
+            with self.counter.get_lock():
+                self.counter.value += 1
+            time.sleep(0.02)
+        return [{"tag": x["tag"], "batch": len(xs)} for x in xs]
+
+
+class HttpStepper(MLProcess):
+    """For the HTTP tests: ``steps`` steps of IPCSERVE_TEST_STEP seconds, counting every
+    step in the file named by IPCSERVE_TEST_STEPS."""
+
+    def predict(self, tag: str, steps: int = 1) -> Any:
+        import time
+
+        path, step = os.environ["IPCSERVE_TEST_STEPS"], float(os.environ["IPCSERVE_TEST_STEP"])
+        for _ in range(int(steps)):
+            with open(path, "a") as f:
+                f.write(".")
+            time.sleep(step)
+        return {"tag": tag, "steps": int(steps)}

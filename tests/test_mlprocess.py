@@ -227,9 +227,9 @@ def test_every_start_method_serves(method: str) -> None:
 
 def test_public_api_is_pinned() -> None:
     assert set(ipcserve.__all__) == {
-        "Config", "ConfigError", "DeadlineError", "IPCServeError", "InputError", "MLProcess",
-        "ModelError", "NotFoundError", "OverloadedError", "PayloadTooLargeError",
-        "QueueDeadlineError", "ResultDeadlineError", "UnauthorizedError",
+        "CallResult", "Config", "ConfigError", "DeadlineError", "IPCServeError", "InputError",
+        "MLProcess", "ModelError", "NotFoundError", "OverloadedError", "PayloadTooLargeError",
+        "QueueDeadlineError", "RequestCancelledError", "ResultDeadlineError", "UnauthorizedError",
         "UnsupportedMediaTypeError", "WorkerCrashedError", "WorkerUnavailableError", "__version__",
     }
     for name in ipcserve.__all__:
