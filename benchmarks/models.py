@@ -62,3 +62,16 @@ class Spin(MLProcess):
 class Array(MLProcess):
     def predict(self, x: Any) -> Any:
         return x
+
+
+class SlowSteps(MLProcess):
+    """``work`` seconds of model time in 10 ms steps (interruptible between steps), for the
+    cancellation benchmark."""
+
+    def predict(self, work: float = 0.25) -> Any:
+        import time
+
+        steps = max(1, int(round(float(work) / 0.01)))
+        for _ in range(steps):
+            time.sleep(0.01)
+        return {"steps": steps}

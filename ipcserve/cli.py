@@ -103,7 +103,7 @@ class _Lifecycle:
 
 
 def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
-          grace: float | None = None) -> int:
+          grace: float | None = None, detect_disconnects: bool = True) -> int:
     """Serve ``app`` on waitress until a stop signal, loading its models meanwhile.
 
     The port is listened on at once: ``/healthz`` answers, ``/readyz`` says 503 and a
@@ -130,7 +130,7 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
                                         # Keeps a busy connection readable, so a client
                                         # that leaves is seen (waitress.client_disconnected)
                                         # and its work is cancelled.
-                                        channel_request_lookahead=1,
+                                        channel_request_lookahead=1 if detect_disconnects else 0,
                                         ident="ipcserve")
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", host, port, exc)
@@ -268,4 +268,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("invalid setting: %s", exc)
         return 2
     return serve(app, host=values["host"], port=values["port"], threads=values["threads"],
-                 grace=values["shutdown_grace"])
+                 grace=values["shutdown_grace"], detect_disconnects=values["detect_disconnects"])

@@ -128,6 +128,15 @@ def _optional_str(text: str) -> str:
     return text
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """One row of the settings table.
@@ -209,6 +218,9 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
     Setting("model", "server", "digits", "'digits' or package.module:attribute", str),
     Setting("kind", "server", None, "endpoint kind: image (default for digits) or json", str,
             ("json", "image")),
+    Setting("detect_disconnects", "server", True,
+            "cancel the work of a client that disconnects (waitress channel_request_lookahead)",
+            _bool),
     Setting("log_level", "server", "INFO", "DEBUG, INFO, WARNING or ERROR", str.upper,
             ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
 )
