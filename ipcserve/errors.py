@@ -60,8 +60,12 @@ class IPCServeError(Exception):
         return str(self.args[0]) if self.args else self.__class__.__name__
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON error body: ``{"type": ..., "message": ...}``."""
-        return {"type": type(self).__name__, "message": self.message}
+        """The JSON error body: ``{"error": <message>, "type": <class name>}``.
+
+        ``error`` is the readable message itself, not an object, so a plain ``fetch`` client
+        that shows ``body.error`` shows the sentence rather than ``[object Object]``.
+        """
+        return {"error": self.message, "type": type(self).__name__}
 
 
 class ConfigError(IPCServeError, ValueError):

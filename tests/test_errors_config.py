@@ -30,7 +30,9 @@ def test_every_error_survives_pickling(cls: type[errors.IPCServeError]) -> None:
         err = cls("something is wrong")
     copy = pickle.loads(pickle.dumps(err))
     assert type(copy) is cls and copy.args == err.args and vars(copy) == vars(err)
-    assert copy.to_dict()["type"] == cls.__name__
+    body = copy.to_dict()
+    assert body["type"] == cls.__name__ and body["error"] == err.message
+    assert isinstance(body["error"], str)
 
 
 def test_statuses_follow_the_design() -> None:

@@ -28,11 +28,21 @@ def doubler() -> Server:
 
 
 def error_of(response: requests.Response) -> dict:
+    """The error body, checked: ``{"error": "<message>", "type": "<ErrorType>"}``.
+
+    ``error`` is a string so a plain ``fetch`` client shows a sentence, not ``[object Object]``;
+    a ModelError adds ``model_error_type``.
+    """
     assert response.headers["Content-Type"].startswith("application/json"), response.text
     body = response.json()
-    assert set(body) == {"error"} and {"type", "message"} <= set(body["error"]), body
+    expected_keys = {"error", "type"}
+    if body.get("type") == "ModelError" and "model_error_type" in body:
+        expected_keys.add("model_error_type")
+    assert set(body) == expected_keys, body
+    assert isinstance(body["error"], str) and body["error"], body
+    assert isinstance(body["type"], str) and body["type"], body
     assert "Traceback" not in response.text
-    return body["error"]
+    return body
 
 
 def png(width: int, height: int) -> bytes:
@@ -90,13 +100,13 @@ def test_multipart_upload_and_json_pixels(server: Server) -> None:
 def test_bad_input_gets_a_clear_json_error(server: Server, kwargs: dict, status: int, words: str) -> None:
     r = requests.post(f"{server.url}/predict", timeout=30, **kwargs)
     assert r.status_code == status, r.text
-    assert words.lower() in error_of(r)["message"].lower()
+    assert words.lower() in error_of(r)["error"].lower()
 
 
 def test_oversized_inputs_get_413(server: Server) -> None:
     r = requests.post(f"{server.url}/predict", data=png(6000, 4000),  # 24 Mpx > 20 Mpx
                       headers={"Content-Type": "image/png"}, timeout=30)
-    assert r.status_code == 413 and "pixels" in error_of(r)["message"]
+    assert r.status_code == 413 and "pixels" in error_of(r)["error"]
     r = requests.post(f"{server.url}/predict", data=b"\0" * (17 * 1024 * 1024),
                       headers={"Content-Type": "image/png"}, timeout=30)
     assert r.status_code == 413
@@ -113,7 +123,7 @@ def test_truncated_image_is_400(server: Server) -> None:
 
 def test_unknown_model_and_method(server: Server) -> None:
     r = requests.post(f"{server.url}/v1/models/nope/predict", json={}, timeout=30)
-    assert r.status_code == 404 and "digits" in error_of(r)["message"]
+    assert r.status_code == 404 and "digits" in error_of(r)["error"]
     r = requests.get(f"{server.url}/predict", timeout=30)
     assert r.status_code == 405
     error_of(r)
@@ -166,8 +176,10 @@ def test_json_model_errors_map_to_statuses(doubler: Server) -> None:
     assert requests.post(url, json={"x": 21}, timeout=30).json() == 42
     r = requests.post(url, json={"x": "raise"}, timeout=30)
     assert r.status_code == 500 and error_of(r)["type"] == "ModelError"
+    assert error_of(r)["model_error_type"] == "ValueError"
+    assert "does not like 'raise'" in error_of(r)["error"]
     r = requests.post(url, json={"x": "input-error"}, timeout=30)
-    assert r.status_code == 400 and "input-error" in error_of(r)["message"]
+    assert r.status_code == 400 and "input-error" in error_of(r)["error"]
     r = requests.post(url, json={"y": 1, "x": 1}, timeout=30)
     assert r.status_code == 200
     r = requests.post(url, json={"_private": 1}, timeout=30)
@@ -251,9 +263,9 @@ def test_json_fields_named_like_call_parameters_reach_the_model(doubler: Server)
     r = requests.post(url, json={"timeout": 2}, timeout=30)
     assert r.status_code == 200 and r.json() == {"timeout": 4}
     r = requests.post(url, json={"self": 3}, timeout=30)
-    assert r.status_code == 400 and "self" in error_of(r)["message"]
+    assert r.status_code == 400 and "self" in error_of(r)["error"]
     r = requests.post(url, data=b'{"x": 1e400}', headers={"Content-Type": "application/json"}, timeout=30)
-    assert r.status_code == 400 and "overflows" in error_of(r)["message"]
+    assert r.status_code == 400 and "overflows" in error_of(r)["error"]
 
 
 def test_a_wrong_field_for_predict_is_a_400_naming_it() -> None:
@@ -261,7 +273,7 @@ def test_a_wrong_field_for_predict_is_a_400_naming_it() -> None:
     try:
         r = requests.post(f"{server.url}/predict", json={"secs": 1}, timeout=30)
         assert r.status_code == 400
-        message = error_of(r)["message"]
+        message = error_of(r)["error"]
         assert "secs" in message and "seconds" in message
     finally:
         assert server.stop() == 0
@@ -277,7 +289,7 @@ def test_readiness_before_and_after_the_model_has_loaded(tmp_path) -> None:
         r = requests.get(f"{server.url}/readyz", timeout=30)
         assert r.status_code == 503 and r.json()["models"] == {"gatedload": False}
         r = requests.post(f"{server.url}/predict", json={"x": 1}, timeout=30)
-        assert r.status_code == 503 and "loading" in error_of(r)["message"]
+        assert r.status_code == 503 and "loading" in error_of(r)["error"]
         assert r.headers["Retry-After"]
         gate.write_text("open")
         server.wait_ready(30)
