@@ -142,7 +142,8 @@ class WorkerCrashedError(WorkerUnavailableError):
         self.exitcode = exitcode
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message, self.exitcode))
+        # The third item keeps attributes set on the instance (e.g. a retry_after).
+        return (type(self), (self.message, self.exitcode), self.__dict__)
 
 
 class ModelError(IPCServeError):
@@ -159,7 +160,8 @@ class ModelError(IPCServeError):
         self.remote_traceback = remote_traceback
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message, self.remote_type, self.remote_traceback))
+        # The third item keeps attributes set on the instance (e.g. a retry_after).
+        return (type(self), (self.message, self.remote_type, self.remote_traceback), self.__dict__)
 
     def to_dict(self) -> dict[str, Any]:
         body = super().to_dict()
