@@ -52,9 +52,9 @@ async function main([server, imagePath]) {
   let body = null;
   try { body = JSON.parse(text); } catch { /* not JSON (a proxy's HTML error page, say) */ }
   if (!response.ok) {
-    // ipcserve errors look like {"error": {"type": "...", "message": "..."}}.
+    // ipcserve errors look like {"error": "<message>", "type": "<ErrorType>"}.
     const error = body?.error;
-    const detail = error ? `${error.type}: ${error.message}` : text.slice(0, 200);
+    const detail = typeof error === "string" ? `${body.type}: ${error}` : text.slice(0, 200);
     console.error(`error: HTTP ${response.status} ${detail}`);
     return 1;
   }

@@ -58,9 +58,9 @@ def main(argv: list[str]) -> int:
     except ValueError:  # not JSON (a proxy's HTML error page, say)
         body = None
     if not response.ok:
-        # ipcserve errors look like {"error": {"type": "...", "message": "..."}}.
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        detail = f"{error.get('type')}: {error.get('message')}" if error else response.text[:200]
+        # ipcserve errors look like {"error": "<message>", "type": "<ErrorType>"}.
+        error = body.get("error") if isinstance(body, dict) else None
+        detail = f"{body.get('type')}: {error}" if isinstance(error, str) else response.text[:200]
         print(f"error: HTTP {response.status_code} {detail}", file=sys.stderr)
         return 1
     print(json.dumps(body, indent=2))  # e.g. {"label": 7, "probabilities": [...]}

@@ -62,8 +62,12 @@ class IPCServeError(Exception):
         return str(self.args[0]) if self.args else self.__class__.__name__
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON error body: ``{"type": ..., "message": ...}``."""
-        return {"type": type(self).__name__, "message": self.message}
+        """The JSON error body: ``{"error": <message>, "type": <class name>}``.
+
+        ``error`` is the readable message itself, not an object, so a plain ``fetch`` client
+        that shows ``body.error`` shows the sentence rather than ``[object Object]``.
+        """
+        return {"error": self.message, "type": type(self).__name__}
 
 
 class ConfigError(IPCServeError, ValueError):
@@ -151,7 +155,8 @@ class WorkerCrashedError(WorkerUnavailableError):
         self.exitcode = exitcode
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message, self.exitcode))
+        # The third item keeps attributes set on the instance (e.g. a retry_after).
+        return (type(self), (self.message, self.exitcode), self.__dict__)
 
 
 class ModelError(IPCServeError):
@@ -168,7 +173,8 @@ class ModelError(IPCServeError):
         self.remote_traceback = remote_traceback
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message, self.remote_type, self.remote_traceback))
+        # The third item keeps attributes set on the instance (e.g. a retry_after).
+        return (type(self), (self.message, self.remote_type, self.remote_traceback), self.__dict__)
 
     def to_dict(self) -> dict[str, Any]:
         body = super().to_dict()

@@ -123,17 +123,17 @@ class _State:
 
 
 def error_response(error: IPCServeError | HTTPException) -> Response:
-    """A JSON error response: ``{"error": {"type", "message"}}`` with the right status."""
+    """A JSON error response: ``{"error": <message>, "type": <name>}`` with the right status."""
     if isinstance(error, HTTPException):
         status = error.code or 500
-        body = {"type": (error.name or "HTTPError").replace(" ", ""),
-                "message": error.description or ""}
+        body = {"error": error.description or "",
+                "type": (error.name or "HTTPError").replace(" ", "")}
         if status == 413:
             body["type"] = "PayloadTooLargeError"
     else:
         status = error.http_status
         body = error.to_dict()
-    response = jsonify({"error": body})
+    response = jsonify(body)
     response.status_code = status
     retry_after = getattr(error, "retry_after", None)
     if status == 503:
@@ -143,8 +143,8 @@ def error_response(error: IPCServeError | HTTPException) -> Response:
 
 def _internal_error(exc: Exception) -> Response:
     logger.exception("unhandled error in %s %s", request.method, request.path)
-    response = jsonify({"error": {"type": "InternalServerError",
-                                  "message": "the server hit an unexpected error; see its log"}})
+    response = jsonify({"error": "the server hit an unexpected error; see its log",
+                        "type": "InternalServerError"})
     response.status_code = 500
     return response
 

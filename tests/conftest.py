@@ -1,16 +1,124 @@
-"""Shared fixtures: every test leaves no child process and no stray thread behind."""
+"""Shared fixtures: every test leaves no child process and no stray thread behind, and a
+test that runs out of time fails with every thread's stack after its children are killed."""
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from server import Server
+
+# -- a test that runs out of time ------------------------------------------------------------
+# pytest-timeout (timeout_method = signal in setup.cfg) fails a test whose time is up by
+# raising in the main thread. We take over its timer to do first what CPython's
+# test_concurrent_futures does in _fail_on_deadlock: dump every thread's stack with
+# faulthandler (which also shows threads blocked inside C calls) into the failure report,
+# and kill every child process, so that a pipe held open by a hung child cannot block the
+# test's own teardown or leak into the next test. Then the test fails.
+#
+# A main thread stuck in C code never runs the handler; faulthandler's own watchdog thread
+# is armed a little later as a last resort: it dumps the stacks to the real stderr and exits.
+_LAST_RESORT_AFTER = 15.0  # seconds past the test's timeout
+_real_stderr_fd: int | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Output capture is suspended while plugins configure, so fd 2 is the terminal here;
+    # during a test it is pytest's capture file, which an os._exit would throw away.
+    global _real_stderr_fd
+    _real_stderr_fd = os.dup(2)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _real_stderr_fd
+    if _real_stderr_fd is not None:
+        faulthandler.cancel_dump_traceback_later()
+        os.close(_real_stderr_fd)
+        _real_stderr_fd = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    if settings.method != "signal" or threading.current_thread() is not threading.main_thread():
+        return None  # pytest-timeout's thread method: it dumps stacks and exits by itself
+    timeout = settings.timeout
+
+    def on_timeout(signum: int, frame: Any) -> None:
+        __tracebackhide__ = True
+        stacks = all_stacks()
+        killed = kill_children()
+        pytest.fail(f"Timeout: the test ran for more than {timeout}s. Killed child processes "
+                    f"{killed}.\nStacks of all threads when it timed out (faulthandler):\n{stacks}")
+
+    def cancel() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        faulthandler.cancel_dump_traceback_later()
+
+    item.cancel_timeout = cancel  # type: ignore[attr-defined]  # pytest-timeout's cancel hook calls it
+    signal.signal(signal.SIGALRM, on_timeout)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    faulthandler.dump_traceback_later(timeout + _LAST_RESORT_AFTER, exit=True,
+                                      file=_real_stderr_fd if _real_stderr_fd is not None else 2)
+    return True  # the timer is set: pytest-timeout's own implementation is skipped
+
+
+def all_stacks() -> str:
+    """Every thread's stack, as faulthandler writes it."""
+    with tempfile.TemporaryFile("w+") as f:
+        faulthandler.dump_traceback(file=f, all_threads=True)
+        f.seek(0)
+        return f.read()
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_children() -> list[int]:
+    """SIGKILL every process below this one (ML processes, servers, browsers).
+
+    multiprocessing's own helpers (the resource tracker, the forkserver) are spared: later
+    tests need them, and the resource tracker warns if it has to be relaunched.
+    """
+    from multiprocessing import forkserver, resource_tracker
+
+    helpers = {getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None),
+               getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)}
+    killed = []
+    for pid in _descendants(os.getpid()):
+        if pid in helpers:
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            pass
+    multiprocessing.active_children()  # reaps the killed multiprocessing children
+    return killed
+
 
 # Threads the stdlib starts once per process and keeps (multiprocessing's resource sharer,
 # which hands pipe ends to other processes); not ours to reap.

@@ -47,6 +47,20 @@ class Doubler(MLProcess):
         return x * self.k
 
 
+class GatedDoubler(Doubler):
+    """A Doubler whose load() waits on ``gate``, an Event the test holds: while the gate is
+    clear, a restarted process stays loading, so the test decides when it becomes ready."""
+
+    def __init__(self, gate: Any, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.gate = gate
+
+    def load(self) -> None:
+        if not self.gate.wait(60):  # bounded: a test that forgot the gate fails, not hangs
+            raise RuntimeError("the test never opened the load gate")
+        super().load()
+
+
 class Blocker(MLProcess):
     """predict("block") signals ``entered`` and waits on ``release``; anything else echoes.
 

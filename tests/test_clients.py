@@ -59,6 +59,23 @@ def test_client_reports_http_error(client: list[str], server: Server, tmp_path: 
     assert "415" in done.stderr and "UnsupportedMediaTypeError" in done.stderr, done.stderr
 
 
+def test_plain_fetch_client_shows_a_readable_error(server: Server) -> None:
+    """A front-end's usual ``throw new Error(`API Error: ${status} - ${errorData.error}`)``."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    import requests
+
+    features = [0.5] * 64  # the digits model wants "pixels": a bad body, caught before the model
+    message = requests.post(f"{server.url}/predict", json={"features": features}, timeout=30).json()["error"]
+    assert isinstance(message, str) and "pixels" in message, message
+    done = subprocess.run(["node", str(ROOT / "tests" / "plain_fetch_client.js"), server.url,
+                           json.dumps(features)], capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT, cwd=ROOT)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stdout == f"API Error: 400 - {message}\n", done.stdout
+    assert "[object Object]" not in done.stdout
+
+
 def test_client_sends_the_api_key(client: list[str], tmp_path: Path) -> None:
     server = Server("--api-key", "s3cret")
     try:
@@ -82,7 +99,7 @@ class _Busy(http.server.BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers["Content-Length"]))
         type(self).seen += 1
         if type(self).seen <= self.busy:
-            status, body = 503, {"error": {"type": "OverloadedError", "message": "busy"}}
+            status, body = 503, {"error": "busy", "type": "OverloadedError"}
         else:
             status, body = 200, {"label": 4, "probabilities": [0.1] * 10}
         data = json.dumps(body).encode()

@@ -1,4 +1,8 @@
-"""Crashes, restarts, the circuit breaker and orphan-freedom, with real processes and signals."""
+"""Crashes, hangs, the watchdog, restarts, the circuit breaker and orphan-freedom, with real
+processes and signals.
+
+The HTTP side of the same events (503 + Retry-After, 504) is in test_http.py.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,9 @@ import time
 
 import pytest
 from conftest import spawn_events, wait_until
-from models import Blocker, Doubler
+from models import Blocker, Doubler, GatedDoubler
 
-from ipcserve import WorkerCrashedError, WorkerUnavailableError
+from ipcserve import ResultDeadlineError, WorkerCrashedError, WorkerUnavailableError
 
 
 def pid_alive(pid: int) -> bool:
@@ -102,19 +106,53 @@ def test_requests_queued_during_a_restart_are_served_by_the_new_process() -> Non
 
 
 def test_repeated_crashes_open_the_circuit_then_it_closes() -> None:
-    with Doubler(restart_backoff=0.05, circuit_breaker_threshold=2) as ml:
-        for _ in range(2):
-            wait_until(lambda: ml.ready, what="a ready process")
+    # The load gate holds the restart after the second crash in load(), so the circuit is
+    # open, and the process not ready, for exactly as long as the test needs.
+    gate, _ = spawn_events()
+    gate.set()
+    with GatedDoubler(gate, restart_backoff=0.05, circuit_breaker_threshold=2) as ml:
+        try:
             with pytest.raises(WorkerCrashedError):
                 ml("exit")
-        wait_until(lambda: ml.status["circuit_open"], what="the circuit to open")
-        if not ml.ready:
-            with pytest.raises(WorkerUnavailableError, match="crashed 2 times in a row"):
+            # The caller can see the crash before the supervisor does: wait for the restart
+            # itself, or "ready" may still describe the dead process.
+            wait_until(lambda: ml.status["workers"][0]["restarts"] == 1 and ml.ready,
+                       what="the restart after the first crash")
+            assert not ml.status["circuit_open"]
+            gate.clear()
+            with pytest.raises(WorkerCrashedError):
+                ml("exit")
+            wait_until(lambda: ml.status["circuit_open"], what="the circuit to open")
+            assert not ml.ready
+            with pytest.raises(WorkerUnavailableError, match="crashed 2 times in a row") as info:
                 ml(1)
-        wait_until(lambda: ml.ready, what="the restart after the backoff")
+            assert info.value.http_status == 503 and info.value.retry_after >= 1
+            assert ml.status["inflight"] == 0  # refused at once, never queued
+        finally:
+            gate.set()
+        wait_until(lambda: ml.ready, what="the restart once the gate opens")
         assert not ml.status["circuit_open"]
         assert ml(1) == 2
         assert ml.status["crashes"] == 2
+
+
+def test_hung_predict_times_out_then_the_watchdog_restarts_it() -> None:
+    entered, release = spawn_events()
+    with Blocker(entered, release, hang_timeout=1.0, heartbeat_interval=0.1,
+                 restart_backoff=0.05) as ml:
+        pid = ml.pids[0]
+        # Attach this thread's channel first, so the short deadline below covers only the
+        # hung predict, not the channel handshake.
+        assert ml("attach", timeout=5) == "attach"
+        with pytest.raises(ResultDeadlineError) as info:
+            ml("hang", timeout=0.3)
+        assert info.value.http_status == 504
+        assert entered.wait(5), "the request never reached predict"
+        wait_until(lambda: ml.status["hangs_killed"] == 1, what="the watchdog kill")
+        wait_until(lambda: ml.ready, what="the restart")
+        assert ml("after") == "after"
+        assert ml.pids != [pid]
+        assert ml.status["workers"][0]["restarts"] == 1
 
 
 def test_restart_backoff_grows_with_a_crash_streak() -> None:

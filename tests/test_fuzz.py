@@ -43,7 +43,7 @@ def _check(r: requests.Response) -> None:
     assert r.status_code in ALLOWED, (r.status_code, r.text)
     if r.status_code != 200:
         body = r.json()
-        assert body["error"]["type"] and body["error"]["message"]
+        assert isinstance(body["error"], str) and body["error"] and body["type"], body
         assert "Traceback" not in r.text
 
 
@@ -68,7 +68,7 @@ def test_random_json(servers: dict[str, Server], value: object, model: str) -> N
     if model == "doubler" and r.status_code == 500:
         # Doubler multiplies whatever it gets: a type error there is the model's own
         # ModelError (documented 500), never a crash of the server.
-        assert r.json()["error"]["type"] == "ModelError"
+        assert r.json()["type"] == "ModelError"
         return
     _check(r)
 

@@ -1,4 +1,9 @@
-"""MLProcess with real processes: answers, model errors, pickling errors, deadlines, overload."""
+"""MLProcess with real processes: answers, model errors, pickling errors, overload, batching,
+shutdown, start methods.
+
+Deadlines are in test_deadlines.py; crashes, hangs, the watchdog and the circuit breaker in
+test_crash.py; the pinned public API in test_public_api.py.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,11 @@ import pytest
 from conftest import spawn_events, wait_until
 from models import Batcher, BatchTripler, Blocker, Doubler, FailsToLoad, make_tripler
 
-import ipcserve
 from ipcserve import (
     InputError,
     MLProcess,
     ModelError,
     OverloadedError,
-    QueueDeadlineError,
-    ResultDeadlineError,
     WorkerUnavailableError,
 )
 from ipcserve.protocol import Shutdown
@@ -110,35 +112,6 @@ def test_load_failure_raises_from_start_without_a_restart_loop() -> None:
     assert multiprocessing.active_children() == []
 
 
-def test_hung_predict_times_out_then_the_watchdog_restarts_it() -> None:
-    entered, release = spawn_events()
-    with Blocker(entered, release, hang_timeout=1.0, heartbeat_interval=0.1,
-                 restart_backoff=0.05) as ml:
-        pid = ml.pids[0]
-        with pytest.raises(ResultDeadlineError) as info:
-            ml("hang", timeout=0.3)
-        assert info.value.http_status == 504
-        wait_until(lambda: ml.status["hangs_killed"] == 1, what="the watchdog kill")
-        wait_until(lambda: ml.ready, what="the restart")
-        assert ml("after") == "after"
-        assert ml.pids != [pid]
-        assert ml.status["workers"][0]["restarts"] == 1
-
-
-def test_deadline_passed_in_queue_is_skipped_without_computing() -> None:
-    entered, release = spawn_events()
-    with Blocker(entered, release) as ml:
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            blocked = pool.submit(ml, "block")
-            assert entered.wait(5)
-            late = pool.submit(ml, "late", timeout=0.05)
-            with pytest.raises(QueueDeadlineError):
-                late.result(5)
-            release.set()
-            assert blocked.result(5) == "block"
-        assert "late" not in ml("computed")
-
-
 def test_overload_is_refused_at_once() -> None:
     entered, release = spawn_events()
     with Blocker(entered, release, max_inflight=2) as ml:
@@ -223,30 +196,3 @@ def test_every_start_method_serves(method: str) -> None:
     with Doubler(start_method=method) as ml:
         assert ml(4) == 8
         assert ml("pid") != os.getpid()
-
-
-def test_public_api_is_pinned() -> None:
-    assert set(ipcserve.__all__) == {
-        "CallResult", "Config", "ConfigError", "DeadlineError", "IPCServeError", "InputError",
-        "MLProcess", "ModelError", "NotFoundError", "OverloadedError", "PayloadTooLargeError",
-        "QueueDeadlineError", "RequestCancelledError", "ResultDeadlineError", "UnauthorizedError",
-        "UnsupportedMediaTypeError", "WorkerCrashedError", "WorkerUnavailableError", "__version__",
-    }
-    for name in ipcserve.__all__:
-        assert hasattr(ipcserve, name)
-
-
-def test_a_batch_never_includes_a_request_whose_deadline_passed() -> None:
-    entered, release = spawn_events()
-    with Batcher(entered, release, max_batch_size=8) as ml:
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            first = pool.submit(ml, "block")
-            assert entered.wait(5)
-            late = pool.submit(ml, 7, timeout=0.05)
-            on_time = pool.submit(ml, 8, timeout=10)
-            with pytest.raises(QueueDeadlineError):
-                late.result(5)
-            release.set()
-            assert first.result(5) == "block" and on_time.result(5) == 80
-        batches = ml("batches")
-        assert all(7 not in b for b in batches), batches

@@ -7,10 +7,8 @@ import multiprocessing
 import os
 import signal
 
-import pytest
 from conftest import wait_until
 from models import Blocker, Spinner
-
 
 
 def test_two_workers_share_the_load_and_get_their_devices() -> None:
@@ -53,15 +51,6 @@ def test_one_worker_crashing_leaves_the_other_serving() -> None:
         assert victim not in answers
         wait_until(lambda: ml.ready, what="the restart")
         assert len(ml.pids) == 2 and victim not in ml.pids
-
-
-def test_devices_from_the_environment() -> None:
-    from ipcserve import Config
-
-    config = Config.from_env(environ={"IPCSERVE_DEVICES": "cuda:0, cuda:1", "IPCSERVE_WORKERS": "2"})
-    assert config.devices == ("cuda:0", "cuda:1") and config.workers == 2
-    with pytest.raises(ValueError, match="devices"):
-        Config(devices="cuda:0")  # type: ignore[arg-type]
 
 
 def test_shutdown_stops_every_worker_with_its_own_sentinel() -> None:

@@ -83,7 +83,7 @@ async function refresh() {
       renderModelChoice(models, listing.body.default);
       $("status-note").textContent = "Updated " + new Date().toLocaleTimeString() + "; refreshes every 2 s.";
     } else {
-      const e = (listing.body && listing.body.error) || {};
+      const e = listing.body || {};  // ipcserve errors: {"error": "<message>", "type": "<ErrorType>"}
       $("status-note").textContent = "Status unavailable: HTTP " + listing.status + " " +
         (e.type || "") + (listing.status === 401 ? " (enter the API key above)" : "");
     }
@@ -115,10 +115,11 @@ function showResult(status, body, ms) {
   $("result-json").textContent = !status ? "" : JSON.stringify(body, null, 2)
     .replace(/\[\s+([^[\]{}]*?)\s+\]/g, (all, inner) => "[" + inner.replace(/,\s+/g, ", ") + "]");
   const obj = body !== null && typeof body === "object" ? body : {};  // models may answer 42
+  // ipcserve errors are {"error": "<message>", "type": "<ErrorType>"}.
   const ok = status >= 200 && status < 400, err = obj.error;
   $("error").hidden = ok;
   $("error").textContent = ok ? "" : !status ? body : "HTTP " + status + " " +
-    (err ? err.type + ": " + err.message : "(no JSON error body)");
+    (typeof err === "string" ? (obj.type ? obj.type + ": " : "") + err : "(no JSON error body)");
   $("result-label").textContent = ok && "label" in obj ? obj.label : "";
   const bars = $("result-bars");
   bars.replaceChildren();

@@ -1,0 +1,91 @@
+"""``ipcserve.batching``: the pure batch policy. Plain objects, no processes, no I/O.
+
+How batches form under real load (with a real ML process) is tested in test_mlprocess.py;
+this file tests only the policy functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from ipcserve import batching
+from ipcserve.protocol import Request
+
+
+@dataclass
+class Pending:
+    """What the worker keeps per request: only ``.request`` matters to the policy."""
+
+    request: Request
+
+
+def pending(n: int) -> list[Pending]:
+    return [Pending(Request(i, 0.0, (i,), {})) for i in range(n)]
+
+
+def ids(items: list[Pending]) -> list[int]:
+    return [p.request.id for p in items]
+
+
+# -- size policy: take() and size_of() -------------------------------------------------------
+def test_take_splits_at_max_items_and_keeps_order() -> None:
+    batch, rest = batching.take(pending(5), 2)
+    assert ids(batch) == [0, 1] and ids(rest) == [2, 3, 4]
+
+
+@pytest.mark.parametrize("n, max_items, batch_ids, rest_ids", [
+    (0, 4, [], []),
+    (3, 4, [0, 1, 2], []),
+    (4, 4, [0, 1, 2, 3], []),
+    (5, 1, [0], [1, 2, 3, 4]),
+])
+def test_take_boundaries(n: int, max_items: int, batch_ids: list[int], rest_ids: list[int]) -> None:
+    batch, rest = batching.take(pending(n), max_items)
+    assert ids(batch) == batch_ids and ids(rest) == rest_ids
+
+
+def test_taking_repeatedly_serves_everything_once_in_order() -> None:
+    rest = pending(10)
+    batches = []
+    while rest:
+        batch, rest = batching.take(rest, 4)
+        batches.append(ids(batch))
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_take_does_not_change_its_input() -> None:
+    items = pending(3)
+    batching.take(items, 1)
+    assert ids(items) == [0, 1, 2]
+
+
+def test_every_request_is_one_item_today() -> None:
+    assert batching.size_of(Request(1, 0.0, (1,), {})) == 1
+    assert batching.size_of(Request(2, 0.0, (), {"a": 1, "b": 2})) == 1
+
+
+# -- what one call contributes to predict_batch: item_of() ------------------------------------
+def test_item_of_one_positional_argument_is_that_argument() -> None:
+    assert batching.item_of((5,), {}) == 5
+    assert batching.item_of(([1, 2],), {}) == [1, 2]
+
+
+def test_item_of_keyword_arguments_is_their_dict() -> None:
+    kwargs = {"a": 1}
+    item = batching.item_of((), kwargs)
+    assert item == {"a": 1}
+    assert item is not kwargs  # the model may mutate its item; the request's kwargs stay
+
+
+@pytest.mark.parametrize("args, kwargs", [((1, 2), {}), ((1,), {"a": 2})])
+def test_item_of_refuses_calls_a_batch_cannot_carry(args: tuple, kwargs: dict) -> None:
+    with pytest.raises(TypeError, match="one positional argument or keyword arguments"):
+        batching.item_of(args, kwargs)
+
+
+# -- max_batch_wait policy -------------------------------------------------------------------
+# The wait policy (how long to hold a forming batch open) lives in worker.py today and is
+# moving into batching.py as a pure function of an injected clock. Its tests go here, using a
+# fake clock, never sleeps; its end-to-end effect stays in test_mlprocess.py.
