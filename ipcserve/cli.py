@@ -74,7 +74,7 @@ def create_app(models: Sequence[tuple[Any, str]], api_key: str | None = None,
     return app
 
 
-def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
+def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
           grace: float = 10.0) -> int:
     """Start the models, serve ``app`` on waitress until SIGTERM/SIGINT, then drain.
 
@@ -82,7 +82,7 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
     are answered (up to ``grace`` seconds); the ML processes get the Shutdown sentinel; the
     server exits 0. A second signal stops at once.
     """
-    import waitress
+    from . import waitress_conf
 
     state = app.extensions["ipcserve"]
     ipc = state.ext
@@ -90,11 +90,11 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
         logger.warning("binding %s without an API key: anyone who can reach this host can use "
                        "the model. Set --api-key or IPCSERVE_API_KEY.", host)
     try:
-        server = waitress.create_server(app, host=host, port=port, threads=threads,
-                                        # Flask's MAX_CONTENT_LENGTH answers 413 in JSON;
-                                        # waitress's own cap (plain text) is the backstop.
-                                        max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"],
-                                        ident="ipcserve")
+        # threads=None: the models' admission limit plus spares (see waitress_conf).
+        server = waitress_conf.create_server(app, host=host, port=port, threads=threads,
+                                             # Flask's MAX_CONTENT_LENGTH answers 413 itself;
+                                             # waitress's own cap is the backstop.
+                                             max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"])
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", host, port, exc)
         return 1
@@ -177,8 +177,8 @@ def _parser() -> argparse.ArgumentParser:
                         "--api-key logs a warning)")
     s.add_argument("--port", type=int, default=int(env("IPCSERVE_PORT", "8000")),
                    help="port (default 8000; 0 picks a free one)")
-    s.add_argument("--threads", type=int, default=int(env("IPCSERVE_THREADS", "8")),
-                   help="waitress threads (default 8)")
+    s.add_argument("--threads", type=int, default=env("IPCSERVE_THREADS"),
+                   help="waitress threads (default: the model's max_inflight + 4)")
     s.add_argument("--model", default=env("IPCSERVE_MODEL", "digits"),
                    help="'digits' or package.module:attribute (default digits)")
     s.add_argument("--kind", choices=("json", "image"), default=env("IPCSERVE_KIND"),

@@ -33,6 +33,7 @@ from .errors import (
     ModelError,
     NotFoundError,
     OverloadedError,
+    QueueDeadlineError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
     WorkerUnavailableError,
@@ -197,6 +198,13 @@ class IPCServe:
             app.config["MAX_CONTENT_LENGTH"] = app.config["IPCSERVE_MAX_CONTENT_LENGTH"]
         app.extensions["ipcserve"] = _State(self, app)
         app.register_blueprint(self._blueprint(), url_prefix=self.url_prefix or None)
+        for rule in app.url_map.iter_rules():
+            if rule.endpoint.startswith("ipcserve."):
+                # Werkzeug answers '/v1//models' (merge_slashes) and '/ml' for '/ml/'
+                # (strict_slashes) with a 308 HTML redirect to a URL built from the Host
+                # header; ipcserve answers JSON: the first 404s, the second just matches.
+                rule.merge_slashes = False
+                rule.strict_slashes = False
 
     def _blueprint(self) -> Blueprint:
         bp = Blueprint("ipcserve", __name__, static_folder="static", static_url_path="/ipcserve-static")
@@ -282,6 +290,24 @@ def _inputs(endpoint: _Endpoint, max_pixels: int) -> tuple[tuple[Any, ...], dict
     return (np.asarray(image.convert("RGB")),), {}
 
 
+def _remaining(endpoint: _Endpoint) -> float | None:
+    """Seconds left of the deadline counted from when the server received the request.
+
+    ``ipcserve.received`` (see ``waitress_conf.RECEIVED_KEY``) is set by ``python app.py``'s
+    waitress; elsewhere (gunicorn) the engine's deadline starts now.
+
+    Raises:
+        QueueDeadlineError: the deadline passed while the request waited for a thread.
+    """
+    received = request.environ.get("ipcserve.received")
+    if received is None:
+        return None
+    remaining: float = received + endpoint.ml.config.timeout - time.monotonic()
+    if remaining <= 0:
+        raise QueueDeadlineError("the request's deadline passed while it waited for the server")
+    return remaining
+
+
 def _predict(name: str | None = None) -> Response:
     state = _state()
     endpoint = _endpoint(name)
@@ -293,10 +319,11 @@ def _predict(name: str | None = None) -> Response:
         if state.draining.is_set():
             raise WorkerUnavailableError("the server is shutting down")
         args, kwargs = _inputs(endpoint, state.max_pixels)
+        timeout = _remaining(endpoint)
         # The caller directly, not ml(...): JSON fields are the model's inputs, so a field
         # named "timeout" or "self" must never reach MLProcess.__call__'s own parameters.
         caller = endpoint.ml._runtime().caller
-        result = caller.call(args, kwargs, None)
+        result = caller.call(args, kwargs, timeout)
         stats = getattr(caller.last_stats, "value", None)
         try:
             body = decode.to_jsonable(result)
