@@ -192,9 +192,16 @@ def create_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, thread
     # A request that waited this long in waitress's queue is past every model's deadline.
     queue_timeout = max((ml.config.timeout for ml in models), default=30.0)
     connection_limit = limits.connection_limit
+    wanted = _FD_RESERVE + 2 * threads + _FDS_PER_CONNECTION * (connection_limit or MAX_CONNECTIONS)
+    nofile = raise_nofile_limit(wanted)
     if connection_limit is None:
-        wanted = _FD_RESERVE + 2 * threads + _FDS_PER_CONNECTION * MAX_CONNECTIONS
-        connection_limit = connection_limit_for(raise_nofile_limit(wanted), threads)
+        connection_limit = connection_limit_for(nofile, threads)
+    elif nofile < wanted:
+        # Past the open-files limit, accept() fails with EMFILE and waitress logs it on
+        # every pass of its loop (server.py, handle_accept) instead of leaving the client queued.
+        logger.warning("connection_limit=%d needs about %d open files, the limit is %d: raise "
+                       "the hard limit (ulimit -Hn, LimitNOFILE=) or lower IPCSERVE_CONNECTION_LIMIT",
+                       connection_limit, wanted, nofile)
     if max_request_body_size is not None:
         adjustments["max_request_body_size"] = max_request_body_size
     adjustments.setdefault("ident", "ipcserve")
