@@ -74,19 +74,24 @@ def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes] | None:
     return status, headers, rest[:length]
 
 
+def read_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """Read one whole response, no more (bounded by ``timeout``)."""
+    received = b""
+    deadline = time.monotonic() + timeout
+    while (parsed := parse_response(received)) is None:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"server closed the connection mid-response: {received[:300]!r}")
+        received += chunk
+    return parsed
+
+
 def raw_request(server: Server, data: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes, read one whole response (bounded by ``timeout``)."""
+    """Send raw bytes on a new connection, read one whole response."""
     with socket.create_connection(address(server), timeout=timeout) as sock:
         sock.sendall(data)
-        received = b""
-        deadline = time.monotonic() + timeout
-        while (parsed := parse_response(received)) is None:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise AssertionError(f"server closed the connection mid-response: {received[:300]!r}")
-            received += chunk
-        return parsed
+        return read_response(sock, timeout)
 
 
 def json_error(status: int, headers: dict[str, str], body: bytes) -> dict[str, Any]:
@@ -237,7 +242,7 @@ def test_normal_client_stays_fast_beside_1000_idle_and_200_slowloris_connections
 def strict() -> Iterator[Server]:
     """A server with tiny connection timeouts."""
     with running(env={"IPCSERVE_HEADER_TIMEOUT": "1", "IPCSERVE_BODY_TIMEOUT": "1",
-                      "IPCSERVE_IDLE_TIMEOUT": "5"}) as server:
+                      "IPCSERVE_IDLE_TIMEOUT": "8"}) as server:
         yield server
 
 
@@ -264,14 +269,14 @@ def test_slow_body_is_closed_after_the_body_timeout(strict: Server) -> None:
 def test_idle_keep_alive_outlives_the_header_timeout_then_closes(strict: Server) -> None:
     sock = open_idle(strict, 1, timeout=10)[0]
     with sock:
-        # Not a request in progress: the header timeout (1 s) must not apply.
+        # Not a request in progress: the header timeout (1 s) must not apply, the idle one (8 s) does.
         assert wait_closed(sock, 1 + TIMEOUT_SLACK) is None
         sock.setblocking(True)
         sock.sendall(HEALTHZ)  # still usable
-        sock.settimeout(10)
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        closed_after = wait_closed(sock, 5 + CLOSE_BOUND)
-    assert closed_after is not None and closed_after >= 4.5, closed_after
+        # The whole answer: a byte left unread would hide the server's close from is_open().
+        assert read_response(sock)[0] == 200
+        closed_after = wait_closed(sock, 8 + CLOSE_BOUND)
+    assert closed_after is not None and closed_after >= 7.5, closed_after
 
 
 # -- B. overload and end-to-end deadlines -------------------------------------------------
