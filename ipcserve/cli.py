@@ -102,20 +102,22 @@ class _Lifecycle:
             pass
 
 
-def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
-          grace: float | None = None, detect_disconnects: bool = True) -> int:
+def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
+          grace: float | None = None, detect_disconnects: bool = True,
+          limits: Any = None) -> int:
     """Serve ``app`` on waitress until a stop signal, loading its models meanwhile.
 
     The port is listened on at once: ``/healthz`` answers, ``/readyz`` says 503 and a
     prediction says "loading" until every model has loaded. A model that fails to load
-    stops the server with exit code 1. Signals: see the module docstring.
+    stops the server with exit code 1. Signals: see the module docstring. The server is
+    :func:`ipcserve.waitress_conf.create_server` (``threads=None``: the models' admission
+    limit plus spares; ``limits``: a ``ServerLimits``, None reads the environment).
 
     Returns:
         the exit code: 0 after a drain, 1 after a failed load or bind, 128 + signal after a
         forced stop.
     """
-    import waitress
-
+    from . import waitress_conf
     from .flask_ext import IPCServe
 
     ext = IPCServe.of(app)
@@ -123,15 +125,13 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int = 8,
         logger.warning("binding %s without an API key: anyone who can reach this host can use "
                        "the model. Set --api-key or IPCSERVE_API_KEY.", host)
     try:
-        server = waitress.create_server(app, host=host, port=port, threads=threads,
-                                        # Flask's MAX_CONTENT_LENGTH answers 413 in JSON;
-                                        # waitress's own cap (plain text) is the backstop.
-                                        max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"],
-                                        # Keeps a busy connection readable, so a client
-                                        # that leaves is seen (waitress.client_disconnected)
-                                        # and its work is cancelled.
-                                        channel_request_lookahead=1 if detect_disconnects else 0,
-                                        ident="ipcserve")
+        server = waitress_conf.create_server(
+            app, host=host, port=port, threads=threads, limits=limits,
+            # Flask's MAX_CONTENT_LENGTH answers 413 itself; waitress's cap is the backstop.
+            max_request_body_size=2 * app.config["MAX_CONTENT_LENGTH"],
+            # Keeps a busy connection readable, so a client that leaves is seen
+            # (waitress.client_disconnected) and its work is cancelled.
+            channel_request_lookahead=1 if detect_disconnects else 0)
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", host, port, exc)
         return 1
@@ -264,8 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ml = build_model(values["model"], config)
         kind = values["kind"] or ("image" if values["model"] == "digits" else "json")
         app = create_app([(ml, kind)], **{s.name: values[s.name] for s in settings_of("http")})
+        from .waitress_conf import ServerLimits
+
+        limits = ServerLimits(**{name: values[name] for name in (
+            "connection_limit", "header_timeout", "body_timeout", "idle_timeout")})
     except ConfigError as exc:
         logger.error("invalid setting: %s", exc)
         return 2
     return serve(app, host=values["host"], port=values["port"], threads=values["threads"],
-                 grace=values["shutdown_grace"], detect_disconnects=values["detect_disconnects"])
+                 grace=values["shutdown_grace"], detect_disconnects=values["detect_disconnects"],
+                 limits=limits)

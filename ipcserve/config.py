@@ -128,6 +128,10 @@ def _optional_str(text: str) -> str:
     return text
 
 
+def _optional_int(text: str) -> int | None:
+    return None if text.strip() == "" else int(text)
+
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -214,7 +218,18 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
     Setting("host", "server", "127.0.0.1",
             "address to bind; another one without an API key logs a warning", str),
     Setting("port", "server", 8000, "port to listen on; 0 picks a free one", int),
-    Setting("threads", "server", 8, "waitress threads that run requests", int),
+    Setting("threads", "server", None,
+            "waitress threads that run requests; none: the models' max_inflight + 4",
+            _optional_int),
+    Setting("connection_limit", "server", None,
+            "open connections at most; none: from the open-files limit, at most 10,000",
+            _optional_int),
+    Setting("header_timeout", "server", 10.0,
+            "seconds from a request's first byte until its headers are complete", float),
+    Setting("body_timeout", "server", 60.0,
+            "seconds from the end of the headers until the body is complete", float),
+    Setting("idle_timeout", "server", 65.0,
+            "seconds a keep-alive connection with no request in progress stays open", float),
     Setting("model", "server", "digits", "'digits' or package.module:attribute", str),
     Setting("kind", "server", None, "endpoint kind: image (default for digits) or json", str,
             ("json", "image")),

@@ -298,6 +298,13 @@ class IPCServe:
                 endpoint.ml.configure(keep_keywords=True, **self._engine_settings)
         app.extensions["ipcserve"] = _State(self, app)
         app.register_blueprint(self._blueprint(), url_prefix=self.url_prefix or None)
+        for rule in app.url_map.iter_rules():
+            if rule.endpoint.startswith("ipcserve."):
+                # Werkzeug answers '/v1//models' (merge_slashes) and '/ml' for '/ml/'
+                # (strict_slashes) with a 308 HTML redirect to a URL built from the Host
+                # header; ipcserve answers JSON: the first 404s, the second just matches.
+                rule.merge_slashes = False
+                rule.strict_slashes = False
 
     def _blueprint(self) -> Blueprint:
         bp = Blueprint("ipcserve", __name__, static_folder="static", static_url_path="/ipcserve-static")
