@@ -161,8 +161,8 @@ class CancelWatch:
             if self._running is not running:
                 return  # the call ended meanwhile; the main loop reads the channels now
             now = time.monotonic()
-            for key, _ in ready:
-                self._read(running, key.fileobj, now)  # type: ignore[arg-type]
+            for selected, _ in ready:
+                self._read(running, selected.fileobj, now)  # type: ignore[arg-type]
             if (self.interruptible and self._armed and not running.interrupted
                     and self._all_gone(running, now)):
                 running.interrupted = True
