@@ -145,8 +145,13 @@ def connection_limit_for(nofile: int, threads: int) -> int:
 
 
 def _models(app: Any) -> list[Any]:
-    state = getattr(app, "extensions", {}).get("ipcserve")
-    return [] if state is None else [e.ml for e in state.ext.endpoints.values()]
+    from .flask_ext import IPCServe
+
+    try:
+        ext = IPCServe.of(app)
+    except RuntimeError:  # a WSGI app without ipcserve
+        return []
+    return [endpoint.ml for endpoint in ext.endpoints.values()]
 
 
 def create_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,

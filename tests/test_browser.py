@@ -86,6 +86,7 @@ def test_page_shows_ready_model_with_pid(server: Server, driver: Any) -> None:
     open_page(driver, server)
     pid = text(driver, '#models tr[data-model="digits"] .pid')
     assert pid and pid.isdigit() and int(pid) > 0, pid
+    assert text(driver, '#models tr[data-model="digits"] .cancelled') == "0"
     assert wait_for(driver, lambda b: text(b, "#ready"), "the readiness badge") == "ready"
     for element_id in ("file", "canvas", "predict", "clear", "api-key"):
         assert driver.find_element(By.ID, element_id).is_displayed(), element_id

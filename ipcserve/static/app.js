@@ -57,6 +57,10 @@ function renderModels(list) {
     cell(row, "crashes", s.crashes ?? 0);
     cell(row, "inflight", s.inflight ?? 0);  // requests waiting for or inside the ML process
     cell(row, "served", sum("served"));
+    // Requests nobody waited for any more (client gone, deadline passed): skipped or interrupted.
+    const cancelled = Object.values(s.cancelled || {}).reduce((n, c) => n + c, 0);
+    cell(row, "cancelled", cancelled).title = Object.entries(s.cancelled || {})
+      .map(([k, c]) => k.replace("_", ", ") + ": " + c).join("\n");
     cell(row, "p50", lat ? lat.p50_ms + " ms" : "-");
     cell(row, "p95", lat ? lat.p95_ms + " ms" : "-");
   }
