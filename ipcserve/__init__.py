@@ -5,7 +5,7 @@ Importing ipcserve imports neither Flask, torch nor transformers.
 
 from __future__ import annotations
 
-from .channel import CallResult
+from .channel import CallResult, Stream
 from .config import Config
 from .errors import (
     ConfigError,
@@ -43,6 +43,7 @@ __all__ = [
     "QueueDeadlineError",
     "RequestCancelledError",
     "ResultDeadlineError",
+    "Stream",
     "UnauthorizedError",
     "UnsupportedMediaTypeError",
     "WorkerCrashedError",

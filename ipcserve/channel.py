@@ -50,11 +50,11 @@ from .errors import (
     WorkerUnavailableError,
     describe_exit,
 )
-from .protocol import Attach, Attached, Cancel, Reply, Request
+from .protocol import Attach, Attached, Cancel, Reply, Request, StreamEnd, StreamItem
 from .runtime import Plumbing
 from .statusblock import State
 
-__all__ = ["Admission", "CallResult", "Caller"]
+__all__ = ["Admission", "CallResult", "Caller", "Stream"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,24 @@ class Admission:
             raise RuntimeError("this admission was released; admit() again")
         return self._caller._call(args, kwargs, self._caller._deadline(timeout, deadline),
                                   cancel_if)
+
+    def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+               timeout: float | None = None, deadline: float | None = None,
+               idle_timeout: float | None = None, cancel_if: Callable[[], bool] | None = None,
+               release_at_end: bool = False) -> Stream:
+        """The items of one call as they are made; see :meth:`MLProcess.stream`.
+
+        ``release_at_end``: this admission is released when the stream ends or is closed
+        (for a stream that outlives the code that opened it, e.g. an HTTP response).
+        """
+        if self._released:
+            raise RuntimeError("this admission was released; admit() again")
+        caller = self._caller
+        idle = caller._config.timeout if idle_timeout is None else idle_timeout
+        if not idle > 0:
+            raise InputError(f"idle_timeout must be > 0, got {idle_timeout!r}")
+        return Stream(caller, args, kwargs, caller._deadline(timeout, deadline), idle, cancel_if,
+                      self.release if release_at_end else None)
 
     def release(self) -> None:
         if not self._released:
@@ -279,6 +297,28 @@ class Caller:
     # -- the call ----------------------------------------------------------------------
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float,
               cancel_if: Callable[[], bool] | None = None) -> CallResult:
+        channel, request, message = self._open(args, kwargs, deadline, cancel_if)
+        if isinstance(message, Reply):
+            return _result(message)
+        # A streaming model called for one answer: the answer is the list of its items.
+        items = []
+        while isinstance(message, StreamItem):
+            items.append(message.value)
+            message = self._next(channel, request, time.monotonic() + self._config.timeout, cancel_if)
+        _raise_end(message)
+        return CallResult(items)
+
+    def _next(self, channel: _Channel, request: Request, deadline: float,
+              cancel_if: Callable[[], bool] | None) -> Any:
+        """The next message of a request whose first message came (its channel is attached)."""
+        message = self._wait(channel, request, deadline, cancel_if)
+        assert message is not None  # only an unattached channel can be lost unread
+        return message
+
+    def _open(self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float,
+              cancel_if: Callable[[], bool] | None) -> tuple[_Channel, Request, Any]:
+        """Send one request; its channel, the request and the first message about it
+        (a Reply, a StreamItem or a StreamEnd)."""
         if deadline <= time.monotonic():
             raise QueueDeadlineError("the request's deadline passed before it was sent to "
                                      "the ML process; it was not computed")
@@ -312,11 +352,11 @@ class Caller:
                     self._discard(channel)
                     channel = self._channel()
                     channel.conn.send_bytes(data)
-                reply = self._wait(channel, request, deadline, cancel_if)
+                message = self._wait(channel, request, deadline, cancel_if)
             finally:
                 shm.discard(segment)  # the ML process unlinked it already, unless it never read it
-            if reply is not None:
-                return reply
+            if message is not None:
+                return channel, request, message
             # Our channel was lost with an ML process before any process read it: send the
             # request again on a fresh channel (it was never computed).
             channel = self._channel()
@@ -367,9 +407,10 @@ class Caller:
                                    "answered; its work there was cancelled")
 
     def _wait(self, channel: _Channel, request: Request, deadline: float,
-              cancel_if: Callable[[], bool] | None) -> CallResult | None:
-        """The reply to ``request``, raised as its error; None when the channel was lost
-        unread with a dead ML process and the request should be sent again."""
+              cancel_if: Callable[[], bool] | None) -> Any:
+        """The next message about ``request`` (Reply, StreamItem or StreamEnd); None when
+        the channel was lost unread with a dead ML process and the request should be sent
+        again."""
         conn = channel.conn
         status = self._status
         slice_ = self._config.poll_interval
@@ -418,15 +459,121 @@ class Caller:
                 channel.slot = message.slot
                 channel.generation = message.generation
                 continue
-            if not isinstance(message, Reply) or message.id not in (request.id, None):
+            if not isinstance(message, (Reply, StreamItem, StreamEnd)) or \
+                    message.id not in (request.id, None):
                 # Normal after a cancel: the reply to a request nobody waited for any more.
                 logger.debug("dropped a stale or unexpected message on a channel: %r",
                              type(message).__name__)
                 continue
-            if message.error is not None:
-                failure = message.error
-                if isinstance(failure, ModelError) and failure.remote_traceback:
-                    raise failure from RemoteTraceback(failure.remote_traceback)
-                raise failure
-            return CallResult(message.value, message.queue_wait, message.inference_time,
-                              message.batch_size)
+            return message
+
+
+def _raise(failure: BaseException) -> None:
+    if isinstance(failure, ModelError) and failure.remote_traceback:
+        raise failure from RemoteTraceback(failure.remote_traceback)
+    raise failure
+
+
+def _result(reply: Reply) -> CallResult:
+    if reply.error is not None:
+        _raise(reply.error)
+    return CallResult(reply.value, reply.queue_wait, reply.inference_time, reply.batch_size)
+
+
+def _raise_end(end: StreamEnd) -> None:
+    if end.error is not None:
+        _raise(end.error)
+
+
+class Stream:
+    """The items of one call, as the ML process makes them; made by :meth:`Admission.stream`
+    (``MLProcess.stream()``).
+
+    Iterate it. A model whose ``predict`` returns a generator streams every item; any other
+    model gives one item, its answer (``streaming`` is False). The stream ends exactly once:
+    after the last item, or with the error that ended it (a crash, the model raising, the
+    deadline for the first item or the idle time between items). :meth:`close` before the
+    end cancels the rest in the ML process (the generator stops at its next ``yield``).
+    """
+
+    def __init__(self, caller: Caller, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 deadline: float, idle_timeout: float, cancel_if: Callable[[], bool] | None,
+                 on_end: Callable[[], None] | None = None) -> None:
+        self._caller = caller
+        self._args, self._kwargs = args, kwargs
+        self._deadline = deadline
+        self._idle = idle_timeout
+        self._cancel_if = cancel_if
+        self._on_end = on_end
+        self._channel: _Channel | None = None
+        self._request: Request | None = None
+        self._done = False
+        self._unary: Reply | None = None
+        #: None until the first item came; then whether the model streams.
+        self.streaming: bool | None = None
+        #: items received so far
+        self.count = 0
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        try:
+            if self._request is None:
+                self._channel, self._request, message = self._caller._open(
+                    self._args, self._kwargs, self._deadline, self._cancel_if)
+            elif self._unary is not None:
+                raise StopIteration  # the one answer was given
+            else:
+                assert self._channel is not None
+                message = self._caller._next(self._channel, self._request,
+                                             time.monotonic() + self._idle, self._cancel_if)
+        except BaseException:
+            self._finish()
+            raise
+        if isinstance(message, StreamItem):
+            self.streaming = True
+            self.count += 1
+            return message.value
+        if isinstance(message, Reply):
+            self.streaming = False
+            self._unary = message
+            try:
+                value = _result(message).value
+            except BaseException:
+                self._finish()
+                raise
+            self.count = 1
+            return value
+        self.streaming = bool(self.streaming)
+        self._finish()
+        _raise_end(message)
+        raise StopIteration
+
+    @property
+    def result(self) -> CallResult | None:
+        """For a model that does not stream, after its item came: the answer with its
+        timings (as :meth:`MLProcess.call` gives it); None for a streaming model."""
+        return None if self._unary is None else _result(self._unary)
+
+    def close(self) -> None:
+        """Stop early: the rest is cancelled in the ML process. Safe to call twice."""
+        if self._done:
+            return
+        if self._request is not None and self._unary is None and self._channel is not None:
+            self._caller._cancel(self._channel, self._request, "disconnect")
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            if self._on_end is not None:
+                self._on_end()

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import collections
 import hmac
+import json
 import logging
 import math
 import pathlib
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
@@ -395,44 +396,103 @@ def _inputs(endpoint: _Endpoint, max_pixels: int) -> tuple[tuple[Any, ...], dict
     return (np.asarray(image.convert("RGB")),), {}
 
 
+_NOTHING = object()
+STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
+
+
 def _predict(name: str | None = None) -> Response:
     state = _state()
     endpoint = _endpoint(name)
     started = time.perf_counter()
     status = 500
     result = None
+    admission = None
+    handed_off = False  # a streaming response releases the admission when it ends
     try:
         if state.ext.draining.is_set():
             raise WorkerUnavailableError("the server is shutting down")
         received = request.environ.get(RECEIVED_KEY) or time.monotonic()
         deadline = received + endpoint.ml.config.timeout
         # Admission before decoding: under overload the body is never even parsed.
-        with endpoint.ml.admit() as admission:
-            args, kwargs = _inputs(endpoint, state.max_pixels)
-            # call(), not ml(...): every JSON field is the model's input, "timeout" too.
-            result = admission.call(args, kwargs, deadline=deadline,
-                                    cancel_if=request.environ.get(DISCONNECTED_KEY))
-            try:
-                body = decode.to_jsonable(result.value)
-            except TypeError as exc:
-                raise ModelError(str(exc)) from None
-            response = jsonify(body)
+        admission = endpoint.ml.admit()
+        args, kwargs = _inputs(endpoint, state.max_pixels)
+        # stream(), not ml(...): every JSON field is the model's input, "timeout" too. A
+        # model that does not stream gives one item, its answer.
+        stream = admission.stream(args, kwargs, deadline=deadline,
+                                  cancel_if=request.environ.get(DISCONNECTED_KEY))
+        first = next(stream, _NOTHING)
+        if not stream.streaming:
+            result = stream.result
+            response = jsonify(_jsonable(first))
+            status = 200
+            return response
+        # SSE only when asked for by name (EventSource sends it); NDJSON otherwise (*/*).
+        sse = any(kind == STREAM_TYPES[0] and quality > 0
+                  for kind, quality in request.accept_mimetypes)
+        body = _stream_body(stream, first, sse, admission, endpoint, state.metrics, started)
+        handed_off = True
         status = 200
-        return response
+        return Response(body, mimetype=STREAM_TYPES[0] if sse else STREAM_TYPES[1],
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     except (IPCServeError, HTTPException) as exc:
         status = exc.http_status if isinstance(exc, IPCServeError) else (exc.code or 500)
-        if isinstance(exc, OverloadedError):
-            state.metrics.shed.labels(endpoint.name).inc()
-        if isinstance(exc, RequestCancelledError):
-            logger.info("model %s: client disconnected; request cancelled", endpoint.name)
-        if isinstance(exc, ModelError) and exc.remote_traceback:
-            logger.error("model %s raised:\n%s", endpoint.name, exc.remote_traceback)
+        _note_error(endpoint, state.metrics, exc)
         raise
     finally:
-        elapsed = time.perf_counter() - started
-        state.metrics.observe(endpoint.name, status, elapsed, result)
-        if status == 200:
-            endpoint.recent.append(elapsed)
+        if not handed_off:
+            if admission is not None:
+                admission.release()
+            elapsed = time.perf_counter() - started
+            state.metrics.observe(endpoint.name, status, elapsed, result)
+            if status == 200:
+                endpoint.recent.append(elapsed)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return decode.to_jsonable(value)
+    except TypeError as exc:
+        raise ModelError(str(exc)) from None
+
+
+def _note_error(endpoint: _Endpoint, metrics: Metrics, exc: Exception) -> None:
+    if isinstance(exc, OverloadedError):
+        metrics.shed.labels(endpoint.name).inc()
+    if isinstance(exc, RequestCancelledError):
+        logger.info("model %s: client disconnected; request cancelled", endpoint.name)
+    if isinstance(exc, ModelError) and exc.remote_traceback:
+        logger.error("model %s raised:\n%s", endpoint.name, exc.remote_traceback)
+
+
+def _frame(sse: bool, value: Any, event: str | None = None) -> bytes:
+    data = json.dumps(value, separators=(",", ":"))
+    if not sse:
+        return (data + "\n").encode()
+    return (f"event: {event}\n" if event else "").encode() + f"data: {data}\n\n".encode()
+
+
+def _stream_body(stream: Any, first: Any, sse: bool, admission: Any, endpoint: _Endpoint,
+                 metrics: Metrics, started: float) -> Iterator[bytes]:
+    """The body of a streaming response: one frame per item as the model makes it, then an
+    ``end`` event (SSE) or nothing more (NDJSON); an error ends it with an ``error`` frame.
+    Runs after the view returned, so it needs no request context. When the client leaves,
+    the server closes this generator: the rest of the stream is cancelled."""
+    status = 200
+    try:
+        item = first
+        while item is not _NOTHING:
+            yield _frame(sse, _jsonable(item))
+            item = next(stream, _NOTHING)
+        if sse:
+            yield _frame(sse, {"items": stream.count}, "end")
+    except IPCServeError as exc:
+        status = exc.http_status
+        _note_error(endpoint, metrics, exc)
+        yield _frame(sse, exc.to_dict(), "error")
+    finally:
+        stream.close()
+        admission.release()
+        metrics.observe(endpoint.name, status, time.perf_counter() - started, None)
 
 
 def _models() -> Response:

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .channel import Admission, Caller, CallResult
+from .channel import Admission, Caller, CallResult, Stream
 from .config import Config
 from .errors import ConfigError, WorkerUnavailableError
 from .protocol import new_token
@@ -229,6 +229,41 @@ class MLProcess:
         with self.admit() as admission:
             return admission.call(args, kwargs or {}, timeout=timeout, deadline=deadline,
                                   cancel_if=cancel_if)
+
+    def stream(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
+               timeout: float | None = None, deadline: float | None = None,
+               idle_timeout: float | None = None,
+               cancel_if: Callable[[], bool] | None = None) -> Stream:
+        """Run ``predict(*args, **kwargs)``; its items as the ML process makes them.
+
+        A ``predict`` that returns a generator (or another iterator) streams: each item
+        comes as soon as it is yielded. Any other model gives one item, its answer::
+
+            with ml.stream((), {"prompt": "Once"}) as items:
+                for item in items:
+                    print(item)
+
+        Leave the ``with`` (or call ``close()``) to stop early: the rest is cancelled in
+        the ML process. Concurrent streams on one ML process advance together, one item
+        each per turn; a reader that falls behind pauses its own generator.
+
+        Args:
+            timeout / deadline: for the first item (as for :meth:`call`).
+            idle_timeout: most seconds between two items (default ``config.timeout``).
+            cancel_if: as for :meth:`call`; checked while waiting for each item.
+
+        Raises:
+            the errors of :meth:`call`, when iterating; OverloadedError and
+            WorkerUnavailableError at once.
+        """
+        admission = self.admit()
+        try:
+            return admission.stream(args, kwargs or {}, timeout=timeout, deadline=deadline,
+                                    idle_timeout=idle_timeout, cancel_if=cancel_if,
+                                    release_at_end=True)
+        except BaseException:
+            admission.release()
+            raise
 
     def admit(self) -> Admission:
         """Take a place among the ``max_inflight`` calls in flight, before preparing a call.

@@ -16,7 +16,8 @@ from typing import Any
 
 from .errors import IPCServeError
 
-__all__ = ["Attach", "Attached", "Cancel", "Reply", "Request", "Shutdown", "new_token"]
+__all__ = ["Attach", "Attached", "Cancel", "Reply", "Request", "Shutdown", "StreamEnd",
+           "StreamItem", "new_token"]
 
 
 def new_token() -> bytes:
@@ -103,3 +104,22 @@ class Reply:
     queue_wait: float = 0.0
     inference_time: float = 0.0
     batch_size: int = 0
+
+
+@dataclasses.dataclass
+class StreamItem:
+    """Pipe message, ML to caller: one item of a streaming request (``predict`` returned a
+    generator). Any number of them, then exactly one :class:`StreamEnd`."""
+
+    id: int
+    value: Any
+
+
+@dataclasses.dataclass
+class StreamEnd:
+    """Pipe message, ML to caller: the stream of request ``id`` is over; ``error`` is why it
+    ended early (the generator raised, or its item could not be sent), or None."""
+
+    id: int
+    error: IPCServeError | None = None
+    items: int = 0

@@ -30,12 +30,23 @@ from typing import Any
 
 from . import batching, shm
 from .cancel import Cancelled, CancelWatch
-from .errors import InputError, IPCServeError, ModelError, QueueDeadlineError
+from .reply import model_error, send, signature_error
+from .streaming import StreamRunner, is_stream
+from .errors import (
+    InputError,
+    IPCServeError,
+    ModelError,
+    QueueDeadlineError,
+    WorkerUnavailableError,
+)
 from .protocol import Attach, Attached, Cancel, Reply, Request, Shutdown
 from .runtime import Plumbing, ServedModel
 from .statusblock import State
 
 __all__ = ["worker_main"]
+
+# How often the loop looks again at streams paused by a slow reader (its pipe was full).
+_PAUSED_STREAM_TICK = 0.005
 
 logger = logging.getLogger(__name__)
 
@@ -83,54 +94,6 @@ def _exit_with_group(code: int) -> None:
     os._exit(code)
 
 
-def _send(conn: Connection, reply: Reply, threshold: int = 0) -> bool:
-    """Send one reply; an unpicklable value becomes a ModelError reply. False: caller is gone."""
-    segment = None
-    try:
-        data, segment = shm.dumps(reply, threshold)
-    except BaseException as exc:  # the model returned something pickle cannot carry
-        # BaseException: a result whose __reduce__ raises SystemExit or KeyboardInterrupt
-        # must fail its request, not the process.
-        logger.warning("reply %s could not be pickled: %r", reply.id, exc)
-        reply = Reply(reply.id, error=ModelError(
-            f"the model's result could not be sent back: {type(exc).__name__}: {exc}",
-            remote_type=type(exc).__name__), queue_wait=reply.queue_wait,
-            inference_time=reply.inference_time, batch_size=reply.batch_size)
-        data = bytes(ForkingPickler.dumps(reply))
-    try:
-        conn.send_bytes(data)
-    except (BrokenPipeError, EOFError, OSError):
-        logger.debug("caller of request %s is gone (channel closed)", reply.id)
-        shm.discard(segment)
-        return False
-    return True
-
-
-def _model_error(exc: BaseException) -> IPCServeError:
-    """The error a caller sees for an exception raised by the model."""
-    if isinstance(exc, IPCServeError):
-        return exc  # the model raised an ipcserve error on purpose (e.g. InputError)
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return ModelError(f"{type(exc).__name__}: {exc}", remote_type=type(exc).__name__,
-                      remote_traceback=tb)
-
-
-def _signature_error(predict: Any, request: Request) -> InputError | None:
-    """An InputError if the call does not fit predict's signature (a wrong JSON field),
-    None if it fits and the TypeError came from inside the model."""
-    import inspect
-
-    try:
-        signature = inspect.signature(predict)
-    except (TypeError, ValueError):
-        return None
-    try:
-        signature.bind(*request.args, **request.kwargs)
-    except TypeError as exc:
-        return InputError(f"the inputs do not match the model: {exc} (predict takes {signature})")
-    return None
-
-
 class _Loop:
     """State of one ML process's serving loop."""
 
@@ -153,6 +116,7 @@ class _Loop:
         self.batchable = model.batching
         self.watch = CancelWatch(bool(getattr(model, "interruptible", True)), self._handle)
         model._cancel_probe = self.watch.cancelled  # type: ignore[attr-defined]
+        self.streams = StreamRunner(self.status, slot, self.watch, self.config.shm_threshold)
         self.item_time = 0.0  # moving average of model seconds per item, for "time saved"
 
     # -- input -----------------------------------------------------------------------
@@ -206,6 +170,7 @@ class _Loop:
             return
         for item in [p for p in self.pending if p.conn is conn]:
             self._cancel_queued(item, "disconnect")
+        self.streams.cancel(conn, None, "disconnect")
         self.conns.remove(conn)
         self.selector.unregister(conn)
         conn.close()
@@ -238,12 +203,15 @@ class _Loop:
         elif isinstance(message, Request):
             self.pending.append(_Pending(conn, message, now))
         elif isinstance(message, Cancel):
-            for item in [p for p in self.pending if p.conn is conn and p.request.id == message.id]:
+            queued = [p for p in self.pending if p.conn is conn and p.request.id == message.id]
+            for item in queued:
                 self._cancel_queued(item, message.reason)
+            if not queued:
+                self.streams.cancel(conn, message.id, message.reason)
         else:
             what = (f"{type(message).__name__}: {message}" if isinstance(message, Exception)
                     else f"expected a Request, got {type(message).__name__}")
-            _send(conn, Reply(None, error=InputError(
+            send(conn, Reply(None, error=InputError(
                 f"the ML process could not decode the request: {what}")))
 
     def _cancel_queued(self, item: _Pending, reason: str) -> None:
@@ -288,7 +256,7 @@ class _Loop:
             for item in self.pending:
                 if item.request.deadline <= now:
                     self.status.count_cancelled(self.slot, "queued", "deadline", self.item_time)
-                    _send(item.conn, Reply(item.request.id, error=QueueDeadlineError(
+                    send(item.conn, Reply(item.request.id, error=QueueDeadlineError(
                         "the request's deadline passed while it was queued; it was not computed")))
                 else:
                     live.append(item)
@@ -316,7 +284,7 @@ class _Loop:
         for item, (value, error) in zip(items, results):
             if cancelled and id(item) in cancelled:
                 continue  # nobody waits for it: its result is discarded
-            _send(item.conn, Reply(item.request.id, value=value, error=error,
+            send(item.conn, Reply(item.request.id, value=value, error=error,
                                    queue_wait=max(0.0, started - item.arrived),
                                    inference_time=elapsed, batch_size=len(items)),
                   self.config.shm_threshold)
@@ -352,9 +320,13 @@ class _Loop:
             self._interrupted([item], cancelled or self.watch.end(), started)
             return
         except TypeError as exc:
-            result = (None, _signature_error(self.model.predict, request) or _model_error(exc))
+            result = (None, signature_error(self.model.predict, request) or model_error(exc))
         except BaseException as exc:  # SystemExit from a model fails the request, not us
-            result = (None, _model_error(exc))
+            result = (None, model_error(exc))
+        if result[1] is None and is_stream(result[0]) and id(item) not in cancelled:
+            self.status.set_busy(self.slot, 0.0)
+            self.streams.add(item, result[0])  # items go out as the serving loop advances it
+            return
         self._finish([item], [result], started, cancelled)
 
     def _run_batch(self, items: list[_Pending]) -> None:
@@ -365,7 +337,7 @@ class _Loop:
                 xs.append(batching.item_of(item.request.args, item.request.kwargs))
                 good.append(item)
             except TypeError as exc:
-                _send(item.conn, Reply(item.request.id, error=InputError(str(exc))))
+                send(item.conn, Reply(item.request.id, error=InputError(str(exc))))
         if not good:
             return
         items = good
@@ -388,7 +360,7 @@ class _Loop:
             return
         except BaseException as exc:
             if len(xs) == 1:
-                results = [(None, _model_error(exc))]
+                results = [(None, model_error(exc))]
             else:
                 # One poison input must not fail its batchmates: retry each alone.
                 logger.info("batch of %d failed (%r); retrying items one by one", len(xs), exc)
@@ -398,21 +370,31 @@ class _Loop:
                         outs = self.model.predict_batch([x])
                         results.append((outs[0], None))
                     except BaseException as item_exc:
-                        results.append((None, _model_error(item_exc)))
+                        results.append((None, model_error(item_exc)))
         self._finish(items, results, started, cancelled)
 
     # -- lifecycle -------------------------------------------------------------------
     def serve(self) -> None:
         interval = self.config.heartbeat_interval
         self.watch.start()
+        advanced = False
         while not self.stopping:
-            self.poll_once(0 if self.pending else interval)
+            if self.pending or advanced:
+                timeout = 0.0
+            elif self.streams:
+                timeout = _PAUSED_STREAM_TICK  # streams wait for slow readers: look again soon
+            else:
+                timeout = interval
+            self.poll_once(timeout)
             if self.pending and self.batchable:
                 self._gather()
             self.run_pending()
+            # One item per active stream per turn, channels read in between: fairness.
+            advanced = self.streams.advance()
         # Drain: answer whatever is already readable, then exit.
         self.poll_once(0)
         self.run_pending()
+        self.streams.close_all(WorkerUnavailableError("the ML process is shutting down"))
         self.watch.stop()
         for conn in self.conns:
             conn.close()

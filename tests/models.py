@@ -303,3 +303,37 @@ class HttpStepper(MLProcess):
                 f.write(".")
             time.sleep(step)
         return {"tag": tag, "steps": int(steps)}
+
+
+class Streamer(MLProcess):
+    """predict(n, delay) yields n items, ``delay`` seconds of work apart, counting every item
+    made in ``counter`` (a shared Value) if given; 'boom' raises after 2 items; 'exit' dies
+    after 2 items; 'unpicklable' yields a lock."""
+
+    def __init__(self, counter: Any = None, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.counter = counter
+
+    def predict(self, n: int = 3, delay: float = 0.0, tag: str = "", fail: str = "") -> Any:
+        import time
+
+        if n == -1:
+            return {"unary": tag}  # not a stream
+        return self._items(int(n), float(delay), tag, fail)
+
+    def _items(self, n: int, delay: float, tag: str, fail: str) -> Any:
+        import time
+
+        for i in range(n):
+            if i == 2 and fail == "boom":
+                raise ValueError("boom after 2 items")
+            if i == 2 and fail == "exit":
+                os._exit(5)
+            if i == 2 and fail == "unpicklable":
+                yield threading.Lock()
+            if delay:
+                time.sleep(delay)  # the work of one item
+            if self.counter is not None:
+                with self.counter.get_lock():
+                    self.counter.value += 1
+            yield {"i": i, "tag": tag, "t": time.monotonic()}

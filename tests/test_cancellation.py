@@ -62,19 +62,25 @@ def test_queued_abandoned_requests_are_never_computed() -> None:
     counter = _counter()
     gone = {tag: threading.Event() for tag in ("a", "b", "c")}
     with Stepper(counter, step=STEP) as ml, concurrent.futures.ThreadPoolExecutor(3) as pool:
-        futures = {tag: pool.submit(ml.call, (tag,), {"steps": 50}, cancel_if=gone[tag].is_set)
-                   for tag in ("a", "b", "c")}
-        wait_until(lambda: counter.value >= 3, what="the first request to run")
+        def submit(tag: str) -> Any:
+            return pool.submit(ml.call, (tag,), {"steps": 50}, cancel_if=gone[tag].is_set)
+
+        running = submit("a")
+        wait_until(lambda: counter.value >= 3, what="'a' to run")
+        queued = {tag: submit(tag) for tag in ("b", "c")}
         wait_until(lambda: ml.inflight == 3, what="3 calls in flight")
-        for tag in ("a", "b", "c"):
+        for tag in queued:  # the two waiting behind 'a' leave first ...
             gone[tag].set()
-        for fut in futures.values():
+        for fut in queued.values():
             with pytest.raises(RequestCancelledError):
                 fut.result(5)
+        gone["a"].set()  # ... then 'a'
+        with pytest.raises(RequestCancelledError):
+            running.result(5)
         t0 = time.monotonic()
         computed = ml.call(("computed",), {}).value
         assert time.monotonic() - t0 < 0.5
-        assert len(computed) == 1, computed  # only the one that was running when they left
+        assert computed == ["a"]  # 'b' and 'c' were never computed
         assert _settled(counter) < 10
         cancelled = ml.status["cancelled"]
         assert cancelled["queued_disconnect"] == 2 and cancelled["running_disconnect"] == 1

@@ -33,6 +33,7 @@ EXPECTED_ALL = [
     "QueueDeadlineError",
     "RequestCancelledError",
     "ResultDeadlineError",
+    "Stream",
     "UnauthorizedError",
     "UnsupportedMediaTypeError",
     "WorkerCrashedError",
