@@ -15,10 +15,17 @@ text-classification    ``str``, ``{"text": str}``, ``[str, ...]``  ``{"label", "
 feature-extraction     ``str``, ``{"text": str}``, ``[str, ...]``  ``[float, ...]``
 image-classification   image, ``{"image": image}``, ``[image...]``  ``[{"label", "score"}, ...]``
 image-text-to-text     image, ``{"image": image, "text": prompt}``  ``{"generated_text": str}``
+text-generation        ``prompt=str`` or ``messages=[...]``        a stream of ``{"text"}``
+                       (keywords; see :mod:`.generation`)          items, then a final item
 =====================  ==========================================  ===========================
 
+``feature-extraction`` also takes ``{"texts": [str, ...], "with_usage": True}`` and then
+returns ``{"vectors": [[float, ...], ...], "prompt_tokens": int}`` (tokens without padding).
+
 An image is a numpy ``uint8`` array (H x W, H x W x 1/3/4), a PIL image, or encoded image
-bytes. A list input returns a list of outputs. Concurrent calls are batched.
+bytes. A list input returns a list of outputs. Concurrent calls are batched, except for
+text generation: its ``predict`` returns a generator that makes one token per step, and
+concurrent streams take turns (see :mod:`ipcserve.streaming`).
 
 Feature extraction tokenises each batch with padding and mean-pools over the attention
 mask (sentence-transformers style), so texts of any length can share a batch. The other
@@ -39,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InputError
 from ..mlprocess import MLProcess
+from .generation import TextGenerator
 from .pytorch import check_device, default_name, resolve_device, set_torch_threads
 
 if TYPE_CHECKING:
@@ -49,7 +57,7 @@ __all__ = ["TransformersModel"]
 logger = logging.getLogger(__name__)
 
 TASKS = ("text-classification", "feature-extraction", "image-classification",
-         "image-text-to-text")
+         "image-text-to-text", "text-generation")
 _ALIASES = {"sentiment-analysis": "text-classification", "image-to-text": "image-text-to-text"}
 _IMAGE_TASKS = ("image-classification", "image-text-to-text")
 
@@ -70,6 +78,8 @@ def infer_task(path: str) -> str:
             return "text-classification"
         if arch.endswith("ForImageClassification"):
             return "image-classification"
+        if arch.endswith("ForCausalLM"):
+            return "text-generation"
         if arch.endswith("ForConditionalGeneration") and "vision_config" in config:
             return "image-text-to-text"
         if arch.endswith("Model") and not arch.endswith("PreTrainedModel"):
@@ -116,19 +126,23 @@ class TransformersModel(MLProcess):
         path: a directory written by ``save_pretrained`` (model, config, tokenizer or
             image processor). Nothing is downloaded: ``HF_HUB_OFFLINE=1`` in the ML process.
         task: one of "text-classification", "feature-extraction", "image-classification",
-            "image-text-to-text" (captioning); default: inferred from config.json.
+            "image-text-to-text" (captioning), "text-generation" (a causal LM, streamed);
+            default: inferred from config.json.
         device: "cpu", "cuda", "cuda:N", "mps" or "auto" (cuda if available, else cpu).
         batch_size: items per forward pass (default: ``max_batch_size``).
         dtype: torch dtype for the weights, e.g. "float16" on a GPU (default: as saved).
         num_threads: ``torch.set_num_threads`` in the ML process.
         normalize: feature-extraction: L2-normalise the embeddings.
         pooling: feature-extraction: "mean" over the attention mask, or "cls".
-        max_length: text tasks: truncate to this many tokens (default: the model's limit).
+        max_length: text tasks: truncate to this many tokens (default: the model's limit);
+            text-generation: the most tokens of prompt plus completion.
         top_k: classification: how many labels to return. Default: text-classification
             returns the best ``{"label", "score"}``; image-classification the best 5 as a
             list. Any ``top_k`` returns a list.
         prompt: image-text-to-text: the text prompt when an input brings none ("").
         max_new_tokens: image-text-to-text: generation length limit.
+        max_new_tokens_limit: text-generation: the largest ``max_tokens`` a request gets
+            (a larger one is lowered to it).
         pipeline_kwargs: extra keyword arguments for ``transformers.pipeline(...)``.
         warmup: run one dummy input before the process reports ready.
         name: the model's name; defaults to the directory's name.
@@ -142,7 +156,8 @@ class TransformersModel(MLProcess):
                  device: str = "cpu", batch_size: int | None = None, dtype: str | None = None,
                  num_threads: int | None = None, normalize: bool = False, pooling: str = "mean",
                  max_length: int | None = None, top_k: int | None = None, prompt: str = "",
-                 max_new_tokens: int = 30, pipeline_kwargs: Mapping[str, Any] | None = None,
+                 max_new_tokens: int = 30, max_new_tokens_limit: int = 512,
+                 pipeline_kwargs: Mapping[str, Any] | None = None,
                  warmup: bool = True, name: str | None = None, **settings: Any) -> None:
         super().__init__(name=name or default_name(path, "transformersmodel"), **settings)
         self.path = os.path.abspath(os.fspath(path))
@@ -156,7 +171,8 @@ class TransformersModel(MLProcess):
         self.device = check_device(device)
         for label, value in (("batch_size", batch_size), ("num_threads", num_threads),
                              ("max_length", max_length), ("top_k", top_k),
-                             ("max_new_tokens", max_new_tokens)):
+                             ("max_new_tokens", max_new_tokens),
+                             ("max_new_tokens_limit", max_new_tokens_limit)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ConfigError(f"{label} must be an integer >= 1, got {value!r}")
@@ -171,12 +187,19 @@ class TransformersModel(MLProcess):
         self.top_k = top_k
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
+        self.max_new_tokens_limit = max_new_tokens_limit
         self.pipeline_kwargs = dict(pipeline_kwargs or {})
         self.run_warmup = warmup
         self.pipe: Any = None
         self.model: Any = None
         self.tokenizer: Any = None
+        self.generator: TextGenerator | None = None
         self._device = "cpu"
+
+    @property
+    def batching(self) -> bool:
+        """False for text-generation: each request streams from its own generator."""
+        return self.task != "text-generation"
 
     # -- ML process ------------------------------------------------------------------
     def load(self) -> None:
@@ -192,10 +215,12 @@ class TransformersModel(MLProcess):
 
         transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         extra = {"dtype": self.dtype} if self.dtype else {}
-        if self.task == "feature-extraction":
+        if self.task in ("feature-extraction", "text-generation"):
+            auto: Any = (transformers.AutoModel if self.task == "feature-extraction"
+                         else transformers.AutoModelForCausalLM)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
                 self.path, local_files_only=True)
-            self.model = transformers.AutoModel.from_pretrained(
+            self.model = auto.from_pretrained(
                 self.path, local_files_only=True, **extra).to(self._device).eval()
         else:
             self.pipe = transformers.pipeline(  # type: ignore[call-overload]
@@ -211,15 +236,37 @@ class TransformersModel(MLProcess):
             positions = getattr(self.model.config, "max_position_embeddings", None)
             if self.task != "image-text-to-text":
                 self.max_length = min(limit, positions or limit, 10**6)
+        if self.task == "text-generation":
+            self.generator = TextGenerator(self.model, self.tokenizer, self._device,
+                                           self.max_length or 2048, self.max_new_tokens_limit)
         logger.info("transformers model %s (%s) loaded on %s", self.name, self.task, self._device)
 
     def warmup(self) -> None:
         """Run one dummy input so the first request does not pay for lazy initialisation."""
-        if self.run_warmup:
+        if self.run_warmup and self.task == "text-generation":
+            for _ in self.predict(prompt="hello", max_tokens=2, temperature=0):
+                pass
+        elif self.run_warmup:
             import numpy as np
 
             dummy = np.zeros((32, 32, 3), np.uint8) if self.task in _IMAGE_TASKS else "warm up"
             self.predict_batch([dummy])
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """text-generation: check the request, return the generator of its items (a
+        positional string is the prompt); other tasks: :meth:`predict_batch` of one.
+
+        Raises:
+            InputError: see :func:`ipcserve.adapters.generation.read_request`.
+        """
+        if self.task != "text-generation" or self.generator is None:
+            return super().predict(*args, **kwargs)
+        if len(args) == 1 and isinstance(args[0], str) and "prompt" not in kwargs:
+            kwargs = {"prompt": args[0], **kwargs}
+        elif args:
+            raise InputError("text generation takes keyword fields: prompt= or messages=, "
+                             "and max_tokens, temperature, top_p, stop, seed")
+        return self.generator.stream(kwargs)
 
     def predict_batch(self, xs: list[Any]) -> list[Any]:
         """Answer a batch; list inputs are flattened into it and regrouped afterwards.
@@ -227,26 +274,45 @@ class TransformersModel(MLProcess):
         Raises:
             InputError: an input is not a string / image of the right kind, or an empty list.
         """
+        if self.task == "text-generation":
+            raise InputError("text generation streams one request at a time (predict(), "
+                             "after load())")
         items: list[Any] = []
-        spans: list[tuple[int, int, bool]] = []
+        spans: list[tuple[int, int, str]] = []
         for i, x in enumerate(xs):
             where = f"input {i}" if len(xs) > 1 else "the input"
-            parts, is_list = self._items(x, where)
-            spans.append((len(items), len(items) + len(parts), is_list))
+            parts, form = self._items(x, where)
+            spans.append((len(items), len(items) + len(parts), form))
             items.extend(parts)
         outputs: list[Any]
+        counts: list[int] = []
         if self.task == "feature-extraction":
-            outputs = self._embed(items)
+            outputs, counts = self._embed(items)
         elif self.task == "text-classification":
             outputs = self._classify_text(items)
         elif self.task == "image-classification":
             outputs = self._classify_images(items)
         else:
             outputs = self._generate(items)
-        return [outputs[a:b] if is_list else outputs[a] for a, b, is_list in spans]
+        return [{"vectors": outputs[a:b], "prompt_tokens": sum(counts[a:b])} if form == "usage"
+                else outputs[a:b] if form == "list" else outputs[a] for a, b, form in spans]
 
     # -- inputs ----------------------------------------------------------------------
-    def _items(self, x: Any, where: str) -> tuple[list[Any], bool]:
+    def _items(self, x: Any, where: str) -> tuple[list[Any], str]:
+        """The texts/images of one input and its form: "one", "list" or "usage"."""
+        if isinstance(x, Mapping) and "texts" in x and self.task == "feature-extraction":
+            # {"texts": [...], "with_usage": true}: the OpenAI embeddings endpoint's call.
+            if set(x) - {"texts", "with_usage"}:
+                raise InputError(f"{where}: unknown field(s) "
+                                 f"{sorted(map(str, set(x) - {'texts', 'with_usage'}))}; send "
+                                 "{'texts': [...], 'with_usage': true}")
+            texts, usage = x["texts"], x.get("with_usage", False)
+            if not isinstance(usage, bool):
+                raise InputError(f"'with_usage' of {where} must be true or false")
+            if not isinstance(texts, (list, tuple)) or not texts:
+                raise InputError(f"'texts' of {where} must be a non-empty list of strings")
+            parts = [self._item(v, f"item {j} of 'texts'") for j, v in enumerate(texts)]
+            return parts, "usage" if usage else "list"
         if isinstance(x, Mapping) and isinstance(x.get("text"), (list, tuple)) and (
                 self.task not in _IMAGE_TASKS):
             if set(x) != {"text"}:
@@ -256,8 +322,8 @@ class TransformersModel(MLProcess):
             if not x:
                 raise InputError(f"{where} is an empty list; send at least one "
                                  + ("image" if self.task in _IMAGE_TASKS else "text"))
-            return [self._item(v, f"item {j} of {where}") for j, v in enumerate(x)], True
-        return [self._item(x, where)], False
+            return [self._item(v, f"item {j} of {where}") for j, v in enumerate(x)], "list"
+        return [self._item(x, where)], "one"
 
     def _item(self, x: Any, where: str) -> Any:
         if self.task in _IMAGE_TASKS:
@@ -289,12 +355,14 @@ class TransformersModel(MLProcess):
         return x
 
     # -- tasks -----------------------------------------------------------------------
-    def _embed(self, texts: list[str]) -> list[list[float]]:
+    def _embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
+        """The vectors and, per text, its token count (without padding)."""
         import torch
 
         # Texts of similar length share a forward pass, so less compute goes to padding.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         result: list[list[float]] = [[] for _ in texts]
+        counts = [0] * len(texts)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             encoded = self.tokenizer([texts[i] for i in chunk], padding=True, truncation=True,
@@ -309,9 +377,10 @@ class TransformersModel(MLProcess):
                     vectors = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 if self.normalize:
                     vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-            for i, row in zip(chunk, vectors.float().cpu().tolist()):
-                result[i] = row
-        return result
+            for i, row, n in zip(chunk, vectors.float().cpu().tolist(),
+                                 encoded["attention_mask"].sum(1).tolist()):
+                result[i], counts[i] = row, int(n)
+        return result, counts
 
     @staticmethod
     def _labels(result: Any) -> list[dict[str, Any]]:

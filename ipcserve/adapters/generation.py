@@ -1,0 +1,344 @@
+"""Causal-LM text generation, one token per step, for :class:`~ipcserve.adapters.hf.TransformersModel`.
+
+``TextGenerator.stream(fields)`` checks a request and returns a generator; each ``next()``
+runs the model once (with its key/value cache) and samples one token, so the ML process can
+take turns between concurrent streams token by token, and a cancelled stream stops at its
+next ``yield``. The items::
+
+    {"text": " the"}                     # one per generated token; "" while text is held back
+    ...
+    {"text": "", "finish_reason": "stop" | "length",
+     "usage": {"prompt_tokens": 12, "completion_tokens": 5}}     # exactly once, last
+
+Text is held back while it could still be the start of a ``stop`` sequence (then released,
+or cut before the stop), and while the token so far ends inside a character (a byte-level
+tokenizer splits "é" or an emoji over several tokens); the deltas joined are the completion.
+
+Everything heavy (torch, jinja2) is imported inside functions: this module is imported by
+``hf.py`` in the web process too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from ..errors import InputError
+
+__all__ = ["IncrementalDecoder", "Sampling", "StopBuffer", "TextGenerator", "read_request"]
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed")
+ROLES = ("system", "developer", "user", "assistant")
+MAX_STOPS = 4
+# Prompt tokens decoded with the first new token, so that it gets the space it would have in
+# the whole text ("the cat" + "sat" -> " sat"), as vLLM's detokenizer does.
+_PROMPT_CONTEXT = 5
+# Below it, dividing logits by the temperature overflows float32: sample greedily instead.
+_MIN_TEMPERATURE = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens, checked by :func:`read_request`.
+
+    Attributes:
+        max_tokens: most tokens to generate (the context may end it sooner).
+        temperature: 0 picks the likeliest token (greedy); higher flattens the distribution.
+        top_p: sample from the smallest set of tokens whose probability reaches it.
+        stop: generation ends before any of these texts, which are not returned.
+        seed: the same seed, prompt and settings give the same tokens; None: random.
+    """
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(fields: Mapping[str, Any], name: str, default: float) -> float:
+    value = fields.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"'{name}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _content(message: Mapping[str, Any], i: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    # OpenAI's content parts: [{"type": "text", "text": "..."}, ...]; text only here.
+    if isinstance(content, list) and all(
+            isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content):
+        return "".join(p["text"] for p in content)
+    raise InputError(f"the 'content' of messages[{i}] must be a string (or a list of "
+                     f"{{'type': 'text', 'text': ...}} parts), got {type(content).__name__}")
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InputError("'messages' must be a non-empty list of {'role', 'content'} objects")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, Mapping):
+            raise InputError(f"messages[{i}] must be an object with 'role' and 'content', got "
+                             f"{type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise InputError(f"the 'role' of messages[{i}] must be one of {', '.join(ROLES)}, "
+                             f"got {role!r}")
+        messages.append({"role": str(role), "content": _content(message, i)})
+    return messages
+
+
+def read_request(fields: Mapping[str, Any], max_tokens_limit: int
+                 ) -> tuple[str | list[dict[str, str]], Sampling]:
+    """The prompt (a string, or chat messages) and the sampling settings of a request.
+
+    ``max_tokens`` above ``max_tokens_limit`` is lowered to it (clients such as OpenAI SDK
+    tools often ask for far more than they need); the default is 64.
+
+    Raises:
+        InputError: naming the field: both or neither of ``prompt``/``messages``, an unknown
+            field, a value of the wrong type or out of range.
+    """
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise InputError(f"unknown field(s) {', '.join(map(repr, unknown))}; a generation "
+                         f"request takes {', '.join(FIELDS)}")
+    if ("prompt" in fields) == ("messages" in fields):
+        raise InputError("send exactly one of 'prompt' (a string) or 'messages' (a list of "
+                         "{'role', 'content'})")
+    prompt: str | list[dict[str, str]]
+    if "prompt" in fields:
+        prompt = fields["prompt"]
+        if not isinstance(prompt, str):
+            raise InputError(f"'prompt' must be a string, got {type(prompt).__name__}")
+    else:
+        prompt = _messages(fields["messages"])
+    max_tokens = fields.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = 64
+    elif not _is_int(max_tokens) or max_tokens < 1:
+        raise InputError(f"'max_tokens' must be an integer >= 1, got {max_tokens!r}")
+    temperature = _number(fields, "temperature", 1.0)
+    if temperature < 0:
+        raise InputError(f"'temperature' must be >= 0 (0: greedy), got {temperature!r}")
+    top_p = _number(fields, "top_p", 1.0)
+    if not 0 < top_p <= 1:
+        raise InputError(f"'top_p' must be > 0 and <= 1, got {top_p!r}")
+    stop = fields.get("stop")
+    stops = (stop,) if isinstance(stop, str) else () if stop is None else stop
+    if (not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOPS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise InputError(f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} "
+                         f"of them, got {stop!r}")
+    seed = fields.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise InputError(f"'seed' must be an integer, got {seed!r}")
+    return prompt, Sampling(min(max_tokens, max_tokens_limit), temperature, top_p,
+                            tuple(stops), seed)
+
+
+class IncrementalDecoder:
+    """Turn token ids into text one token at a time.
+
+    Decodes a short window ending at the new token and returns what it adds to the window's
+    text without it, so spaces between words and characters spread over several tokens come
+    out as in the whole decoded text; while the window ends inside a character (U+FFFD), the
+    text waits for the next token. The window moves on after each piece: O(1) per token.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-_PROMPT_CONTEXT:])
+        self.prefix = 0  # the window: ids[prefix:read] decoded already, ids[read:] not yet
+        self.read = len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _pending(self) -> tuple[str, str]:
+        return self._decode(self.ids[self.prefix:self.read]), self._decode(self.ids[self.prefix:])
+
+    def add(self, token_id: int) -> str:
+        """The new text that ``token_id`` completes ("" if none yet)."""
+        self.ids.append(token_id)
+        before, text = self._pending()
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
+
+    def flush(self) -> str:
+        """The text still waiting at the end (e.g. a character left incomplete)."""
+        before, text = self._pending()
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):] if len(text) > len(before) else ""
+
+
+class StopBuffer:
+    """Hold back text that may be the start of a stop sequence; cut at the first stop."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """The text that is safe to send, and whether a stop sequence was reached (then
+        the text is everything before it and the rest is dropped)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.pending = self.pending[:min(found)], ""
+            return out, True
+        # Earlier text never ends with a stop's start (it would have been held), so the
+        # longest held suffix is all a stop could still begin with.
+        hold = max((k for s in self.stops for k in range(1, len(s))
+                    if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """The held text, at the end: no stop sequence can complete any more."""
+        out, self.pending = self.pending, ""
+        return out
+
+
+class TextGenerator:
+    """Generate from a causal LM one token per ``next()``; made in the ML process.
+
+    Args:
+        model: a transformers ``...ForCausalLM`` in eval mode on ``device``.
+        tokenizer: its tokenizer (with a chat template for ``messages``).
+        device: where the model is, e.g. "cpu" or "cuda:0".
+        context: most tokens of prompt plus completion.
+        max_tokens_limit: the largest ``max_tokens`` a request gets.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, device: str, context: int,
+                 max_tokens_limit: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.context = context
+        self.max_tokens_limit = max_tokens_limit
+        ends: set[int] = set()
+        values: list[Any] = [getattr(tokenizer, "eos_token_id", None), getattr(
+            getattr(model, "generation_config", None), "eos_token_id", None)]
+        for value in values:
+            ends.update([value] if _is_int(value) else value or ())
+        self.end_ids = frozenset(ends)  # chat models often end on several (Llama 3: eot too)
+
+    def stream(self, fields: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """Check and tokenize the request now; the tokens come from the returned generator.
+
+        Raises:
+            InputError: see :func:`read_request`; also a prompt that leaves no room in the
+                context, or ``messages`` for a model without a chat template.
+        """
+        prompt, sampling = read_request(fields, self.max_tokens_limit)
+        ids = self.prompt_ids(prompt)
+        if len(ids) >= self.context:
+            field = "prompt" if isinstance(prompt, str) else "messages"
+            raise InputError(f"the '{field}' is {len(ids)} tokens; this model's context is "
+                             f"{self.context} tokens, which leaves no room to generate")
+        return self._generate(ids, sampling)
+
+    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """The token ids of a prompt: a string as is (with the tokenizer's BOS, if it adds
+        one), messages through the chat template with the assistant's turn opened.
+
+        Raises:
+            InputError: ``messages`` the template rejects or cannot render, or no template.
+        """
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer(prompt)["input_ids"])
+            if not ids:
+                bos = getattr(self.tokenizer, "bos_token_id", None)
+                if bos is None:
+                    raise InputError("'prompt' is empty and this model has no BOS token to "
+                                     "start from; send some text")
+                ids = [int(bos)]
+            return ids
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InputError("this model's tokenizer has no chat template, so it cannot take "
+                             "'messages'; send 'prompt' (a string) instead")
+        import jinja2
+
+        try:
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                      tokenize=False)
+        except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
+            raise InputError(f"the chat template rejected 'messages': {exc}") from None
+        # The template writes the special tokens (BOS included) itself.
+        return list(self.tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+    def _generate(self, ids: list[int], sampling: Sampling) -> Iterator[dict[str, Any]]:
+        import torch
+
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(sampling.seed if sampling.seed is not None
+                              else secrets.randbits(63))
+        decoder, stops = IncrementalDecoder(self.tokenizer, ids), StopBuffer(sampling.stop)
+        room = min(sampling.max_tokens, self.context - len(ids))
+        inputs = torch.tensor([ids], device=self.device)
+        cache: Any = None
+        produced, finish = 0, "length"
+        while produced < room:
+            # inference_mode per step, not around the loop: it is thread state, and a yield
+            # inside it would leak it to whoever calls next() (the ML process's loop).
+            with torch.inference_mode():
+                out = self.model(input_ids=inputs, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                token = _pick(out.logits[0, -1], sampling, generator)
+            produced += 1
+            inputs = torch.tensor([[token]], device=self.device)
+            if token in self.end_ids:
+                text, stopped = stops.push(decoder.flush())
+                finish = "stop"
+                yield {"text": text if stopped else text + stops.flush()}
+                break
+            text, stopped = stops.push(decoder.add(token))
+            if not stopped and produced == room:
+                tail, stopped = stops.push(decoder.flush())
+                text += tail if stopped else tail + stops.flush()
+            yield {"text": text}
+            if stopped:
+                finish = "stop"
+                break
+        yield {"text": "", "finish_reason": finish,
+               "usage": {"prompt_tokens": len(ids), "completion_tokens": produced}}
+
+
+def _pick(logits: Any, sampling: Sampling, generator: Any) -> int:
+    """The next token from the last position's logits: greedy, or temperature + top-p."""
+    import torch
+
+    if sampling.temperature < _MIN_TEMPERATURE:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p >= 1.0:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    sorted_probs, order = torch.sort(probs, descending=True)
+    # Keep the likeliest tokens until their mass reaches top_p (the first always stays).
+    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+    choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)
+    return int(order[choice])

@@ -1,0 +1,121 @@
+"""Tiny random causal language models and tokenizers for the generation tests.
+
+Nothing is downloaded: the model is built from a config, the tokenizer with the
+``tokenizers`` library, and both are saved with ``save_pretrained`` so that
+``AutoTokenizer.from_pretrained(dir)`` and ``AutoModelForCausalLM.from_pretrained(dir)`` load
+them offline, exactly like a user's local model directory.
+
+The output rows of the special tokens are zeroed: their logit is exactly 0, while a word's is
+``h . w`` with random signs, so greedy decoding picks words (a 0 never beats the best of ~90
+random logits) and never ends early on ``</s>``. Tests that need an end-of-sequence token
+name one of the words as an extra ``eos_token_id`` in ``generation_config.json``
+(:func:`with_eos`), the way chat models list several.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+WORDS = tuple(
+    "the a an and or but if then so of to in on at by for with from up down over under "
+    "cat dog bird fish mat hat sun moon star tree house road river sea sky rain snow wind "
+    "is was are were be has had do did go went see saw say said make made take took sat sit "
+    "good bad big small old new red blue green happy sad fast slow hot cold "
+    "i you he she it we they me him her us them hello world story once upon time day night "
+    "café naïve . , ! ?".split())
+CONTEXT = 64  # max_position_embeddings: small, so a prompt can overflow it in a test
+# A minimal chat format in the style of Zephyr/Phi: role markers, an end marker per turn.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def word_tokenizer() -> Any:
+    """A word-level ``PreTrainedTokenizerFast``: WORDS and SPECIAL, a chat template, BOS
+    prepended to plain text, words joined by spaces when decoded (WordPiece decoder, which
+    also removes the space before punctuation)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    tok.add_special_tokens(list(SPECIAL))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", chat_template=CHAT_TEMPLATE, model_max_length=CONTEXT)
+
+
+def byte_level_tokenizer() -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a few lines: characters outside
+    ASCII take several tokens each, as in GPT-2 and Llama 3 (for the incremental decoder)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "hello world", "once upon a time"] * 5,
+                            trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def build_causal_lm(directory: Path, *, seed: int = 0) -> Path:
+    """Save a 2-layer Llama with hidden size 32 and the word tokenizer to ``directory``."""
+    import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = word_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+        tie_word_embeddings=False, initializer_range=0.5)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[list(ids.values())] = 0.0  # see the module docstring
+    directory.mkdir(parents=True, exist_ok=True)
+    transformers.utils.logging.disable_progress_bar()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def with_eos(source: Path, directory: Path, eos_token_id: int) -> Path:
+    """A copy of ``source`` whose generation config also ends on ``eos_token_id``."""
+    shutil.copytree(source, directory)
+    path = directory / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    config["eos_token_id"] = [config.get("eos_token_id", 3), eos_token_id]
+    path.write_text(json.dumps(config))
+    return directory
+
+
+def build_encoder(directory: Path, *, seed: int = 0) -> Path:
+    """Save a 2-layer BERT encoder (for feature-extraction) with the word tokenizer."""
+    import torch
+    import transformers
+
+    tokenizer = word_tokenizer()
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=CONTEXT,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
