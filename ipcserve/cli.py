@@ -38,24 +38,61 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _FLUSH_TIMEOUT = 5.0
 
 
-def build_model(spec: str, config: Config) -> Any:
-    """``digits`` (the built-in model) or ``package.module:attr`` where attr is an MLProcess
-    subclass, an MLProcess instance, or a factory callable returning a model."""
+def build_model(spec: str, config: Config, task: str | None = None) -> Any:
+    """The model ``--model`` names: ``digits`` (the built-in model);
+    ``package.module:attr`` where attr is an MLProcess subclass, an MLProcess instance, or a
+    factory callable returning a model; or a path: a transformers model directory (with a
+    config.json; ``task`` or inferred from it), an ``.onnx`` file, a ``.pt2`` (torch.export)
+    or ``.pt``/``.ts`` (TorchScript) file. A path's model is named after its stem.
+
+    Raises:
+        ConfigError: the spec is none of these, or ``task`` is given for something other
+            than a transformers model directory.
+    """
     from .mlprocess import MLProcess
 
+    if task is not None and not os.path.isdir(spec):
+        raise ConfigError(f"--task is for a transformers model directory; --model {spec!r} "
+                          "is not one")
     if spec == "digits":
         from .adapters.digits import DigitsClassifier
 
         return DigitsClassifier(config=config)
     module_name, sep, attr = spec.partition(":")
-    if not sep:
-        raise ConfigError(f"--model must be 'digits' or 'package.module:attribute', got {spec!r}")
+    if os.path.exists(spec) or not sep:
+        return _model_at(spec, config, task)
     target = getattr(importlib.import_module(module_name), attr)
     if isinstance(target, MLProcess):
         return target
     if isinstance(target, type) and issubclass(target, MLProcess):
         return target(config=config)
     return MLProcess.from_factory(target, config=config)
+
+
+_MODEL_FILES = (".onnx", ".pt2", ".pt", ".ts")
+
+
+def _model_at(path: str, config: Config, task: str | None) -> Any:
+    """The adapter for a model directory or file (see :func:`build_model`)."""
+    suffix = os.path.splitext(path)[1].lower()
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from .adapters.hf import TransformersModel
+
+        return TransformersModel(path, task=task, config=config)
+    if os.path.isfile(path) and suffix == ".onnx":
+        from .adapters.onnxrt import OnnxModel
+
+        return OnnxModel(path, config=config)
+    if os.path.isfile(path) and suffix in _MODEL_FILES:
+        from .adapters.pytorch import TorchModel
+
+        return TorchModel(path, config=config)
+    if os.path.isdir(path):
+        raise ConfigError(f"--model {path} is a directory without a config.json; serve one "
+                          "written by save_pretrained")
+    what = "is not a model file" if os.path.exists(path) else "does not exist"
+    raise ConfigError(f"--model must be 'digits', 'package.module:attribute', a transformers "
+                      f"model directory or a {'/'.join(_MODEL_FILES)} file; {path!r} {what}")
 
 
 def create_app(models: Sequence[tuple[Any, str]], **http_settings: Any) -> Any:
@@ -261,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         values = resolve(args)
         logging.getLogger().setLevel(values["log_level"])
         config = Config(**{s.name: values[s.name] for s in settings_of("engine")})
-        ml = build_model(values["model"], config)
+        ml = build_model(values["model"], config, values["task"])
         kind = values["kind"] or ("image" if values["model"] == "digits" else "json")
         app = create_app([(ml, kind)], **{s.name: values[s.name] for s in settings_of("http")})
         from .waitress_conf import ServerLimits

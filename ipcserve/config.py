@@ -230,7 +230,12 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
             "seconds from the end of the headers until the body is complete", float),
     Setting("idle_timeout", "server", 65.0,
             "seconds a keep-alive connection with no request in progress stays open", float),
-    Setting("model", "server", "digits", "'digits' or package.module:attribute", str),
+    Setting("model", "server", "digits",
+            "'digits', package.module:attribute, or the path of a transformers model "
+            "directory or an .onnx/.pt2/.pt/.ts file", str),
+    Setting("task", "server", None,
+            "the task of a transformers model directory given by path; none: from its "
+            "config.json", str),
     Setting("kind", "server", None, "endpoint kind: image (default for digits) or json", str,
             ("json", "image")),
     Setting("detect_disconnects", "server", True,
