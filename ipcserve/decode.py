@@ -109,19 +109,3 @@ def decode_image(data: bytes, max_pixels: int) -> Any:
         raise InputError(f"the image could not be decoded: {type(exc).__name__}: {exc}") from None
     return image
 
-
-def to_jsonable(value: Any) -> Any:
-    """Make a model result JSON-serialisable: numpy arrays and scalars become lists/numbers."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if hasattr(value, "tolist") and callable(value.tolist):  # numpy arrays and scalars, tensors
-        return to_jsonable(value.tolist())
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, bytes):
-        raise TypeError("the model returned bytes, which JSON cannot carry")
-    raise TypeError(f"the model returned a {type(value).__name__}, which JSON cannot carry")

@@ -26,7 +26,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from . import decode
+from . import decode, encode
 from .errors import (
     InputError,
     IPCServeError,
@@ -299,7 +299,7 @@ def _predict(name: str | None = None) -> Response:
         result = caller.call(args, kwargs, None)
         stats = getattr(caller.last_stats, "value", None)
         try:
-            body = decode.to_jsonable(result)
+            body = encode.to_jsonable(result)
         except TypeError as exc:
             raise ModelError(str(exc)) from None
         status = 200
