@@ -3,6 +3,10 @@
 Never unpickles anything: JSON is parsed with ``json``, images are decoded with pillow,
 and the pixel count is checked from the header *before* the pixels are decoded, so a
 decompression bomb is refused without being inflated.
+
+Images are opened only in the formats of :data:`ALLOWED_IMAGE_FORMATS`. Pillow knows dozens
+more, and some are dangerous on untrusted bytes: EPS runs Ghostscript on attacker-written
+PostScript, and the long tail of rarely used plugins is where decoder bugs live.
 """
 
 from __future__ import annotations
@@ -14,7 +18,17 @@ from typing import Any
 
 from .errors import InputError, PayloadTooLargeError, UnsupportedMediaTypeError
 
-__all__ = ["decode_image", "parse_json_object", "validate"]
+__all__ = ["ALLOWED_IMAGE_FORMATS", "decode_image", "parse_json_object", "validate"]
+
+#: The image formats :func:`decode_image` opens (Pillow's format names). Any other body,
+#: even one Pillow could read, is refused with a 415 before a decoder sees its pixels.
+ALLOWED_IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
+
+# Pillow's JPEG plugin hands a multi-picture JPEG (from some cameras) back as "MPO"; it is
+# still decoded by the JPEG decoder, and only its first picture is used.
+_OPENED_FORMATS = frozenset(ALLOWED_IMAGE_FORMATS) | {"MPO"}
+
+_FORMATS_IN_WORDS = "PNG, JPEG, GIF, BMP or WebP"
 
 
 def parse_json_object(data: bytes) -> dict[str, Any]:
@@ -82,21 +96,23 @@ def validate(body: dict[str, Any], schema: Any) -> dict[str, Any]:
 def decode_image(data: bytes, max_pixels: int) -> Any:
     """Decode image bytes into a loaded ``PIL.Image``.
 
+    Only the formats of :data:`ALLOWED_IMAGE_FORMATS` are opened.
+
+    Args:
+        data: the encoded image, as sent by the client.
+        max_pixels: the largest width x height accepted (checked before decoding).
+
+    Returns:
+        The loaded ``PIL.Image.Image`` (the first frame of an animation).
+
     Raises:
-        InputError: empty or not an image pillow can read.
+        InputError: empty, no pixels, or truncated/corrupt pixel data.
+        UnsupportedMediaTypeError: not an image in an allowed format.
         PayloadTooLargeError: more than ``max_pixels`` pixels (checked before decoding).
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not data:
         raise InputError("the image is empty")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise PayloadTooLargeError(f"the image has more than {max_pixels} pixels") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise UnsupportedMediaTypeError("the body is not an image pillow can read "
-                                        "(send PNG, JPEG, GIF, BMP or WebP)") from None
+    image = _open_image(data, max_pixels)
     width, height = image.size
     if width * height > max_pixels:
         raise PayloadTooLargeError(f"the image is {width}x{height} = {width * height} pixels; "
@@ -109,3 +125,33 @@ def decode_image(data: bytes, max_pixels: int) -> Any:
         raise InputError(f"the image could not be decoded: {type(exc).__name__}: {exc}") from None
     return image
 
+
+def _open_image(data: bytes, max_pixels: int) -> Any:
+    """Identify ``data`` among the allowed formats and read its header; no pixels yet."""
+    from PIL import Image, UnidentifiedImageError
+
+    # Import the allowed plugins ourselves: Image.open(formats=...) calls Image.init(),
+    # which imports every plugin Pillow has, whenever a listed format is not registered yet
+    # (WebP is not among the few Pillow preloads). The formats= list alone already keeps
+    # other plugins from being tried; this keeps them from even being imported by us.
+    from PIL import (  # noqa: F401
+        BmpImagePlugin,
+        GifImagePlugin,
+        JpegImagePlugin,
+        PngImagePlugin,
+        WebPImagePlugin,
+    )
+
+    try:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own cap (Image.MAX_IMAGE_PIXELS) fired first; the warning arrives as an
+        # exception only where warnings are errors (python -W error, our test suite).
+        raise PayloadTooLargeError(f"the image has more than {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise UnsupportedMediaTypeError(f"the body is not an image in an accepted format "
+                                        f"(send {_FORMATS_IN_WORDS})") from None
+    if image.format not in _OPENED_FORMATS:  # a plugin that registered itself under our names
+        raise UnsupportedMediaTypeError(f"{image.format} images are not accepted "
+                                        f"(send {_FORMATS_IN_WORDS})")
+    return image
