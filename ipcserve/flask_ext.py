@@ -34,7 +34,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from . import decode
+from . import decode, encode
 from .config import read_settings, settings_of
 from .errors import (
     ConfigError,
@@ -450,7 +450,7 @@ def _predict(name: str | None = None) -> Response:
 
 def _jsonable(value: Any) -> Any:
     try:
-        return decode.to_jsonable(value)
+        return encode.to_jsonable(value)
     except TypeError as exc:
         raise ModelError(str(exc)) from None
 
