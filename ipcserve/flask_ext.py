@@ -13,6 +13,7 @@ Routes (under the optional ``url_prefix``):
 
 * ``POST /v1/models/<name>/predict`` for every model, and ``POST /predict`` for the default one
 * ``GET /v1/models`` (OpenAI's list shape, with each model's status) and ``GET /v1/models/<name>``
+* the OpenAI API under ``/v1`` (chat/completions, completions, embeddings): :mod:`ipcserve.openai_api`
 * ``GET /healthz`` (the web process answers), ``GET /readyz`` (every model ready, not draining)
 * ``GET /metrics`` (Prometheus text), ``GET /`` (a status page with a try-it form)
 """
@@ -313,6 +314,8 @@ class IPCServe:
                 rule.strict_slashes = False
 
     def _blueprint(self) -> Blueprint:
+        from . import openai_api  # imports this module
+
         bp = Blueprint("ipcserve", __name__, static_folder="static", static_url_path="/ipcserve-static")
         bp.before_request(_check_api_key)
         bp.register_error_handler(IPCServeError, error_response)
@@ -326,6 +329,9 @@ class IPCServe:
         bp.add_url_rule("/readyz", "readyz", _readyz)
         bp.add_url_rule("/metrics", "metrics", _metrics)
         bp.add_url_rule("/", "index", _index)
+        # Nested, so it shares the url_prefix and the API key check; its own error
+        # handlers answer in OpenAI's error shape.
+        bp.register_blueprint(openai_api.blueprint())
         return bp
 
 
