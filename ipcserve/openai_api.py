@@ -15,7 +15,8 @@ are passed, so the model's own defaults apply. An embedding model is called with
 Like the native predict route, a call takes an admission (``ml.admit()``) and runs with a
 deadline counted from when the request arrived; a streamed response holds the admission until
 its body ends, and closing the body (the client left) cancels the generation in the ML process.
-Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. Request fields
+are checked in :mod:`ipcserve.openai_fields`.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import decode
+from . import decode, openai_fields
 from .errors import (
     DeadlineError,
-    InputError,
     IPCServeError,
     ModelError,
     NotFoundError,
@@ -46,6 +46,7 @@ from .errors import (
     WorkerUnavailableError,
 )
 from .flask_ext import DISCONNECTED_KEY, RECEIVED_KEY, _Endpoint, _note_error, _state
+from .openai_fields import ParamError
 
 __all__ = ["EMBEDDING", "GENERATION", "blueprint"]
 
@@ -54,36 +55,11 @@ logger = logging.getLogger(__name__)
 GENERATION = "text-generation"
 EMBEDDING = "feature-extraction"
 
-# Fields a client may send that change nothing here, and fields accepted only at the value
-# that means "off" (anything else would silently give a different answer than asked for).
-_IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
-                      "prompt_cache_key", "safety_identifier"})
-_OFF: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
-    "tool_choice": (None, "none"), "functions": (None, []), "response_format": (None, {"type": "text"}),
-    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "dimensions": (None,),
-}
-_SAMPLING = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop",
-             "seed", "n")
-_ROLES = ("system", "developer", "user", "assistant", "tool")
 _ERROR_CODES: tuple[tuple[type[IPCServeError], str], ...] = (
     (UnauthorizedError, "invalid_api_key"), (NotFoundError, "model_not_found"),
     (PayloadTooLargeError, "request_too_large"), (UnsupportedMediaTypeError, "unsupported_media_type"),
     (OverloadedError, "overloaded"), (WorkerUnavailableError, "model_unavailable"),
     (DeadlineError, "timeout"), (RequestCancelledError, "cancelled"), (ModelError, "model_error"))
-
-
-class ParamError(InputError):
-    """A request field is invalid; ``param`` names it (OpenAI's ``error.param``)."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message, self.param, self.code), self.__dict__)
 
 
 def blueprint() -> Blueprint:
@@ -136,17 +112,8 @@ def _internal_error(exc: Exception) -> Response:
 
 
 # -- request fields -------------------------------------------------------------------
-def _body(allowed: tuple[str, ...]) -> dict[str, Any]:
-    body = decode.parse_json_object(request.get_data(cache=False))
-    for name, value in body.items():
-        if name in allowed or name in _IGNORED:
-            continue
-        if name not in _OFF:
-            raise ParamError(f"unrecognized request argument {name!r}", name)
-        if value not in _OFF[name]:
-            raise ParamError(f"{name!r} is not supported by this server; leave it out", name,
-                             "unsupported_parameter")
-    return body
+def _body() -> dict[str, Any]:
+    return decode.parse_json_object(request.get_data(cache=False))
 
 
 def _endpoint(body: dict[str, Any], role: str, route: str) -> _Endpoint:
@@ -166,96 +133,17 @@ def _endpoint(body: dict[str, Any], role: str, route: str) -> _Endpoint:
     return endpoint
 
 
-def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ParamError(f"{name!r} must be a number from {low:g} to {high:g}, got {value!r}", name)
-    return float(value)
-
-
-def _integer(body: dict[str, Any], name: str, low: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        bound = f" >= {low}" if low is not None else ""
-        raise ParamError(f"{name!r} must be an integer{bound}, got {value!r}", name)
-    return value
-
-
-def _sampling(body: dict[str, Any], max_tokens_field: str) -> dict[str, Any]:
-    """The model's keyword arguments for the sampling fields the request set."""
-    if body.get("n") not in (None, 1):
-        raise ParamError(f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
-    stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-            isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-        raise ParamError("'stop' must be a string or a list of non-empty strings", "stop")
-    kwargs = {"max_tokens": _integer(body, max_tokens_field, 1),
-              "temperature": _number(body, "temperature", 0, 2),
-              "top_p": _number(body, "top_p", 0, 1), "stop": stop, "seed": _integer(body, "seed")}
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
-    """(stream, include_usage) from ``stream`` and ``stream_options``."""
-    stream, options = body.get("stream"), body.get("stream_options")
-    if stream not in (None, True, False):
-        raise ParamError(f"'stream' must be true or false, got {stream!r}", "stream")
-    if options is None:
-        return bool(stream), False
-    if not stream:
-        raise ParamError("'stream_options' is only allowed with 'stream': true", "stream_options")
-    usage = options.get("include_usage", False) if isinstance(options, dict) else None
-    if not isinstance(usage, bool):
-        raise ParamError("'stream_options' must be {\"include_usage\": true|false}", "stream_options")
-    return True, usage
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise ParamError("'messages' must be a non-empty list of {\"role\", \"content\"} objects",
-                         "messages")
-    messages = []
-    for i, message in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict) or message.get("role") not in _ROLES:
-            raise ParamError(f"{where} must be an object with 'role' one of {', '.join(_ROLES)}",
-                             f"{where}.role")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: only text ones can be served
-            if not all(isinstance(p, dict) and p.get("type") == "text"
-                       and isinstance(p.get("text"), str) for p in content):
-                raise ParamError(f"{where}.content: only text parts are supported",
-                                 f"{where}.content")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ParamError(f"{where}.content must be a string or a list of text parts",
-                             f"{where}.content")
-        messages.append({"role": message["role"], "content": content})
-    return messages
-
-
 # -- text generation ------------------------------------------------------------------
 def _chat() -> Response:
-    body = _body(("messages", "max_completion_tokens", *_SAMPLING))
+    body = _body()
     endpoint = _endpoint(body, GENERATION, "/v1/chat/completions")
-    field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    kwargs = {"messages": _messages(body.get("messages")), **_sampling(body, field)}
-    return _generate(endpoint, kwargs, body, chat=True)
+    return _generate(endpoint, *openai_fields.chat(body), chat=True)
 
 
 def _completions() -> Response:
-    body = _body(("prompt", *_SAMPLING))
+    body = _body()
     endpoint = _endpoint(body, GENERATION, "/v1/completions")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ParamError("'prompt' must be a string (one prompt per request)", "prompt")
-    return _generate(endpoint, {"prompt": prompt, **_sampling(body, "max_tokens")}, body, chat=False)
+    return _generate(endpoint, *openai_fields.completion(body), chat=False)
 
 
 def _pieces(stream: Any) -> Iterator[dict[str, Any]]:
@@ -321,10 +209,9 @@ def sse(value: Any) -> bytes:
 _DONE = b"data: [DONE]\n\n"
 
 
-def _generate(endpoint: _Endpoint, kwargs: dict[str, Any], body: dict[str, Any],
-              chat: bool) -> Response:
+def _generate(endpoint: _Endpoint, kwargs: dict[str, Any], wants_stream: bool,
+              include_usage: bool, chat: bool) -> Response:
     state = _state()
-    wants_stream, include_usage = _streaming(body)
     reply = _Reply(endpoint.name, chat)
     started = time.perf_counter()
     status, admission, stream, handed_off = 500, None, None, False
@@ -352,22 +239,26 @@ def _generate(endpoint: _Endpoint, kwargs: dict[str, Any], body: dict[str, Any],
         return Response(events, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     except (IPCServeError, HTTPException) as exc:
-        status = exc.http_status if isinstance(exc, IPCServeError) else (exc.code or 500)
-        _note_error(endpoint, state.metrics, exc)
+        status = _failed(endpoint, state.metrics, exc)
         raise
     finally:
         if not handed_off:
             _finish(endpoint, state.metrics, stream, admission, status, started)
 
 
+def _failed(endpoint: _Endpoint, metrics: Any, exc: IPCServeError | HTTPException) -> int:
+    _note_error(endpoint, metrics, exc)
+    return exc.http_status if isinstance(exc, IPCServeError) else (exc.code or 500)
+
+
 def _finish(endpoint: _Endpoint, metrics: Any, stream: Any, admission: Any, status: int,
-            started: float) -> None:
+            started: float, stats: Any = None) -> None:
     if stream is not None:
         stream.close()  # before its end: cancels the rest in the ML process
     if admission is not None:
         admission.release()
     elapsed = time.perf_counter() - started
-    metrics.observe(endpoint.name, status, elapsed, None)
+    metrics.observe(endpoint.name, status, elapsed, stats)
     if status == 200:
         endpoint.recent.append(elapsed)
 
@@ -398,8 +289,7 @@ def _events(reply: _Reply, pieces: Iterator[dict[str, Any]], first: dict[str, An
             if include_usage:
                 yield reply.chunk(None, usage=_usage(final, count), choices=False)
         except IPCServeError as exc:
-            status = exc.http_status
-            _note_error(endpoint, metrics, exc)
+            status = _failed(endpoint, metrics, exc)
             yield sse(error_body(exc)[1])
         yield _DONE
     except GeneratorExit:
@@ -411,18 +301,9 @@ def _events(reply: _Reply, pieces: Iterator[dict[str, Any]], first: dict[str, An
 
 # -- embeddings -----------------------------------------------------------------------
 def _embeddings() -> Response:
-    body = _body(("model", "input", "encoding_format"))
+    body = _body()
     endpoint = _endpoint(body, EMBEDDING, "/v1/embeddings")
-    texts = body.get("input")
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise ParamError("'input' must be a string or a non-empty list of strings (token "
-                         "arrays are not supported)", "input")
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise ParamError(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}",
-                         "encoding_format")
+    texts, encoding = openai_fields.embedding(body)
     state = _state()
     started = time.perf_counter()
     status, result = 500, None
@@ -446,14 +327,10 @@ def _embeddings() -> Response:
         return jsonify({"object": "list", "data": data, "model": endpoint.name,
                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
     except (IPCServeError, HTTPException) as exc:
-        status = exc.http_status if isinstance(exc, IPCServeError) else (exc.code or 500)
-        _note_error(endpoint, state.metrics, exc)
+        status = _failed(endpoint, state.metrics, exc)
         raise
     finally:
-        elapsed = time.perf_counter() - started
-        state.metrics.observe(endpoint.name, status, elapsed, result)
-        if status == 200:
-            endpoint.recent.append(elapsed)
+        _finish(endpoint, state.metrics, None, None, status, started, result)
 
 
 def _encode(vector: Any, encoding: str) -> Any:
