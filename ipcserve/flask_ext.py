@@ -12,7 +12,8 @@ runs the call with a deadline measured from when the server received the request
 Routes (under the optional ``url_prefix``):
 
 * ``POST /v1/models/<name>/predict`` for every model, and ``POST /predict`` for the default one
-* ``GET /v1/models`` and ``GET /v1/models/<name>``: status as JSON
+* ``GET /v1/models`` (OpenAI's list shape, with each model's status) and ``GET /v1/models/<name>``
+* the OpenAI API under ``/v1`` (chat/completions, completions, embeddings): :mod:`ipcserve.openai_api`
 * ``GET /healthz`` (the web process answers), ``GET /readyz`` (every model ready, not draining)
 * ``GET /metrics`` (Prometheus text), ``GET /`` (a status page with a try-it form)
 """
@@ -34,7 +35,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from . import decode
+from . import decode, encode
 from .config import read_settings, settings_of
 from .errors import (
     ConfigError,
@@ -76,8 +77,11 @@ class _Endpoint:
         self.schema = schema
         self.preprocess = preprocess
         self.recent: collections.deque[float] = collections.deque(maxlen=200)
+        self.created = int(time.time())  # OpenAI's "created" of the model entry
 
     def describe(self) -> dict[str, Any]:
+        """One model's entry: OpenAI's model object (``id``, ``object``, ``created``,
+        ``owned_by``) plus ipcserve's fields (``kind``, ``task``, ``url``, ``status``...)."""
         recent = list(self.recent)
         latency = None
         if recent:
@@ -85,7 +89,9 @@ class _Endpoint:
             latency = {"p50_ms": round(statistics.median(ordered) * 1000, 2),
                        "p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))] * 1000, 2),
                        "samples": len(ordered)}
-        return {"name": self.name, "kind": self.kind,
+        return {"id": self.name, "object": "model", "created": self.created,
+                "owned_by": "ipcserve", "name": self.name, "kind": self.kind,
+                "task": getattr(self.ml, "task", None),
                 "url": url_for("ipcserve.predict", name=self.name),
                 "status": self.ml.status, "recent_latency": latency}
 
@@ -308,6 +314,8 @@ class IPCServe:
                 rule.strict_slashes = False
 
     def _blueprint(self) -> Blueprint:
+        from . import openai_api  # imports this module
+
         bp = Blueprint("ipcserve", __name__, static_folder="static", static_url_path="/ipcserve-static")
         bp.before_request(_check_api_key)
         bp.register_error_handler(IPCServeError, error_response)
@@ -321,6 +329,9 @@ class IPCServe:
         bp.add_url_rule("/readyz", "readyz", _readyz)
         bp.add_url_rule("/metrics", "metrics", _metrics)
         bp.add_url_rule("/", "index", _index)
+        # Nested, so it shares the url_prefix and the API key check; its own error
+        # handlers answer in OpenAI's error shape.
+        bp.register_blueprint(openai_api.blueprint())
         return bp
 
 
@@ -450,7 +461,7 @@ def _predict(name: str | None = None) -> Response:
 
 def _jsonable(value: Any) -> Any:
     try:
-        return decode.to_jsonable(value)
+        return encode.to_jsonable(value)
     except TypeError as exc:
         raise ModelError(str(exc)) from None
 
@@ -496,9 +507,11 @@ def _stream_body(stream: Any, first: Any, sse: bool, admission: Any, endpoint: _
 
 
 def _models() -> Response:
+    # OpenAI's list shape, so that openai's client.models.list() works; "default" is ours.
     state = _state()
-    return jsonify({"default": state.ext.default,
-                    "models": [e.describe() for e in state.ext.endpoints.values()]})
+    return jsonify({"object": "list",
+                    "data": [e.describe() for e in state.ext.endpoints.values()],
+                    "default": state.ext.default})
 
 
 def _model(name: str) -> Response:

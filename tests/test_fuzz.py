@@ -35,7 +35,7 @@ def servers() -> dict[str, Server]:
 
 
 def _pids(server: Server) -> list[int]:
-    models = requests.get(f"{server.url}/v1/models", timeout=30).json()["models"]
+    models = requests.get(f"{server.url}/v1/models", timeout=30).json()["data"]
     return [w["pid"] for m in models for w in m["status"]["workers"]]
 
 
@@ -75,7 +75,7 @@ def test_random_json(servers: dict[str, Server], value: object, model: str) -> N
 
 def test_ml_processes_survived_the_fuzzing(servers: dict[str, Server]) -> None:
     for name, server in servers.items():
-        models = requests.get(f"{server.url}/v1/models", timeout=30).json()["models"]
+        models = requests.get(f"{server.url}/v1/models", timeout=30).json()["data"]
         for model in models:
             assert model["status"]["crashes"] == 0, (name, model["status"])
             assert all(w["generation"] == 0 for w in model["status"]["workers"])

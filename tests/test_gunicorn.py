@@ -74,7 +74,7 @@ def test_gunicorn_workers_share_one_ml_process() -> None:
             pids = set()
             served = 0
             for _ in range(16):
-                status = requests.get(f"{url}/v1/models", timeout=30).json()["models"][0]["status"]
+                status = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["status"]
                 pids.add(status["workers"][0]["pid"])
                 served = status["workers"][0]["served"]
             assert len(pids) == 1 and served >= 64

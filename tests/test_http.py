@@ -158,7 +158,7 @@ def test_health_readiness_status_and_metrics(server: Server) -> None:
     assert ready.status_code == 200 and ready.json()["models"] == {"digits": True}
     models = requests.get(f"{server.url}/v1/models", timeout=30).json()
     assert models["default"] == "digits"
-    status = models["models"][0]["status"]
+    status = models["data"][0]["status"]
     assert status["workers"][0]["state"] == "ready" and status["workers"][0]["pid"]
     before = _samples(server)
     requests.post(f"{server.url}/predict", json={"pixels": [0] * 64}, timeout=30)
@@ -253,7 +253,7 @@ def test_model_that_fails_to_load_exits_non_zero() -> None:
 def test_sigterm_drains_in_flight_requests_then_exits_cleanly() -> None:
     server = Server("--model", "models:Sleeper", "--threads", "4")
     try:
-        ml_pid = requests.get(f"{server.url}/v1/models", timeout=30).json()["models"][0]["status"]["workers"][0]["pid"]
+        ml_pid = requests.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["status"]["workers"][0]["pid"]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             slow = pool.submit(requests.post, f"{server.url}/predict", json={"seconds": 1.5}, timeout=30)
             wait_until(lambda: _samples(server).get(("ipcserve_queue_depth", (("model", "sleeper"),))) == 1,

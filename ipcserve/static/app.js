@@ -5,7 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "ipcserve-api-key";
 const REFRESH_MS = 2000;
-let models = [];          // the last /v1/models answer's "models"
+let models = [];          // the last /v1/models answer's "data" (one entry per model)
 let drawn = false;        // has the canvas anything on it?
 
 // -- API key and fetch ----------------------------------------------------------
@@ -82,7 +82,7 @@ async function refresh() {
     $("ready").textContent = r.draining ? "draining" : r.ready ? "ready" : "not ready";
     $("ready").className = "badge " + (r.ready ? "ok" : "bad");
     if (listing.ok) {
-      models = listing.body.models;
+      models = listing.body.data;  // OpenAI's list shape; "default" is ipcserve's
       renderModels(models);
       renderModelChoice(models, listing.body.default);
       $("status-note").textContent = "Updated " + new Date().toLocaleTimeString() + "; refreshes every 2 s.";

@@ -1,0 +1,167 @@
+"""OpenAI request bodies -> the model's keyword arguments, or a ParamError naming the field.
+
+Pure functions over the parsed JSON body (no Flask); :mod:`ipcserve.openai_api` serves them.
+A field that would change the answer but is not implemented (``logit_bias``, ``tools``,
+``n`` > 1...) is refused rather than ignored, and so is a field this server does not know,
+as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import InputError
+
+__all__ = ["ParamError", "chat", "completion", "embedding"]
+
+# Fields a client may send that change nothing here, and fields accepted only at the value
+# that means "off" (anything else would silently give a different answer than asked for).
+_IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
+                      "prompt_cache_key", "safety_identifier"})
+_OFF: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+    "tool_choice": (None, "none"), "functions": (None, []), "response_format": (None, {"type": "text"}),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "dimensions": (None,),
+}
+_SAMPLING = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop",
+             "seed", "n")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ParamError(InputError):
+    """A request field is invalid; ``param`` names it (OpenAI's ``error.param``)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.param, self.code), self.__dict__)
+
+
+def _check_names(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    for name, value in body.items():
+        if name in allowed or name in _IGNORED:
+            continue
+        if name not in _OFF:
+            raise ParamError(f"unrecognized request argument {name!r}", name)
+        if value not in _OFF[name]:
+            raise ParamError(f"{name!r} is not supported by this server; leave it out", name,
+                             "unsupported_parameter")
+
+
+def _field(body: dict[str, Any], name: str, kind: Any, low: float = -math.inf,
+           high: float = math.inf) -> Any:
+    """``body[name]`` if it is None or a ``kind`` (int or float) within [low, high]."""
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
+                              or not low <= value <= high):
+        bounds = (f" from {low:g} to {high:g}" if high < math.inf
+                  else f" >= {low:g}" if low > -math.inf else "")
+        what = "an integer" if kind is int else "a number"
+        raise ParamError(f"{name!r} must be {what}{bounds}, got {value!r}", name)
+    return value
+
+
+def _sampling(body: dict[str, Any], max_tokens_field: str) -> dict[str, Any]:
+    """The model's keyword arguments for the sampling fields the request set."""
+    if body.get("n") not in (None, 1):
+        raise ParamError(f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise ParamError("'stop' must be a string or a list of non-empty strings", "stop")
+    kwargs = {"max_tokens": _field(body, max_tokens_field, int, 1),
+              "temperature": _field(body, "temperature", (int, float), 0, 2),
+              "top_p": _field(body, "top_p", (int, float), 0, 1), "stop": stop,
+              "seed": _field(body, "seed", int)}
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) from ``stream`` and ``stream_options``."""
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream not in (None, True, False):
+        raise ParamError(f"'stream' must be true or false, got {stream!r}", "stream")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise ParamError("'stream_options' is only allowed with 'stream': true", "stream_options")
+    usage = options.get("include_usage", False) if isinstance(options, dict) else None
+    if not isinstance(usage, bool):
+        raise ParamError("'stream_options' must be {\"include_usage\": true|false}", "stream_options")
+    return True, usage
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise ParamError("'messages' must be a non-empty list of {\"role\", \"content\"} objects",
+                         "messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or message.get("role") not in _ROLES:
+            raise ParamError(f"{where} must be an object with 'role' one of {', '.join(_ROLES)}",
+                             f"{where}.role")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text ones can be served
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise ParamError(f"{where}.content: only text parts are supported",
+                                 f"{where}.content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ParamError(f"{where}.content must be a string or a list of text parts",
+                             f"{where}.content")
+        messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def chat(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """A chat completion request: (the model's kwargs, stream, include_usage).
+
+    Raises:
+        ParamError: a field is invalid, unknown or unsupported.
+    """
+    _check_names(body, ("messages", "max_completion_tokens", *_SAMPLING))
+    field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return ({"messages": _messages(body.get("messages")), **_sampling(body, field)},
+            *_streaming(body))
+
+
+def completion(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """A (legacy) completion request: (the model's kwargs, stream, include_usage).
+
+    Raises:
+        ParamError: a field is invalid, unknown or unsupported.
+    """
+    _check_names(body, ("prompt", *_SAMPLING))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ParamError("'prompt' must be a string (one prompt per request)", "prompt")
+    return {"prompt": prompt, **_sampling(body, "max_tokens")}, *_streaming(body)
+
+
+def embedding(body: dict[str, Any]) -> tuple[list[str], str]:
+    """An embeddings request: (the texts, "float" or "base64").
+
+    Raises:
+        ParamError: a field is invalid, unknown or unsupported.
+    """
+    _check_names(body, ("model", "input", "encoding_format"))
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ParamError("'input' must be a string or a non-empty list of strings (token "
+                         "arrays are not supported)", "input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise ParamError(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}",
+                         "encoding_format")
+    return texts, encoding
