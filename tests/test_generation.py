@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -299,8 +300,26 @@ def test_embeddings_with_usage(tmp_path: Path) -> None:
                          ({"texts": ["a"], "model": "x"}, "unknown field")]:
         with pytest.raises(InputError, match=message):
             model.predict_batch([bad])
-    with TransformersModel(path, num_threads=1, timeout=60) as ml:  # through an ML process
+    # through an ML process and the OpenAI embeddings route, which sends this very input
+    from flask import Flask
+
+    from ipcserve.flask import IPCServe
+
+    app = Flask(__name__)
+    ipc = IPCServe(app)
+    ml = TransformersModel(path, num_threads=1, timeout=60)
+    ipc.add_model(ml)
+    ipc.start()
+    try:
         assert ml(texts=texts, with_usage=True) == usage
+        answer = app.test_client().post("/v1/embeddings",
+                                        json={"model": "encoder", "input": texts})
+        assert answer.status_code == 200, answer.get_json()
+        body = answer.get_json()
+        assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+        assert np.allclose([d["embedding"] for d in body["data"]], plain, atol=1e-6)
+    finally:
+        assert ipc.drain(grace=5)
     assert multiprocessing.active_children() == []
 
 
@@ -404,5 +423,29 @@ def test_serve_a_model_directory_by_path(lm_dir: Path, lm: Any) -> None:
                             timeout=60)
         assert bad.status_code == 400 and bad.json()["type"] == "InputError"
         assert "'stop'" in bad.json()["error"]
+
+        # The OpenAI routes drive the same generator.
+        chat = {"model": "tiny-lm", "messages": CHAT, "max_tokens": 4, "temperature": 0}
+        expected = _run(lm, messages=CHAT, max_tokens=4, temperature=0)
+        answer = requests.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60)
+        assert answer.status_code == 200, answer.text
+        choice = answer.json()["choices"][0]
+        assert choice["message"]["content"] == _text(expected)
+        assert choice["finish_reason"] == "length"
+        usage = expected[-1]["usage"]
+        assert answer.json()["usage"] == {**usage, "total_tokens": sum(usage.values())}
+        events = requests.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+            **chat, "stream": True, "stream_options": {"include_usage": True}}).text
+        chunks = [json.loads(line[6:]) for line in events.splitlines()
+                  if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks
+                       if c["choices"]) == _text(expected)
+        assert chunks[-1]["usage"]["completion_tokens"] == 4 and events.endswith("[DONE]\n\n")
+        completion = requests.post(f"{server.url}/v1/completions", timeout=60, json={
+            "model": "tiny-lm", "prompt": PROMPT, "max_tokens": 3, "temperature": 0,
+            "stop": items[1]["text"].strip()}).json()
+        two = items[0]["text"] + items[1]["text"]
+        assert completion["choices"][0]["text"] == two[:two.find(items[1]["text"].strip())]
+        assert completion["choices"][0]["finish_reason"] == "stop"
     finally:
         assert server.stop() == 0, server.output

@@ -34,7 +34,8 @@ __all__ = ["IncrementalDecoder", "Sampling", "StopBuffer", "TextGenerator", "rea
 logger = logging.getLogger(__name__)
 
 FIELDS = ("messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed")
-ROLES = ("system", "developer", "user", "assistant")
+# As the OpenAI routes accept (openai_fields); the chat template may still refuse a role.
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
 # Prompt tokens decoded with the first new token, so that it gets the space it would have in
 # the whole text ("the cat" + "sat" -> " sat"), as vLLM's detokenizer does.
