@@ -1,4 +1,4 @@
-"""Causal-LM text generation, one token per step, for :class:`~ipcserve.adapters.hf.TransformersModel`.
+"""Causal-LM text generation, one token per step, for TransformersModel (adapters.hf).
 
 ``TextGenerator.stream(fields)`` checks a request and returns a generator; each ``next()``
 runs the model once (with its key/value cache) and samples one token, so the ML process can
