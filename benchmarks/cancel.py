@@ -39,13 +39,13 @@ def start_server(detect: bool) -> tuple[subprocess.Popen[str], str, int]:
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", "0", "--model",
                              "models:SlowSteps", "--timeout", "60",
                              "--detect-disconnects", "true" if detect else "false"],
-                            env=env, stderr=subprocess.PIPE, text=True)
+                            env=env, stderr=subprocess.PIPE, bufsize=0)
     assert proc.stderr is not None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if not select.select([proc.stderr], [], [], 1.0)[0]:
             continue
-        line = proc.stderr.readline()
+        line = proc.stderr.readline().decode(errors="replace")  # unbuffered: select() stays true
         match = _LISTENING.search(line)
         if match:
             host, port = match.group(1), int(match.group(2))

@@ -36,13 +36,13 @@ def start(model_dir: Path) -> tuple[subprocess.Popen[str], str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "ipcserve", "serve", "--port", "0", "--model",
                              str(model_dir), "--timeout", "60"], cwd=ROOT, env=env,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, bufsize=0)
     assert proc.stderr is not None
     deadline = time.monotonic() + 120
     url = ""
     while not url and time.monotonic() < deadline:
         if select.select([proc.stderr], [], [], 1.0)[0]:
-            match = _LISTENING.search(proc.stderr.readline())
+            match = _LISTENING.search(proc.stderr.readline().decode(errors="replace"))
             url = match.group(1) if match else ""
     if not url:
         proc.kill()

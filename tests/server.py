@@ -24,25 +24,36 @@ class Server:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                                   full_env.get("PYTHONPATH", "")])
+        # Unbuffered bytes, split into lines here: a buffered readline() after select() can
+        # swallow the "serving" line into Python's buffer while select() waits for more.
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", "0", *args],
-                                     cwd=ROOT, env=full_env, stderr=subprocess.PIPE, text=True)
+                                     cwd=ROOT, env=full_env, stderr=subprocess.PIPE, bufsize=0)
         self.log: list[str] = []
         self.url = ""
+        self._pending = b""
         assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
         deadline = time.monotonic() + start_timeout
-        while not self.url:
+        exited = False
+        while not self.url and not exited:
+            while b"\n" in self._pending and not self.url:
+                raw, self._pending = self._pending.split(b"\n", 1)
+                line = raw.decode(errors="replace") + "\n"
+                self.log.append(line)
+                match = _LISTENING.search(line)
+                if match:
+                    self.url = match.group(1)
+            if self.url:
+                break
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.proc.stderr], [], [], remaining)[0]:
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
                 self.kill()
                 raise AssertionError("server did not start in time:\n" + "".join(self.log))
-            line = self.proc.stderr.readline()
-            if not line:  # exited
+            chunk = os.read(fd, 65536)
+            if not chunk:  # exited
                 self.proc.wait(10)
-                break
-            self.log.append(line)
-            match = _LISTENING.search(line)
-            if match:
-                self.url = match.group(1)
+                exited = True
+            self._pending += chunk
         self._reader = threading.Thread(target=self._drain, name="server-log", daemon=True)
         self._reader.start()
         if self.url and wait_ready:
@@ -66,8 +77,21 @@ class Server:
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
+        fd = self.proc.stderr.fileno()
+        while True:
+            while b"\n" in self._pending:
+                raw, self._pending = self._pending.split(b"\n", 1)
+                self.log.append(raw.decode(errors="replace") + "\n")
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                if self._pending:
+                    self.log.append(self._pending.decode(errors="replace"))
+                    self._pending = b""
+                return
+            self._pending += chunk
 
     @property
     def output(self) -> str:

@@ -45,19 +45,22 @@ def test_gunicorn_workers_share_one_ml_process() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     cmd = [sys.executable, "-m", "gunicorn", "-c", "python:ipcserve.gunicorn_conf", "--workers", "4",
            "--bind", f"127.0.0.1:{port}", "gunicorn_wsgi:app"]
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) as master:
+    # Unbuffered bytes split into lines here: select() then a buffered readline() can leave
+    # the last "Booting worker" line in Python's buffer while select() waits for more.
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, bufsize=0) as master:
         log: list[str] = []
+        pending = b""
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 90
-            while not any("Booting worker" in line for line in log[-1:]) or \
-                    sum("Booting worker" in line for line in log) < 4:
+            assert master.stderr is not None
+            while sum("Booting worker" in line for line in log) < 4:
                 assert time.monotonic() < deadline, "".join(log)
-                assert master.stderr is not None
                 if select.select([master.stderr], [], [], 5)[0]:
-                    line = master.stderr.readline()
-                    assert line, "gunicorn exited:\n" + "".join(log)
-                    log.append(line)
+                    chunk = os.read(master.stderr.fileno(), 65536)
+                    assert chunk, "gunicorn exited:\n" + "".join(log)
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    log.extend(line.decode(errors="replace") + "\n" for line in lines)
             wait_until(lambda: _get(f"{url}/readyz") == 200, timeout=30, what="readiness")
             samples = held_out_pngs()[:64]
 
@@ -91,7 +94,7 @@ def test_gunicorn_workers_share_one_ml_process() -> None:
                 master.kill()
                 code = master.wait(10)
             if master.stderr is not None:
-                log.append(master.stderr.read())
+                log.append((pending + master.stderr.read()).decode(errors="replace"))
         assert code == 0, "".join(log)
         assert "ipcserve: models stopped" in "".join(log)
         wait_until(lambda: not Path(f"/proc/{ml_pid}").exists(), what="the ML process to exit")
