@@ -1,8 +1,8 @@
 """Goodput with and without cancellation: ``python benchmarks/cancel.py``.
 
 Clients with a short patience against a slow model: each client sends a request, waits up
-to ``--patience`` seconds, and if no answer has come it closes the connection and sends a
-new one at once, the way a user reloads a page or a service retries. Goodput counts the
+to ``--patience`` seconds, and if no answer has come it closes the connection, waits
+``--think`` seconds and sends a new one, the way a user reloads a page or a service retries. Goodput counts the
 answers delivered to a client that was still waiting, per second.
 
 Both runs use the real ``python app.py`` (waitress on 127.0.0.1) on the same model: with
@@ -73,7 +73,7 @@ def _wait_ready(host: str, port: int) -> None:
 
 
 def load(host: str, port: int, clients: int, patience: float, duration: float,
-         work: float) -> dict[str, Any]:
+         work: float, think: float) -> dict[str, Any]:
     body = json.dumps({"work": work}).encode()
     delivered: list[float] = []
     abandoned = [0]
@@ -93,7 +93,10 @@ def load(host: str, port: int, clients: int, patience: float, duration: float,
                         delivered.append(time.monotonic() - t0)
             except (TimeoutError, OSError):
                 with lock:
-                    abandoned[0] += 1  # gave up: close the connection and ask again
+                    abandoned[0] += 1  # gave up: close the connection, then ask again
+                conn.close()
+                threading.Event().wait(think)  # the user's pause before reloading
+                continue
             finally:
                 conn.close()
 
@@ -110,7 +113,8 @@ def load(host: str, port: int, clients: int, patience: float, duration: float,
 def run(detect: bool, args: argparse.Namespace) -> dict[str, Any]:
     proc, host, port = start_server(detect)
     try:
-        result = load(host, port, args.clients, args.patience, args.duration, args.work)
+        result = load(host, port, args.clients, args.patience, args.duration, args.work,
+                      args.think)
         conn = http.client.HTTPConnection(host, port, timeout=10)
         conn.request("GET", "/v1/models/slowsteps")
         status = json.loads(conn.getresponse().read())["status"]
@@ -132,10 +136,13 @@ def main() -> None:
     parser.add_argument("--patience", type=float, default=1.0, help="seconds a client waits")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--work", type=float, default=0.25, help="model seconds per request")
+    parser.add_argument("--think", type=float, default=0.5,
+                        help="seconds a client waits after giving up before it asks again")
     args = parser.parse_args()
     results = [run(True, args), run(False, args)]
-    print(f"{args.clients} clients, patience {args.patience} s, {args.work} s of model time per "
-          f"request (capacity {1 / args.work:.1f}/s), {args.duration:.0f} s per run\n")
+    print(f"{args.clients} clients, patience {args.patience} s, pause {args.think} s after giving "
+          f"up, {args.work} s of model time per request (capacity {1 / args.work:.1f}/s), "
+          f"{args.duration:.0f} s per run\n")
     print("| cancellation | goodput (answers/s to a waiting client) | delivered | gave up "
           "| p50 of delivered | cancelled (queued / running) |")
     print("|---|---:|---:|---:|---:|---|")
