@@ -214,6 +214,9 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
             "largest request body in bytes (413 past it)", int),
     Setting("max_image_pixels", "http", 20_000_000,
             "largest image in pixels, checked before decoding (413 past it)", int),
+    Setting("decode_memory_budget", "http", 256 * _MIB,
+            "bytes of decoded images held at once across threads (503 when full, 413 past it)",
+            int),
     # -- server: ipcserve serve / python app.py --
     Setting("host", "server", "127.0.0.1",
             "address to bind; another one without an API key logs a warning", str),

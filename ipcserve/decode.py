@@ -11,19 +11,24 @@ PostScript, and the long tail of rarely used plugins is where decoder bugs live.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
-from .errors import InputError, PayloadTooLargeError, UnsupportedMediaTypeError
+from .errors import InputError, OverloadedError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 __all__ = [
     "ALLOWED_IMAGE_FORMATS",
     "MAX_JSON_DEPTH",
     "MAX_JSON_INT_DIGITS",
+    "DecodeBudget",
     "decode_image",
+    "decoded_bytes",
     "parse_json_object",
     "validate",
 ]
@@ -202,7 +207,69 @@ def validate(body: dict[str, Any], schema: Any) -> dict[str, Any]:
     return dict(model.model_dump())
 
 
-def decode_image(data: bytes, max_pixels: int) -> Any:
+class DecodeBudget:
+    """Bytes of decoded images the web process may hold at once, across threads.
+
+    A 34 KB PNG can decode to hundreds of MB (20 Mpx RGB plus the copies preprocessing makes);
+    eight at once would take gigabytes. Each image reserves its estimated cost
+    (:func:`decoded_bytes`) before its pixels are decoded and releases it once the model's
+    input is built. An image whose cost alone is over the budget is refused (413); one that
+    does not fit next to the others waits up to ``wait`` seconds, then gets 503.
+
+    Args:
+        limit: the budget in bytes.
+        wait: seconds a request may wait for room.
+    """
+
+    def __init__(self, limit: int, wait: float = 5.0) -> None:
+        self.limit = limit
+        self.wait = wait
+        self.in_use = 0
+        self.peak = 0  # the most ever reserved at once (for tests and operators)
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        """Hold ``nbytes`` of the budget for the ``with`` block.
+
+        Raises:
+            PayloadTooLargeError: ``nbytes`` is more than the whole budget.
+            OverloadedError: no room came within ``wait`` seconds.
+        """
+        if nbytes > self.limit:
+            raise PayloadTooLargeError(
+                f"decoding this image takes about {nbytes // (1 << 20)} MiB, more than the "
+                f"decode memory budget ({self.limit // (1 << 20)} MiB); send a smaller image")
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.in_use + nbytes <= self.limit, self.wait):
+                raise OverloadedError("too many large images are being decoded at once; "
+                                      "retry shortly")
+            self.in_use += nbytes
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= nbytes
+                self._cond.notify_all()
+
+
+# Bytes per pixel that preprocessing adds to the decoded pixels: a float32 working copy
+# (image_to_pixels, numpy conversions) and a converted copy. An estimate, deliberately high.
+_WORKING_BYTES_PER_PIXEL = 8
+
+
+def decoded_bytes(image: Any) -> int:
+    """The estimated memory an opened (not yet decoded) image costs once decoded and
+    prepared: its pixels in its mode, plus working copies."""
+    width, height = image.size
+    bands = len(image.getbands()) * (2 if image.mode.startswith("I;16") else 1)
+    if image.mode in ("I", "F"):
+        bands = 4
+    return int(width * height * (bands + _WORKING_BYTES_PER_PIXEL))
+
+
+def decode_image(data: bytes, max_pixels: int, budget: DecodeBudget | None = None) -> Any:
     """Decode image bytes into a loaded ``PIL.Image``.
 
     Only the formats of :data:`ALLOWED_IMAGE_FORMATS` are opened.
@@ -219,6 +286,21 @@ def decode_image(data: bytes, max_pixels: int) -> Any:
         UnsupportedMediaTypeError: not an image in an allowed format.
         PayloadTooLargeError: more than ``max_pixels`` pixels (checked before decoding).
     """
+    image = open_image(data, max_pixels)
+    if budget is None:
+        load_image(image)
+    else:
+        with budget.reserve(decoded_bytes(image)):
+            load_image(image)
+    return image
+
+
+def open_image(data: bytes, max_pixels: int) -> Any:
+    """Identify ``data`` and check its size from the header; no pixel is decoded yet.
+
+    Raises:
+        as :func:`decode_image`, except for errors in the pixel data.
+    """
     if not data:
         raise InputError("the image is empty")
     image = _open_image(data, max_pixels)
@@ -228,11 +310,19 @@ def decode_image(data: bytes, max_pixels: int) -> Any:
                                    f"the limit is {max_pixels}")
     if width == 0 or height == 0:
         raise InputError("the image has no pixels")
+    return image
+
+
+def load_image(image: Any) -> None:
+    """Decode the pixels of an image :func:`open_image` checked (its first frame).
+
+    Raises:
+        InputError: truncated or corrupt pixel data.
+    """
     try:
         image.load()
     except Exception as exc:  # truncated or corrupt data: pillow raises many types
         raise InputError(f"the image could not be decoded: {type(exc).__name__}: {exc}") from None
-    return image
 
 
 def _open_image(data: bytes, max_pixels: int) -> Any:

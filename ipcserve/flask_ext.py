@@ -126,6 +126,8 @@ class _State:
         self.ext = ext
         self.api_key = check_api_key(app.config["IPCSERVE_API_KEY"])
         self.max_pixels = int(app.config["IPCSERVE_MAX_IMAGE_PIXELS"])
+        # One budget per app: decoded images held at once, across its threads.
+        self.decode_budget = decode.DecodeBudget(int(app.config["IPCSERVE_DECODE_MEMORY_BUDGET"]))
         self.metrics = Metrics(lambda: {n: e.ml for n, e in ext.endpoints.items()})
 
 
@@ -372,7 +374,8 @@ def _endpoint(name: str | None) -> _Endpoint:
     return endpoint
 
 
-def _inputs(endpoint: _Endpoint, max_pixels: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _inputs(endpoint: _Endpoint, max_pixels: int,
+            budget: decode.DecodeBudget) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Decode the request into the model call's arguments."""
     mimetype = request.mimetype or ""
     if mimetype == "application/json" or mimetype.endswith("+json"):
@@ -394,17 +397,21 @@ def _inputs(endpoint: _Endpoint, max_pixels: int) -> tuple[tuple[Any, ...], dict
         raise UnsupportedMediaTypeError(
             "send an image as multipart/form-data (field 'image') or as a raw image/* body, or "
             f"JSON inputs; got {mimetype or 'no Content-Type'}")
-    image = decode.decode_image(data, max_pixels)
-    if endpoint.preprocess is not None:
-        try:
-            return (endpoint.preprocess(image),), {}
-        except IPCServeError:
-            raise
-        except Exception as exc:
-            raise InputError(f"the image could not be prepared for the model: {exc}") from None
-    import numpy as np
+    image = decode.open_image(data, max_pixels)  # header only: size checked, nothing decoded
+    # The decoded pixels and the copies preprocessing makes count against the budget until
+    # the model's input is built.
+    with budget.reserve(decode.decoded_bytes(image)):
+        decode.load_image(image)
+        if endpoint.preprocess is not None:
+            try:
+                return (endpoint.preprocess(image),), {}
+            except IPCServeError:
+                raise
+            except Exception as exc:
+                raise InputError(f"the image could not be prepared for the model: {exc}") from None
+        import numpy as np
 
-    return (np.asarray(image.convert("RGB")),), {}
+        return (np.asarray(image.convert("RGB")),), {}
 
 
 _NOTHING = object()
@@ -426,7 +433,7 @@ def _predict(name: str | None = None) -> Response:
         deadline = received + endpoint.ml.config.timeout
         # Admission before decoding: under overload the body is never even parsed.
         admission = endpoint.ml.admit()
-        args, kwargs = _inputs(endpoint, state.max_pixels)
+        args, kwargs = _inputs(endpoint, state.max_pixels, state.decode_budget)
         # stream(), not ml(...): every JSON field is the model's input, "timeout" too. A
         # model that does not stream gives one item, its answer.
         stream = admission.stream(args, kwargs, deadline=deadline,

@@ -191,3 +191,96 @@ def test_formats_outside_the_allow_list_are_415(name: str, body: bytes) -> None:
 def test_allow_list_is_a_documented_constant() -> None:
     assert decode.ALLOWED_IMAGE_FORMATS == ("PNG", "JPEG", "GIF", "BMP", "WEBP")
     assert "ALLOWED_IMAGE_FORMATS" in decode.__all__
+
+
+# -- the decode memory budget --------------------------------------------------------------
+def _noise_png(side: int) -> bytes:
+    rng = np.random.default_rng(side)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG",
+                                                                                 compress_level=1)
+    return buffer.getvalue()
+
+
+@pytest.mark.timeout(60)
+def test_threads_decoding_large_images_never_exceed_the_budget() -> None:
+    import concurrent.futures
+
+    data = _noise_png(1500)
+    cost = decode.decoded_bytes(decode.open_image(data, 10**9))
+    assert cost == 1500 * 1500 * (3 + 8)
+    budget = decode.DecodeBudget(int(2.5 * cost), wait=30)
+
+    def work(_: int) -> float:
+        image = decode.open_image(data, 10**9)
+        with budget.reserve(decode.decoded_bytes(image)):
+            decode.load_image(image)
+            return float(np.asarray(image, dtype=np.float32).mean())  # a working copy
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        means = list(pool.map(work, range(8)))
+    assert len(set(means)) == 1
+    assert cost <= budget.peak <= budget.limit  # used, never past the limit
+    assert budget.peak <= 2 * cost and budget.in_use == 0  # at most two at once
+
+
+def test_an_image_bigger_than_the_whole_budget_is_413_before_decoding() -> None:
+    from ipcserve.errors import PayloadTooLargeError
+
+    data = _noise_png(1000)
+    budget = decode.DecodeBudget(1 << 20)
+    with pytest.raises(PayloadTooLargeError, match="decode memory budget"):
+        decode.decode_image(data, 10**9, budget)
+    assert budget.peak == 0
+
+
+def test_a_full_budget_answers_503_after_its_wait() -> None:
+    from ipcserve.errors import OverloadedError
+
+    budget = decode.DecodeBudget(100, wait=0.05)
+    with budget.reserve(80):
+        with pytest.raises(OverloadedError, match="retry"):
+            with budget.reserve(30):
+                pass
+        with budget.reserve(20):  # what fits next to the other goes ahead
+            assert budget.in_use == 100
+    assert budget.in_use == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_server_applies_its_decode_budget() -> None:
+    import requests
+    from digits_data import held_out_pngs
+    from server import Server
+
+    server = Server("--decode-memory-budget", "2000000")
+    try:
+        big = requests.post(f"{server.url}/predict", data=_noise_png(600), timeout=30,
+                            headers={"Content-Type": "image/png"})
+        assert big.status_code == 413 and "decode memory budget" in big.json()["error"]
+        png, _ = held_out_pngs()[0]
+        small = requests.post(f"{server.url}/predict", data=png, timeout=30,
+                              headers={"Content-Type": "image/png"})
+        assert small.status_code == 200 and "label" in small.json()
+    finally:
+        assert server.stop() == 0, server.output
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
+def test_every_allowed_format_is_size_checked_from_its_header(fmt: str) -> None:
+    from ipcserve.errors import PayloadTooLargeError
+
+    rng = np.random.default_rng(1)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(buffer, fmt)
+    data = buffer.getvalue()
+    # The pixels cut short, the header whole (libwebp checks the whole container when the
+    # file is opened, so a WebP is sent whole: it is still not decoded).
+    truncated = data if fmt == "WEBP" else data[: len(data) // 2]
+    budget = decode.DecodeBudget(1 << 30)
+    with pytest.raises(PayloadTooLargeError, match="300x300"):
+        decode.decode_image(truncated, 1000, budget)  # 413 from the header, not 400 from pixels
+    assert budget.peak == 0  # nothing was reserved: nothing was decoded
+    if fmt != "WEBP":
+        with pytest.raises(InputError, match="could not be decoded"):
+            decode.decode_image(truncated, 10**6)  # within the cap, the cut pixels are found
