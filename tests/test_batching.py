@@ -86,6 +86,33 @@ def test_item_of_refuses_calls_a_batch_cannot_carry(args: tuple, kwargs: dict) -
 
 
 # -- max_batch_wait policy -------------------------------------------------------------------
-# The wait policy (how long to hold a forming batch open) lives in worker.py today and is
-# moving into batching.py as a pure function of an injected clock. Its tests go here, using a
-# fake clock, never sleeps; its end-to-end effect stays in test_mlprocess.py.
+# batching.BatchWait: how long to hold a forming batch open, with an injected clock (never a
+# sleep); its end-to-end effect stays in test_mlprocess.py.
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_no_wait_runs_at_once() -> None:
+    policy = batching.BatchWait(max_batch_size=8, max_batch_wait=0.0, clock=_FakeClock())
+    assert policy.remaining(1, oldest_arrival=100.0) == 0.0
+
+
+def test_a_forming_batch_waits_from_its_oldest_item() -> None:
+    clock = _FakeClock()
+    policy = batching.BatchWait(max_batch_size=8, max_batch_wait=0.010, clock=clock)
+    assert policy.remaining(1, oldest_arrival=100.0) == pytest.approx(0.010)
+    clock.now = 100.004
+    assert policy.remaining(3, oldest_arrival=100.0) == pytest.approx(0.006)
+    clock.now = 100.011
+    assert policy.remaining(3, oldest_arrival=100.0) == 0.0  # waited long enough
+
+
+def test_a_full_batch_or_nothing_never_waits() -> None:
+    policy = batching.BatchWait(max_batch_size=4, max_batch_wait=1.0, clock=_FakeClock())
+    assert policy.remaining(4, oldest_arrival=100.0) == 0.0
+    assert policy.remaining(9, oldest_arrival=100.0) == 0.0
+    assert policy.remaining(0, oldest_arrival=100.0) == 0.0
