@@ -383,6 +383,8 @@ class FakeChat(MLProcess):
                 break
             if word in stops:
                 break
+            if word == "CRASH":  # the ML process dies mid-stream
+                os._exit(7)
             if word == "FAIL":
                 raise ValueError("the fake model failed on purpose")
             if delay:

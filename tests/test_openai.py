@@ -219,6 +219,22 @@ def test_a_model_error_is_500_whole_and_an_error_event_mid_stream(chat_server: S
     assert '"error":{' in events[-2] and events[-1] == "data: [DONE]"
 
 
+def test_a_crash_mid_stream_ends_it_with_an_error_event(chat_server: Server) -> None:
+    client = _client(chat_server)
+    got = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in client.chat.completions.create(model="fakechat", stream=True,
+                                                    messages=_user("a b CRASH c")):
+            got.append(chunk.choices[0].delta.content)
+    assert got == ["", "a", " b"]
+    assert caught.value.body["code"] == "model_unavailable"
+    assert "exited with code 7" in caught.value.message
+    # The ML process restarts; then the next request is answered.
+    wait_until(lambda: _status(chat_server)["ready"], timeout=30, what="the restart")
+    answer = client.chat.completions.create(model="fakechat", messages=_user("x y"))
+    assert answer.choices[0].message.content == "x y"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_client_that_closes_a_stream_stops_the_generation(chat_server: Server,
