@@ -59,7 +59,10 @@ class BatchWait:
 
     With ``max_batch_wait == 0`` (the default) a batch runs as soon as the ML process has
     read whatever is queued: at low load a request never waits for company. With a wait,
-    the batch runs when it is full or when its oldest item has waited ``max_batch_wait``.
+    the batch runs when it is full, when its oldest item has waited ``max_batch_wait``, or
+    as soon as no further request is known to be on its way: callers publish how many calls
+    they have admitted (``coming`` is that count minus the items already read), so a
+    lone request never waits for company that is not coming.
 
     Args:
         max_batch_size: items that make a batch full.
@@ -73,8 +76,11 @@ class BatchWait:
         self.max_batch_wait = max_batch_wait
         self.clock = clock
 
-    def remaining(self, items: int, oldest_arrival: float) -> float:
-        """Seconds to keep collecting before running ``items`` items (0: run now)."""
-        if self.max_batch_wait <= 0 or items <= 0 or items >= self.max_batch_size:
+    def remaining(self, items: int, oldest_arrival: float, coming: int = 1) -> float:
+        """Seconds to keep collecting before running ``items`` items (0: run now).
+
+        ``coming``: requests admitted by callers and not read yet (0 or less: none is on
+        its way, run now)."""
+        if self.max_batch_wait <= 0 or items <= 0 or items >= self.max_batch_size or coming <= 0:
             return 0.0
         return max(0.0, oldest_arrival + self.max_batch_wait - self.clock())

@@ -83,7 +83,7 @@ class CallResult:
 class _Channel:
     """One thread's persistent pipe to whichever ML process took its other end."""
 
-    __slots__ = ("conn", "poller", "pid", "slot", "generation", "ids", "crashes_at_attach")
+    __slots__ = ("conn", "poller", "pid", "slot", "generation", "ids", "crashes_at_attach", "mailbox")
 
     def __init__(self, conn: Connection, crashes: int) -> None:
         self.conn = conn
@@ -97,6 +97,7 @@ class _Channel:
         # ML-process deaths seen when the Attach was queued: a death after that may have
         # taken our pipe end with it (see Caller._wait).
         self.crashes_at_attach = crashes
+        self.mailbox = shm.Mailbox()  # large arrays, both ways, through reused shared memory
 
     def unread(self) -> bool:
         """Whether bytes we sent still sit unread in the pipe (Linux: TIOCOUTQ/SIOCOUTQ on
@@ -190,6 +191,8 @@ class Caller:
         self._cond = threading.Condition()
         self._inflight = 0
         self._stop_waiting = False
+        self._count_field: int | None = None  # this process's field in the status block
+        self._count_pid = 0
 
     @property
     def inflight(self) -> int:
@@ -220,6 +223,7 @@ class Caller:
         except (EOFError, OSError):
             pass
         channel.conn.close()
+        channel.mailbox.close()
         if getattr(self._local, "channel", None) is channel:
             self._local.channel = None
 
@@ -265,11 +269,23 @@ class Caller:
                     f"model {self._name!r} has {self._inflight} requests in flight "
                     f"(max_inflight={self._config.max_inflight}); retry later")
             self._inflight += 1
+            self._publish_inflight()
         return Admission(self)
+
+    def _publish_inflight(self) -> None:
+        """Store this process's in-flight count where the ML processes read it (their
+        batch waits only for calls known to be on their way). Called under ``_cond``."""
+        pid = os.getpid()
+        if self._count_pid != pid:
+            self._count_pid = pid
+            self._count_field = self._status.claim_caller(pid)
+        if self._count_field is not None:
+            self._status.set_caller_inflight(self._count_field, self._inflight)
 
     def _release(self) -> None:
         with self._cond:
             self._inflight -= 1
+            self._publish_inflight()
             if self._inflight == 0:
                 self._cond.notify_all()
 
@@ -339,22 +355,29 @@ class Caller:
         while True:
             request = Request(next(channel.ids), deadline, args, kwargs)
             try:
-                data, segment = shm.dumps(request, self._config.shm_threshold)
+                data = channel.mailbox.dumps(request, self._config.shm_threshold, request.id)
             except Exception as exc:
                 raise InputError(f"the input cannot be sent to the ML process: it is not "
                                  f"picklable ({type(exc).__name__}: {exc})") from None
+            message = None
             try:
                 try:
                     channel.conn.send_bytes(data)
                 except (BrokenPipeError, OSError):
                     # The process that held this channel is gone; nothing was sent. A new
-                    # channel reaches whichever process serves the queue now.
+                    # channel reaches whichever process serves the queue now (the message
+                    # again, through the new channel's own shared memory).
                     self._discard(channel)
                     channel = self._channel()
-                    channel.conn.send_bytes(data)
+                    request = Request(next(channel.ids), deadline, args, kwargs)
+                    channel.conn.send_bytes(channel.mailbox.dumps(
+                        request, self._config.shm_threshold, request.id))
                 message = self._wait(channel, request, deadline, cancel_if)
             finally:
-                shm.discard(segment)  # the ML process unlinked it already, unless it never read it
+                if message is None:
+                    # No answer: the ML process may still read this request later, so the
+                    # next one must not overwrite its shared memory.
+                    channel.mailbox.abandon()
             if message is not None:
                 return channel, request, message
             # Our channel was lost with an ML process before any process read it: send the
@@ -446,7 +469,7 @@ class Caller:
                     return None
                 continue
             try:
-                message = shm.loads(data)
+                message = channel.mailbox.loads(data, expect=request.id)
             except FileNotFoundError:
                 # The reply's shared-memory segment was swept: its ML process died right
                 # after sending it (the supervisor removes a dead process's segments).

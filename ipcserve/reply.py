@@ -23,13 +23,20 @@ __all__ = ["model_error", "send", "signature_error"]
 logger = logging.getLogger(__name__)
 
 
-def send(conn: Connection, reply: Reply | StreamItem | StreamEnd, threshold: int = 0) -> bool:
+def send(conn: Connection, reply: Reply | StreamItem | StreamEnd, threshold: int = 0,
+         mailbox: shm.Mailbox | None = None) -> bool:
     """Send one message; an unpicklable value becomes a ModelError (a stream item: the end
-    of its stream with that error). False: the caller is gone or the item could not be sent."""
+    of its stream with that error). False: the caller is gone or the item could not be sent.
+
+    ``mailbox``: the channel's reused shared memory, for a Reply (the one message its
+    request gets); stream items, several per request, each take a fresh segment."""
     segment = None
     sent_as_is = True
     try:
-        data, segment = shm.dumps(reply, threshold)
+        if mailbox is not None and isinstance(reply, Reply):
+            data = mailbox.dumps(reply, threshold, reply.id)
+        else:
+            data, segment = shm.dumps(reply, threshold)
     except BaseException as exc:  # the model returned something pickle cannot carry
         # BaseException: a result whose __reduce__ raises SystemExit or KeyboardInterrupt
         # must fail its request, not the process.

@@ -8,12 +8,19 @@ memory. Single aligned 8-byte stores are atomic on the platforms we support, and
 field has a single writer, so no lock is taken on the hot path.
 
 Writers: the ML process writes ``heartbeat``, ``busy_since``, ``served``, the cancellation
-counters and ``state=READY``; the supervisor writes everything else.
+counters and ``state=READY``; each calling (web) process writes its own caller field; the
+supervisor writes everything else.
+
+Caller fields: every process that calls the model claims one ``(pid, in flight)`` pair
+(under a lock, once per process) and stores its count of admitted calls there. The ML
+processes read their sum to tell requests known to be on their way (admitted, not yet
+read) from hypothetical ones: a batch waits only for the former.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import time
 from typing import Any
 
@@ -42,6 +49,17 @@ CANCEL_REASONS = ("disconnect", "deadline")
 _CRASHES, _CONSECUTIVE, _HANGS_KILLED, _CIRCUIT_OPEN, _NEXT_START, _DRAINING, _BACKOFF = range(7)
 _COMMON = 7
 _NO_EXITCODE = -1000.0
+CALLER_FIELDS = 64  # web processes that can report their in-flight count (gunicorn workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class StatusBlock:
@@ -49,12 +67,13 @@ class StatusBlock:
 
     def __init__(self, ctx: Any, workers: int) -> None:
         self.workers = workers
-        self._array = ctx.RawArray("d", workers * _SLOT + _COMMON)
+        self._array = ctx.RawArray("d", workers * _SLOT + _COMMON + 2 * CALLER_FIELDS)
+        self._claim_lock = ctx.Lock()
         for slot in range(workers):
             self._set(slot, _EXITCODE, _NO_EXITCODE)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"workers": self.workers, "_array": self._array}
+        return {"workers": self.workers, "_array": self._array, "_claim_lock": self._claim_lock}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -201,6 +220,62 @@ class StatusBlock:
 
     def set_draining(self, draining: bool) -> None:
         self._set_common(_DRAINING, float(draining))
+
+    # -- callers' in-flight counts ----------------------------------------------------------
+    def _caller_base(self) -> int:
+        return self.workers * _SLOT + _COMMON
+
+    def claim_caller(self, pid: int) -> int | None:
+        """A calling process takes a field for its in-flight count (a field of a process
+        that no longer exists is reused). None if none is free or the lock is stuck (a
+        process died holding it): that process's calls are then not counted, which only
+        makes batches form without waiting for them."""
+        if not self._claim_lock.acquire(timeout=0.5):
+            return None
+        try:
+            base = self._caller_base()
+            for index in range(CALLER_FIELDS):
+                owner = int(self._array[base + 2 * index])
+                if owner == pid:
+                    return index
+                if owner == 0 or not _alive(owner):
+                    self._array[base + 2 * index + 1] = 0.0
+                    self._array[base + 2 * index] = pid
+                    return index
+            return None
+        finally:
+            self._claim_lock.release()
+
+    def set_caller_inflight(self, index: int, count: int) -> None:
+        """The claiming process's admitted calls (its single writer)."""
+        self._array[self._caller_base() + 2 * index + 1] = count
+
+    def release_caller(self, index: int, pid: int) -> None:
+        base = self._caller_base() + 2 * index
+        if int(self._array[base]) == pid:
+            self._array[base + 1] = 0.0
+            self._array[base] = 0.0
+
+    def sweep_callers(self) -> None:
+        """Supervisor: forget the counts of calling processes that died (a gunicorn worker
+        killed with calls in flight), so batches do not wait for their answers."""
+        if not self._claim_lock.acquire(timeout=0):
+            return
+        try:
+            base = self._caller_base()
+            for index in range(CALLER_FIELDS):
+                owner = int(self._array[base + 2 * index])
+                if owner and not _alive(owner):
+                    self._array[base + 2 * index + 1] = 0.0
+                    self._array[base + 2 * index] = 0.0
+        finally:
+            self._claim_lock.release()
+
+    def callers_inflight(self) -> int:
+        """Calls admitted by every calling process and not yet answered to them."""
+        base = self._caller_base()
+        array = self._array
+        return int(sum(array[base + 1:base + 2 * CALLER_FIELDS:2]))
 
     # -- summaries -----------------------------------------------------------------------
     def all_stopped(self) -> bool:

@@ -74,6 +74,9 @@ class StreamRunner:
     def __bool__(self) -> bool:
         return bool(self.streams)
 
+    def __len__(self) -> int:
+        return len(self.streams)
+
     def add(self, item: Any, gen: collections.abc.Iterator[Any]) -> None:
         self.streams.append(_Stream(item, gen))
 

@@ -217,6 +217,7 @@ class Supervisor:
                     self._on_exit(slot)
                 else:
                     self._watchdog(slot, now)
+            self._status.sweep_callers()
 
     def _restart(self, slot: _Slot) -> None:
         self._status.count_restart(slot.index)

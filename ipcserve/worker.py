@@ -94,6 +94,9 @@ def _exit_with_group(code: int) -> None:
     os._exit(code)
 
 
+_GATHER_SLICE = 0.001  # seconds between looks at the callers' in-flight count while gathering
+
+
 class _Loop:
     """State of one ML process's serving loop."""
 
@@ -107,6 +110,7 @@ class _Loop:
         self.config = plumbing.config
         self.wait_policy = batching.BatchWait(self.config.max_batch_size, self.config.max_batch_wait)
         self.conns: list[Connection] = []
+        self.mailboxes: dict[Connection, shm.Mailbox] = {}  # each channel's shared memory
         # One persistent epoll/poll selector: multiprocessing.connection.wait() builds a new
         # selector per call, which cost more than the rest of a small request.
         self.selector = selectors.DefaultSelector()
@@ -153,6 +157,7 @@ class _Loop:
                 conn.close()
                 return None
             self.conns.append(conn)
+            self.mailboxes[conn] = shm.Mailbox()
             self.selector.register(conn, selectors.EVENT_READ)
             return conn
         elif isinstance(message, Shutdown):
@@ -172,6 +177,9 @@ class _Loop:
             self._cancel_queued(item, "disconnect")
         self.streams.cancel(conn, None, "disconnect")
         self.conns.remove(conn)
+        mailbox = self.mailboxes.pop(conn, None)
+        if mailbox is not None:
+            mailbox.close()
         self.selector.unregister(conn)
         conn.close()
 
@@ -185,7 +193,8 @@ class _Loop:
                 self._drop(conn)  # the caller closed its channel (thread ended, timed out)
                 return
             try:
-                message: Any = shm.loads(data)
+                mailbox = self.mailboxes.get(conn)
+                message: Any = mailbox.loads(data) if mailbox is not None else shm.loads(data)
             except Exception as exc:
                 message = exc
             self._handle(conn, message, now)
@@ -287,7 +296,7 @@ class _Loop:
             send(item.conn, Reply(item.request.id, value=value, error=error,
                                    queue_wait=max(0.0, started - item.arrived),
                                    inference_time=elapsed, batch_size=len(items)),
-                  self.config.shm_threshold)
+                  self.config.shm_threshold, self.mailboxes.get(item.conn))
         self.status.set_busy(self.slot, 0.0)
         self.status.add_served(self.slot, len(items))
         self.status.beat(self.slot)
@@ -401,13 +410,19 @@ class _Loop:
         self.selector.close()
 
     def _gather(self) -> None:
-        """Keep reading while the batch policy says to wait for the batch to fill."""
+        """Keep reading while the batch policy says to wait for the batch to fill: only
+        while callers have admitted more requests than this process has read."""
         while not self.stopping and self.pending:
             items = sum(batching.size_of(p.request) for p in self.pending)
-            remaining = self.wait_policy.remaining(items, min(p.arrived for p in self.pending))
+            # Admitted calls not read yet (streams being served count as admitted; calls
+            # read by a sibling ML process make us wait at most max_batch_wait).
+            coming = self.status.callers_inflight() - len(self.pending) - len(self.streams)
+            remaining = self.wait_policy.remaining(items, min(p.arrived for p in self.pending), coming)
             if remaining <= 0:
                 return
-            self.poll_once(remaining)
+            # Short slices: a caller that gives up before sending (a 400 after admission)
+            # lowers the count without waking us.
+            self.poll_once(min(remaining, _GATHER_SLICE))
 
 
 def worker_main(model: ServedModel, plumbing: Plumbing, slot: int, generation: int,

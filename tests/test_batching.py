@@ -116,3 +116,12 @@ def test_a_full_batch_or_nothing_never_waits() -> None:
     assert policy.remaining(4, oldest_arrival=100.0) == 0.0
     assert policy.remaining(9, oldest_arrival=100.0) == 0.0
     assert policy.remaining(0, oldest_arrival=100.0) == 0.0
+
+
+def test_nothing_on_its_way_never_waits() -> None:
+    """Callers publish their admitted calls: with none beyond those read, a lone request
+    runs at once however long the configured wait."""
+    policy = batching.BatchWait(max_batch_size=8, max_batch_wait=1.0, clock=_FakeClock())
+    assert policy.remaining(1, oldest_arrival=100.0, coming=0) == 0.0
+    assert policy.remaining(3, oldest_arrival=100.0, coming=-2) == 0.0  # e.g. a sibling's
+    assert policy.remaining(1, oldest_arrival=100.0, coming=1) == pytest.approx(1.0)

@@ -190,9 +190,45 @@ def test_batches_form_under_load_keep_order_and_isolate_poison() -> None:
         assert any(len(b) > 1 for b in batches), batches
 
 
+def test_a_batch_wait_waits_only_for_requests_on_their_way() -> None:
+    """max_batch_wait holds a batch open only while callers have admitted requests the ML
+    process has not read: a lone request never pays the wait (it would be 3 s here)."""
+    with MLProcess.from_factory(BatchTripler, name="bw", max_batch_size=8, max_batch_wait=3.0) as ml:
+        for i in range(3):
+            alone = ml.call((i,), {})
+            assert alone.value == 3 * i and alone.batch_size == 1
+            assert alone.queue_wait < 1.5, alone
+        with ml.admit() as on_its_way, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(ml.call, (1,), {})
+            second = on_its_way.call((2,), {})
+            # Whichever the ML process read first waited for the other, known to be coming.
+            assert (first.result(10).batch_size, second.batch_size) == (2, 2)
+            assert (first.result().value, second.value) == (3, 6)
+
+
 @pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])
 @pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
 def test_every_start_method_serves(method: str) -> None:
     with Doubler(start_method=method) as ml:
         assert ml(4) == 8
         assert ml("pid") != os.getpid()
+
+
+def test_in_flight_counts_of_dead_callers_are_forgotten() -> None:
+    """A web process killed with calls in flight (a gunicorn worker) must not leave its
+    count behind: batches would wait for answers nobody will ask for."""
+    from ipcserve.statusblock import StatusBlock
+
+    status = StatusBlock(multiprocessing.get_context("spawn"), 1)
+    dead = multiprocessing.get_context("spawn").Process(target=os.getpid)
+    dead.start()
+    dead.join(10)
+    mine = status.claim_caller(os.getpid())
+    field = status.claim_caller(dead.pid)  # as if it had claimed while alive
+    assert mine is not None and field is not None and mine != field
+    status.set_caller_inflight(mine, 2)
+    status.set_caller_inflight(field, 5)
+    assert status.callers_inflight() == 7
+    status.sweep_callers()  # the supervisor does this on every tick
+    assert status.callers_inflight() == 2
+    assert status.claim_caller(os.getpid()) == mine  # one field per process

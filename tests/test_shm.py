@@ -76,3 +76,42 @@ def test_no_segment_left_when_a_call_times_out() -> None:
             ml(X, block=True, timeout=0.5)
         release.set()
         np.testing.assert_array_equal(ml(X), X)
+
+
+def test_a_mailbox_reuses_one_segment_and_receivers_get_their_own_copy() -> None:
+    sender, receiver = shm.Mailbox(), shm.Mailbox()
+    first = np.full(1 << 18, 1.0, dtype=np.float32)
+    before = segments()
+    data = sender.dumps({"x": first}, threshold=1024, id=1)
+    assert len(segments() - before) == 1
+    got1 = receiver.loads(data, expect=1)
+    assert segments() - before == set()  # mapped once by the receiver, then unlinked
+    data = sender.dumps({"x": first * 2}, threshold=1024, id=2)  # same memory, overwritten
+    got2 = receiver.loads(data, expect=2)
+    np.testing.assert_array_equal(got1["x"], first)  # the first copy is untouched
+    np.testing.assert_array_equal(got2["x"], first * 2)
+    assert got2["x"].flags.writeable and not np.shares_memory(got1["x"], got2["x"])
+    stale = sender.dumps({"x": first * 3}, threshold=1024, id=3)
+    assert receiver.loads(stale, expect=4) is None  # a reply nobody waits for is not read
+    bigger = np.arange(1 << 20, dtype=np.float32)  # does not fit: a new, larger segment
+    np.testing.assert_array_equal(receiver.loads(sender.dumps(bigger, 1024, 5), expect=5), bigger)
+    sender.close()
+    receiver.close()
+
+
+def test_reused_shared_memory_never_mixes_answers() -> None:
+    """Consecutive calls on one channel reuse its segments both ways: an answer already
+    returned stays intact, and after a call that timed out (its late reply still coming
+    through the same memory) the next call gets its own answer."""
+    entered, release = spawn_events()
+    with ArrayModel(entered, release) as ml:
+        one = ml(X)
+        three = ml(X, scale=3.0)
+        np.testing.assert_array_equal(one, X)
+        np.testing.assert_array_equal(three, X * 3)
+        with pytest.raises(ResultDeadlineError):
+            ml(X * 7, block=True, timeout=0.5)
+        release.set()
+        for scale in (5.0, 6.0):
+            np.testing.assert_array_equal(ml(X, scale=scale), X * scale)
+        np.testing.assert_array_equal(one, X)
