@@ -11,15 +11,16 @@ MLP_IN = 256
 
 
 def make_mlp() -> Any:
-    """A torch MLP that takes ~1 ms for one input on one thread here (4.7 M multiply-adds)."""
+    """The "matmul" model: a 256 -> 1536 -> 1536 -> 16 float32 MLP (2.8 M multiply-adds,
+    ~0.3 ms for one input on one thread here, ~0.1 ms per item in a batch of 32)."""
     import torch
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
     return torch.nn.Sequential(
-        torch.nn.Linear(MLP_IN, 2048), torch.nn.ReLU(),
-        torch.nn.Linear(2048, 2048), torch.nn.ReLU(),
-        torch.nn.Linear(2048, 10),
+        torch.nn.Linear(MLP_IN, 1536), torch.nn.ReLU(),
+        torch.nn.Linear(1536, 1536), torch.nn.ReLU(),
+        torch.nn.Linear(1536, 16),
     ).eval()
 
 

@@ -173,6 +173,11 @@ def bench_workers(repeats: int, seconds: float = 3.0) -> dict[str, Any]:
 
 
 # -- HTTP ------------------------------------------------------------------------------
+SERVERS = ("naive", "fastapi", "litserve", "ipcserve", "ipcserve-wait")
+SERVER_CPUS = "0"  # every server pinned to these cores (taskset), wrk to CLIENT_CPUS
+CLIENT_CPUS = "1"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -180,10 +185,15 @@ def free_port() -> int:
 
 
 class Served:
+    """One server of servers.py in its own process group, pinned to SERVER_CPUS."""
+
     def __init__(self, app: str, model: str) -> None:
+        self.name = app
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "servers.py"), app, model, str(self.port)],
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(["taskset", "-c", SERVER_CPUS, sys.executable, str(HERE / "servers.py"),
+                                      app, model, str(self.port)], stdout=subprocess.PIPE, text=True,
+                                     stderr=open(self.log_path(app, model), "w"),
+                                     start_new_session=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if "READY" not in line:
@@ -191,49 +201,95 @@ class Served:
             raise RuntimeError(f"{app} {model} server did not start")
         self.url = f"http://127.0.0.1:{self.port}/predict"
 
+    @staticmethod
+    def log_path(app: str, model: str) -> Path:
+        """The server's stderr, kept out of the report (results/APP-MODEL.log)."""
+        path = HERE / "results" / f"{app}-{model}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def wait_ready(self, body: str, timeout: float = 180) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                req = urllib.request.Request(self.url, data=body.encode(), method="POST",
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not answer {self.url}")
+            time.sleep(0.2)  # benchmark start-up poll, not test synchronisation
+
     def close(self) -> None:
-        self.proc.send_signal(2)
         try:
+            os.killpg(self.proc.pid, 2)
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, 9)
             self.proc.wait(5)
+        except ProcessLookupError:
+            pass
         if self.proc.stdout:
             self.proc.stdout.close()
 
 
 def wrk(url: str, body: str, connections: int, seconds: int) -> dict[str, float]:
-    threads = min(2, connections)
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-                          "-s", str(HERE / "post.lua"), url], env=dict(os.environ, BODY=body),
+    out = subprocess.run(["taskset", "-c", CLIENT_CPUS, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+                          "--latency", "-s", str(HERE / "post.lua"), url], env=dict(os.environ, BODY=body),
                          capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p50.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": float(p50.group(1)) * scale, "non2xx": int(errors.group(1)) if errors else 0}
+    failed = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"rps": rps, "p50_ms": float(p50.group(1)) * scale,
+            "non2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": sum(int(x) for x in failed.groups()) if failed else 0}
 
 
-def bench_http(model: str, body: str, concurrencies: list[int], repeats: int, seconds: int) -> dict[str, Any]:
-    servers = {name: Served(name, model) for name in ("naive", "ipcserve")}
+def bench_http(model: str, body: str, concurrencies: list[int], repeats: int, seconds: int,
+               servers: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Every server on ``model``: for each concurrency, ``repeats`` rounds, each round
+    running wrk against every server in turn (so noise hits them alike); medians."""
+    running: dict[str, Served] = {}
     try:
-        for s in servers.values():
+        for name in servers or SERVERS:
+            running[name] = Served(name, model)
+        for s in running.values():
+            s.wait_ready(body)
             wrk(s.url, body, 4, 1)  # warm up
         result: dict[str, Any] = {}
         for c in concurrencies:
-            runs: dict[str, list[dict[str, float]]] = {n: [] for n in servers}
+            runs: dict[str, list[dict[str, float]]] = {n: [] for n in running}
             for _ in range(repeats):
-                for name, s in servers.items():
+                for name, s in running.items():
                     runs[name].append(wrk(s.url, body, c, seconds))
             result[f"c{c}"] = {
                 name: {"rps": round(statistics.median(r["rps"] for r in rs), 1),
                        "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 3),
-                       "non2xx": sum(r["non2xx"] for r in rs)}
+                       "rps_runs": [round(r["rps"], 1) for r in rs],
+                       "non2xx": sum(int(r["non2xx"]) for r in rs),
+                       "socket_errors": sum(int(r["socket_errors"]) for r in rs)}
                 for name, rs in runs.items()}
         return result
     finally:
-        for s in servers.values():
+        for s in running.values():
             s.close()
+
+
+def pinned(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in this process pinned to SERVER_CPUS, as the servers are."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(c) for c in SERVER_CPUS.split(",")})
+    try:
+        return fn()
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def in_process_mlp(repeats: int) -> dict[str, float]:
@@ -254,9 +310,10 @@ def in_process_mlp(repeats: int) -> dict[str, float]:
                 net(x)
         return (time.perf_counter() - t) / n
 
-    single = statistics.median(per_item(one, 300) for _ in range(repeats))
-    b32 = statistics.median(per_item(batch, 50) for _ in range(repeats))
-    return {"single_ms": round(single * 1e3, 3), "batch32_items_per_s": round(32 / b32, 1)}
+    single = statistics.median(per_item(one, 1000) for _ in range(repeats))
+    b32 = statistics.median(per_item(batch, 100) for _ in range(repeats))
+    return {"single_per_s": round(1 / single, 1), "single_ms": round(single * 1e3, 3),
+            "batch32_items_per_s": round(32 / b32, 1)}
 
 
 def in_process_minilm(repeats: int) -> dict[str, float]:
@@ -336,13 +393,65 @@ def bench_memory() -> dict[str, Any]:
     return results
 
 
+def targets(report: dict[str, Any]) -> str:
+    """The issue's targets as Markdown rows, from whatever parts of ``report`` ran."""
+    rows = ["| target | measured | |", "|---|---|---|"]
+
+    def row(target: str, measured: str, met: bool) -> None:
+        rows.append(f"| {target} | {measured} | {'met' if met else 'missed'} |")
+
+    def get(*keys: str) -> Any:
+        node: Any = report
+        for key in keys:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node
+
+    if get("minilm", "c64", "ipcserve") and get("minilm", "in_process"):
+        ours = get("minilm", "c64", "ipcserve", "rps")
+        limit = get("minilm", "in_process", "batch32_items_per_s")
+        lit = get("minilm", "c64", "litserve", "rps") or 0
+        row("MiniLM c=64 >= 0.95x in-process batch-32, >= LitServe",
+            f"{ours} req/s vs limit {limit} ({ours / limit:.2f}x), LitServe {lit}", ours >= 0.95 * limit and ours >= lit)
+    if get("mlp", "c64", "ipcserve"):
+        best = max(get("mlp", "c64", n, "rps") or 0 for n in ("ipcserve", "ipcserve-wait"))
+        fast = get("mlp", "c64", "fastapi", "rps") or 0
+        lit = get("mlp", "c64", "litserve", "rps") or 0
+        row("matmul c=64 >= FastAPI and >= LitServe", f"{best} vs FastAPI {fast} ({best / max(fast, 1e-9):.2f}x), "
+            f"LitServe {lit}", best >= fast and best >= lit)
+    if get("echo", "c8", "ipcserve"):
+        ours, naive = get("echo", "c8", "ipcserve", "rps"), get("echo", "c8", "naive", "rps")
+        row("echo c=8 >= 0.85x naive", f"{ours} vs {naive} ({ours / naive:.2f}x)", ours >= 0.85 * naive)
+    for model in ("echo", "mlp"):
+        if get(model, "c1", "ipcserve"):
+            ours, naive = get(model, "c1", "ipcserve", "p50_ms"), get(model, "c1", "naive", "p50_ms")
+            row(f"{model} c=1 p50 <= naive + 0.2 ms", f"{ours} vs {naive} ms (+{ours - naive:.3f} ms)",
+                ours <= naive + 0.2)
+        if get(model, "c1", "ipcserve-wait"):
+            wait, none = get(model, "c1", "ipcserve-wait", "rps"), get(model, "c1", "ipcserve", "rps")
+            row(f"{model} c=1 with a 5 ms batch wait >= 0.9x no wait", f"{wait} vs {none} ({wait / none:.2f}x)",
+                wait >= 0.9 * none)
+    if get("ipc", "ratio_ipcserve_to_raw"):
+        ratio = get("ipc", "ratio_ipcserve_to_raw")
+        row("IPC round trip <= 2x raw os.pipe", f"{get('ipc', 'us')}: {ratio}x", ratio <= 2)
+    if get("array", "speedup"):
+        row("8 MiB array: shared memory >= 5x pipe", f"{get('array', 'ms')}: {get('array', 'speedup')}x",
+            get("array", "speedup") >= 5)
+    return "\n".join(rows)
+
+
 def main() -> None:
+    global SERVERS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
+    parser.add_argument("--seconds", type=int, default=7, help="length of each wrk run")
+    parser.add_argument("--servers", nargs="*", help=f"HTTP servers to compare (default: {' '.join(SERVERS)})")
     parser.add_argument("--only", nargs="*", help="ipc array workers echo mlp minilm memory")
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args()
+    if args.servers:
+        SERVERS = tuple(args.servers)
     want = set(args.only or ["ipc", "array", "workers", "echo", "mlp", "minilm", "memory"])
     report: dict[str, Any] = {"machine": f"{platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}",
                               "date": time.strftime("%Y-%m-%d %H:%M"), "repeats": args.repeats}
@@ -350,11 +459,12 @@ def main() -> None:
         ("ipc", lambda: bench_ipc(args.repeats)),
         ("array", lambda: bench_array(args.repeats)),
         ("workers", lambda: bench_workers(args.repeats)),
-        ("echo", lambda: bench_http("echo", json.dumps({"x": 1, "y": "hello"}), [8], args.repeats, args.seconds)),
-        ("mlp", lambda: {"in_process": in_process_mlp(args.repeats),
-                         **bench_http("mlp", json.dumps({"x": [0.5] * 256}), [1, 32], args.repeats, args.seconds)}),
-        ("minilm", lambda: {"in_process": in_process_minilm(args.repeats),
-                            **bench_http("minilm", json.dumps({"text": TEXT}), [1, 32], args.repeats, args.seconds)}),
+        ("echo", lambda: bench_http("echo", json.dumps({"x": 1, "y": "hello"}), [1, 8], args.repeats,
+                                    args.seconds)),
+        ("mlp", lambda: {"in_process": pinned(lambda: in_process_mlp(args.repeats)),
+                         **bench_http("mlp", json.dumps({"x": [0.5] * 256}), [1, 64], args.repeats, args.seconds)}),
+        ("minilm", lambda: {"in_process": pinned(lambda: in_process_minilm(args.repeats)),
+                            **bench_http("minilm", json.dumps({"text": TEXT}), [64], args.repeats, args.seconds)}),
         ("memory", bench_memory),
     ]
     for name, step in steps:
@@ -364,6 +474,7 @@ def main() -> None:
             print(f"{name}: {json.dumps(report[name])}  ({time.monotonic() - t:.0f}s)", flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
+    print(targets(report))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,20 @@
 """The HTTP servers the benchmark compares, one per process.
 
-``python benchmarks/servers.py APP MODEL PORT`` where APP is ``ipcserve`` (the model in an
-ML process) or ``naive`` (the recipe ipcserve replaces: a global model in the Flask
-process behind a lock), MODEL is ``echo``, ``mlp`` or ``minilm``. Prints ``READY`` when
-it serves.
+``python benchmarks/servers.py APP MODEL PORT`` prints ``READY`` once it serves
+``POST /predict`` on 127.0.0.1:PORT. MODEL is ``echo`` (returns the body), ``mlp`` (the
+matmul MLP of models.py) or ``minilm`` (all-MiniLM-L6-v2 sentence embeddings). APP is:
+
+- ``naive``: the recipe ipcserve replaces: a global model in the Flask process behind a
+  lock, on waitress (8 threads);
+- ``fastapi``: FastAPI + uvicorn, a global model behind a lock (a sync endpoint: FastAPI
+  runs it in its thread pool);
+- ``litserve``: LitServe with batching (32 items, 5 ms batch timeout), its own
+  inference worker process;
+- ``ipcserve``: ``ipcserve serve``'s app and server settings with ``--max-batch-size 32``;
+- ``ipcserve-wait``: the same with ``max_batch_wait=0.005``.
+
+Every server runs its model with one torch thread: the benchmark pins each server to one
+core (``taskset``), so the comparison is per core.
 """
 
 from __future__ import annotations
@@ -11,10 +22,37 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def load_single(model: str) -> Callable[[dict[str, Any]], Any]:
+    """The model as a plain function of one request body (naive, FastAPI)."""
+    if model == "echo":
+        return lambda body: body
+    import torch
+
+    torch.set_num_threads(1)
+    if model == "mlp":
+        from models import make_mlp
+
+        net = make_mlp()
+
+        def run(body: dict[str, Any]) -> Any:
+            with torch.inference_mode():
+                return net(torch.tensor([body["x"]], dtype=torch.float32))[0].tolist()
+        return run
+    from ipcserve.adapters.hf import TransformersModel
+
+    from models import minilm_path
+
+    tm = TransformersModel(minilm_path(), task="feature-extraction", normalize=True)
+    tm.load()
+    return lambda body: tm.predict_batch([body["text"]])[0]
 
 
 def naive_app(model: str) -> Any:
@@ -22,29 +60,7 @@ def naive_app(model: str) -> Any:
 
     app = Flask("naive")
     lock = threading.Lock()
-    if model == "echo":
-        def run(body: dict) -> Any:
-            return body
-    elif model == "mlp":
-        import torch
-
-        from models import make_mlp
-
-        net = make_mlp()
-
-        def run(body: dict) -> Any:
-            with torch.inference_mode():
-                return net(torch.tensor([body["x"]], dtype=torch.float32))[0].tolist()
-    else:
-        from ipcserve.adapters.hf import TransformersModel
-
-        from models import minilm_path
-
-        tm = TransformersModel(minilm_path(), task="feature-extraction", normalize=True)
-        tm.load()
-
-        def run(body: dict) -> Any:
-            return tm.predict_batch([body["text"]])[0]
+    run = load_single(model)
 
     @app.post("/predict")
     def predict() -> Any:
@@ -55,46 +71,68 @@ def naive_app(model: str) -> Any:
     return app
 
 
-def ipcserve_app(model: str, workers: int = 1) -> Any:
+def serve_fastapi(model: str, port: int) -> None:
+    import uvicorn
+    from fastapi import FastAPI, Request
+
+    app = FastAPI()
+    lock = threading.Lock()
+    run = load_single(model)
+
+    @app.post("/predict")
+    def predict(body: dict[str, Any]) -> Any:  # sync: FastAPI runs it in its thread pool
+        with lock:
+            return run(body)
+
+    del Request
+    print("READY", flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def serve_litserve(model: str, port: int) -> None:
+    import litserve as ls
+
+    from lit_api import BenchAPI
+
+    api = BenchAPI(model, max_batch_size=32, batch_timeout=0.005, api_path="/predict")
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1)
+    print("READY", flush=True)
+    server.run(host="127.0.0.1", port=port, log_level="warning", generate_client_file=False,
+               num_api_servers=1)
+
+
+def ipcserve_app(model: str, batch_wait: float = 0.0) -> Any:
     from ipcserve.cli import create_app
     from ipcserve.flask import IPCServe
 
+    settings = dict(max_batch_size=32, max_batch_wait=batch_wait)
     if model == "echo":
         from models import Echo
 
-        ml: Any = Echo(name="echo", workers=workers)
+        ml: Any = Echo(name="echo", **settings)
     elif model == "mlp":
         from models import MLP
 
-        ml = MLP(name="mlp", workers=workers, max_batch_size=32)
+        ml = MLP(name="mlp", **settings)
     else:
         from ipcserve.adapters.hf import TransformersModel
 
         from models import minilm_path
 
         ml = TransformersModel(minilm_path(), task="feature-extraction", normalize=True,
-                               name="minilm", workers=workers, max_batch_size=32)
+                               name="minilm", **settings)
     app = create_app([(ml, "json")])
     IPCServe.of(app).start()
     return app
 
 
-def main() -> None:
+def serve_waitress(app: Any, port: int) -> None:
     import logging
 
     import waitress
 
     # waitress logs a warning per queued task under load; it would drown the report.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    kind, model, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if kind == "naive":
-        import torch
-
-        torch.set_num_threads(1)
-        app = naive_app(model)
-    else:
-        app = ipcserve_app(model)
     server = waitress.create_server(app, host="127.0.0.1", port=port, threads=8, backlog=2048,
                                     connection_limit=1000)
     print("READY", flush=True)
@@ -102,11 +140,38 @@ def main() -> None:
         server.run()
     except KeyboardInterrupt:
         pass
-    finally:
-        if kind == "ipcserve":
-            from ipcserve.flask import IPCServe
 
-            IPCServe.of(app).drain(grace=1)
+
+def serve_ipcserve(model: str, port: int, batch_wait: float) -> None:
+    """The app ``ipcserve serve`` builds, on the server ``ipcserve serve`` configures."""
+    from ipcserve.flask import IPCServe
+    from ipcserve.waitress_conf import create_server
+
+    app = ipcserve_app(model, batch_wait)
+    server = create_server(app, host="127.0.0.1", port=port)
+    print("READY", flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        IPCServe.of(app).drain(grace=1)
+
+
+def main() -> None:
+    kind, model, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if kind == "naive":
+        serve_waitress(naive_app(model), port)
+    elif kind == "fastapi":
+        serve_fastapi(model, port)
+    elif kind == "litserve":
+        serve_litserve(model, port)
+    elif kind == "ipcserve":
+        serve_ipcserve(model, port, 0.0)
+    elif kind == "ipcserve-wait":
+        serve_ipcserve(model, port, 0.005)
+    else:
+        raise SystemExit(f"unknown server {kind!r}")
 
 
 if __name__ == "__main__":
