@@ -82,15 +82,28 @@ class Metrics:
         self.shed = Counter("ipcserve_shed", "Requests refused at once because of overload",
                             ["model"], registry=self.registry)
         self.registry.register(_StatusCollector(models))
+        # Labelled children resolved once: labels() costs a lock and a dict lookup per call.
+        self._children: dict[tuple[str, int], tuple[Any, ...]] = {}
+
+    def _of(self, model: str, status: int) -> tuple[Any, ...]:
+        key = (model, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(model, str(status)), self.latency.labels(model),
+                        self.queue_wait.labels(model), self.inference.labels(model),
+                        self.batch_size.labels(model))
+            self._children[key] = children
+        return children
 
     def observe(self, model: str, status: int, seconds: float, stats: Any = None) -> None:
         """Record one finished prediction request."""
-        self.requests.labels(model, str(status)).inc()
-        self.latency.labels(model).observe(seconds)
+        requests, latency, queue_wait, inference, batch_size = self._of(model, status)
+        requests.inc()
+        latency.observe(seconds)
         if stats is not None and stats.batch_size:
-            self.queue_wait.labels(model).observe(stats.queue_wait)
-            self.inference.labels(model).observe(stats.inference_time)
-            self.batch_size.labels(model).observe(stats.batch_size)
+            queue_wait.observe(stats.queue_wait)
+            inference.observe(stats.inference_time)
+            batch_size.observe(stats.batch_size)
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

@@ -280,7 +280,10 @@ class StatusBlock:
     # -- summaries -----------------------------------------------------------------------
     def all_stopped(self) -> bool:
         """No ML process is running, starting or about to restart."""
-        return all(self.state(s) in (State.STOPPED, State.FAILED) for s in range(self.workers))
+        for slot in range(self.workers):  # a loop, not all(genexpr): on every admission
+            if self._array[slot * _SLOT + _STATE] not in (State.STOPPED, State.FAILED):
+                return False
+        return True
 
     def ready_slots(self) -> list[int]:
         return [s for s in range(self.workers) if self.state(s) is State.READY]
