@@ -11,7 +11,9 @@ matmul MLP of models.py) or ``minilm`` (all-MiniLM-L6-v2 sentence embeddings). A
 - ``litserve``: LitServe with batching (32 items, 5 ms batch timeout), its own
   inference worker process;
 - ``ipcserve``: ``ipcserve serve``'s app and server settings with ``--max-batch-size 32``;
-- ``ipcserve-wait``: the same with ``max_batch_wait=0.005``.
+- ``ipcserve-wait``: the same with ``max_batch_wait=0.005``;
+- ``flask-call`` (echo only, for breakdown.py): the naive handler calling the model
+  through ``MLProcess.call``, without ipcserve's HTTP layer.
 
 Every server runs its model with one torch thread: the benchmark pins each server to one
 core (``taskset``), so the comparison is per core.
@@ -67,6 +69,25 @@ def naive_app(model: str) -> Any:
         body = request.get_json()
         with lock:
             return jsonify(run(body))
+
+    return app
+
+
+def flask_call_app(model: str) -> Any:
+    """For the breakdown only: the naive Flask handler, but the model behind
+    ``MLProcess.call`` (no ipcserve extension): ipcserve minus its HTTP layer."""
+    from flask import Flask, jsonify, request
+
+    from models import Echo
+
+    assert model == "echo", "flask-call serves the echo model only"
+    ml = Echo(name="echo", max_batch_size=32)
+    ml.start()
+    app = Flask("flask-call")
+
+    @app.post("/predict")
+    def predict() -> Any:
+        return jsonify(ml.call((), request.get_json()).value)
 
     return app
 
@@ -162,6 +183,8 @@ def main() -> None:
     kind, model, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if kind == "naive":
         serve_waitress(naive_app(model), port)
+    elif kind == "flask-call":
+        serve_waitress(flask_call_app(model), port)
     elif kind == "fastapi":
         serve_fastapi(model, port)
     elif kind == "litserve":
