@@ -317,10 +317,13 @@ def in_process_mlp(repeats: int) -> dict[str, float]:
 
 
 def in_process_minilm(repeats: int) -> dict[str, float]:
+    import torch
+
     from ipcserve.adapters.hf import TransformersModel
 
     from models import minilm_path
 
+    torch.set_num_threads(1)  # as every server runs it: one core each
     tm = TransformersModel(minilm_path(), task="feature-extraction", normalize=True)
     tm.load()
     texts = [TEXT] * 32
