@@ -133,36 +133,52 @@ class CancelWatch:
 
     def _run(self) -> None:
         selector = selectors.DefaultSelector()
-        watched: dict[int, Connection] = {}
+        # id(conn) -> (conn, its fd), registered in the selector by fd with conn as data
+        watched: dict[int, tuple[Connection, int]] = {}
         try:
             while not self._stop.wait(_TICK):
                 running = self._running
                 if running is None or time.monotonic() - running.started < _FIRST_LOOK:
                     continue
-                self._look(running, selector, watched)
+                try:
+                    self._look(running, selector, watched)
+                except Exception:  # never let one bad look end cancellation for good
+                    logger.exception("the cancel watch failed to look at the running call")
+                    selector.close()
+                    selector, watched = selectors.DefaultSelector(), {}
         finally:
             selector.close()
 
     def _look(self, running: _Running, selector: selectors.BaseSelector,
-              watched: dict[int, Connection]) -> None:
+              watched: dict[int, tuple[Connection, int]]) -> None:
         conns = {id(item.conn): item.conn for item in running.items}
         for key in list(watched):
-            if key not in conns:
-                selector.unregister(watched.pop(key))
+            if key not in conns or watched[key][0] is not conns[key]:
+                # By fd: the channel may have been closed since (its caller went away), and
+                # a closed Connection has no fileno() to unregister it by.
+                try:
+                    selector.unregister(watched.pop(key)[1])
+                except (KeyError, ValueError):
+                    pass
         for key, conn in conns.items():
             if key not in watched:
                 try:
-                    selector.register(conn, selectors.EVENT_READ)
-                except (ValueError, OSError):
+                    fd = conn.fileno()
+                    try:
+                        selector.register(fd, selectors.EVENT_READ, conn)
+                    except KeyError:  # a closed channel's fd, reused by this one
+                        selector.unregister(fd)
+                        selector.register(fd, selectors.EVENT_READ, conn)
+                except (KeyError, ValueError, OSError):
                     continue
-                watched[key] = conn
+                watched[key] = (conn, fd)
         ready = selector.select(0)
         with self._lock:
             if self._running is not running:
                 return  # the call ended meanwhile; the main loop reads the channels now
             now = time.monotonic()
             for selected, _ in ready:
-                self._read(running, selected.fileobj, now)  # type: ignore[arg-type]
+                self._read(running, selected.data, now)
             if (self.interruptible and self._armed and not running.interrupted
                     and self._all_gone(running, now)):
                 running.interrupted = True

@@ -197,3 +197,30 @@ def test_a_request_sent_while_a_cancelled_call_runs_on_is_answered() -> None:
         # on (the model opted out of interruption) and must hand it back to the loop.
         assert ml("next", steps=1, timeout=10) == {"tag": "next", "steps": 1}
         assert counter.value == 21
+
+
+def test_cancellation_still_works_after_a_watched_channel_was_closed() -> None:
+    """The cancel watch keeps the channels of earlier calls registered; one that its caller
+    closed since (a thread that ended, a channel moved to an idle ML process) must not kill
+    the watch: it did, with "handle is closed", and no call was interrupted after that."""
+    counter = _counter()
+    with Stepper(counter, step=STEP) as ml:
+        ended = threading.Thread(target=lambda: ml.call(("watched",), {"steps": 5}))
+        ended.start()
+        ended.join(10)
+        del ended
+        import gc
+
+        gc.collect()  # the thread's channel is closed now; the ML process sees EOF
+        gone = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # A long call: the watch looks at it, finds the closed channel, unregisters it.
+            assert ml.call(("next",), {"steps": 5}).value["steps"] == 5
+            fut = pool.submit(ml.call, ("long",), {"steps": 100}, cancel_if=gone.is_set)
+            wait_until(lambda: counter.value >= 15, what="the long call stepping")
+            gone.set()
+            with pytest.raises(RequestCancelledError):
+                fut.result(5)
+            wait_until(lambda: ml.status["cancelled"]["running_disconnect"] == 1,
+                       what="the running call interrupted")
+        assert _settled(counter) < 40
