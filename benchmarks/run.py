@@ -254,32 +254,31 @@ def wrk(url: str, body: str, connections: int, seconds: int) -> dict[str, float]
 
 def bench_http(model: str, body: str, concurrencies: list[int], repeats: int, seconds: int,
                servers: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Every server on ``model``: for each concurrency, ``repeats`` rounds, each round
-    running wrk against every server in turn (so noise hits them alike); medians."""
-    running: dict[str, Served] = {}
-    try:
-        for name in servers or SERVERS:
-            running[name] = Served(name, model)
-        for s in running.values():
-            s.wait_ready(body)
-            wrk(s.url, body, 4, 1)  # warm up
-        result: dict[str, Any] = {}
-        for c in concurrencies:
-            runs: dict[str, list[dict[str, float]]] = {n: [] for n in running}
-            for _ in range(repeats):
-                for name, s in running.items():
-                    runs[name].append(wrk(s.url, body, c, seconds))
-            result[f"c{c}"] = {
-                name: {"rps": round(statistics.median(r["rps"] for r in rs), 1),
-                       "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 3),
-                       "rps_runs": [round(r["rps"], 1) for r in rs],
-                       "non2xx": sum(int(r["non2xx"]) for r in rs),
-                       "socket_errors": sum(int(r["socket_errors"]) for r in rs)}
-                for name, rs in runs.items()}
-        return result
-    finally:
-        for s in running.values():
-            s.close()
+    """Every server on ``model``, one at a time (an idle server is not idle for all of them:
+    LitServe's workers poll, ~20% of a core): ``repeats`` rounds, each starting every
+    server in turn, warming it up and running wrk at each concurrency; medians."""
+    names = servers or SERVERS
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {n: {c: [] for c in concurrencies} for n in names}
+    for _ in range(repeats):
+        for name in names:
+            served = Served(name, model)
+            try:
+                served.wait_ready(body)
+                wrk(served.url, body, 4, 1)  # warm up
+                for c in concurrencies:
+                    runs[name][c].append(wrk(served.url, body, c, seconds))
+            finally:
+                served.close()
+    result: dict[str, Any] = {}
+    for c in concurrencies:
+        result[f"c{c}"] = {
+            name: {"rps": round(statistics.median(r["rps"] for r in runs[name][c]), 1),
+                   "p50_ms": round(statistics.median(r["p50_ms"] for r in runs[name][c]), 3),
+                   "rps_runs": [round(r["rps"], 1) for r in runs[name][c]],
+                   "non2xx": sum(int(r["non2xx"]) for r in runs[name][c]),
+                   "socket_errors": sum(int(r["socket_errors"]) for r in runs[name][c])}
+            for name in names}
+    return result
 
 
 def pinned(fn: Callable[[], Any]) -> Any:
