@@ -264,7 +264,10 @@ def bench_http(model: str, body: str, concurrencies: list[int], repeats: int, se
             served = Served(name, model)
             try:
                 served.wait_ready(body)
-                wrk(served.url, body, 4, 1)  # warm up
+                # Warm up one request at a time: requests a wrk run leaves behind when it
+                # closes its connections would still hold places among max_inflight.
+                for _ in range(20):
+                    served.wait_ready(body)
                 for c in concurrencies:
                     runs[name][c].append(wrk(served.url, body, c, seconds))
             finally:

@@ -126,7 +126,9 @@ def ipcserve_app(model: str, batch_wait: float = 0.0) -> Any:
     from ipcserve.cli import create_app
     from ipcserve.flask import IPCServe
 
-    settings = dict(max_batch_size=32, max_batch_wait=batch_wait)
+    # max_inflight above the benchmark's 64 connections: wrk reconnects at once when it
+    # closes a connection, and the request it left may still hold its place for a moment.
+    settings = dict(max_batch_size=32, max_batch_wait=batch_wait, max_inflight=128)
     if model == "echo":
         from models import Echo
 

@@ -141,7 +141,7 @@ class _Lifecycle:
 
 def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
           grace: float | None = None, detect_disconnects: bool = True,
-          limits: Any = None) -> int:
+          limits: Any = None, drain_delay: float = 0.0) -> int:
     """Serve ``app`` on waitress until a stop signal, loading its models meanwhile.
 
     The port is listened on at once: ``/healthz`` answers, ``/readyz`` says 503 and a
@@ -192,7 +192,7 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | No
         logger.info("models ready: %s", ", ".join(ext.endpoints))
 
     def drain() -> None:
-        if not ext.drain(grace):
+        if not ext.drain(grace, delay=drain_delay):
             logger.warning("requests still in flight after the grace period; stopped anyway")
         life.stop.set()
         life.wake()
@@ -205,7 +205,12 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | No
             life.stop.set()
             ext.drain(grace=0)  # hurries the drain in progress: kills the ML processes now
             return
-        logger.info("%s received: draining (send it again to stop at once)", name)
+        if drain_delay > 0:
+            logger.info("%s received: /readyz says 503 now; requests are served for %gs more, "
+                        "then the ones in flight are finished (send it again to stop at once)",
+                        name, drain_delay)
+        else:
+            logger.info("%s received: draining (send it again to stop at once)", name)
         life.draining.set()
         threading.Thread(target=drain, name="ipcserve-drain", daemon=True).start()
 
@@ -297,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         values = resolve(args)
         logging.getLogger().setLevel(values["log_level"])
+        if values["require_api_key"] and not values["api_key"]:
+            raise ConfigError("an API key is required (--require-api-key): set IPCSERVE_API_KEY "
+                              "or --api-key")
         config = Config(**{s.name: values[s.name] for s in settings_of("engine")})
         ml = build_model(values["model"], config, values["task"])
         kind = values["kind"] or ("image" if values["model"] == "digits" else "json")
@@ -310,4 +318,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     return serve(app, host=values["host"], port=values["port"], threads=values["threads"],
                  grace=values["shutdown_grace"], detect_disconnects=values["detect_disconnects"],
-                 limits=limits)
+                 limits=limits, drain_delay=values["drain_delay"])

@@ -132,6 +132,17 @@ def _optional_int(text: str) -> int | None:
     return None if text.strip() == "" else int(text)
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds >= 0."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(text)
+    return value
+
+
+_seconds.__name__ = "a number of seconds >= 0"
+
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -241,6 +252,12 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
             "config.json", str),
     Setting("kind", "server", None, "endpoint kind: image (default for digits) or json", str,
             ("json", "image")),
+    Setting("require_api_key", "server", False,
+            "refuse to start without an API key (exit 2): for images and manifests that "
+            "listen on every interface", _bool),
+    Setting("drain_delay", "server", 0.0,
+            "seconds after SIGTERM during which /readyz says 503 while requests are still "
+            "served, so load balancers stop sending before anything is refused", _seconds),
     Setting("detect_disconnects", "server", True,
             "cancel the work of a client that disconnects (waitress channel_request_lookahead)",
             _bool),

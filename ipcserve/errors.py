@@ -146,9 +146,15 @@ class WorkerUnavailableError(IPCServeError):
 class WorkerCrashedError(WorkerUnavailableError):
     """The ML process died with this request in flight.
 
+    HTTP 502, not 503: the request was admitted and may be what killed the process, so a
+    load balancer that retries 503s (never-admitted requests, safe anywhere) must not send
+    it to the next host. A client that knows its input is harmless may retry.
+
     Attributes:
         exitcode: the dead process's exit code (negative: killed by that signal), or None.
     """
+
+    http_status = 502
 
     def __init__(self, message: str, exitcode: int | None = None) -> None:
         super().__init__(message)

@@ -178,6 +178,10 @@ class IPCServe:
         self.default: str | None = None
         # Set by drain(): /readyz turns 503 and new requests get 503 at once.
         self.draining = threading.Event()
+        # Set when a drain begins, before its delay: /readyz turns 503 and responses close
+        # their connections, while requests are still admitted and answered.
+        self.unready = threading.Event()
+        self._hurry = threading.Event()  # a forced stop cuts the drain delay short
         self._engine_settings: dict[str, Any] = {}  # from app.config, for the models
         if app is not None:
             self.init_app(app)
@@ -254,19 +258,34 @@ class IPCServe:
         """Requests admitted and not yet answered, over every model (this web process)."""
         return sum(endpoint.ml.inflight for endpoint in self.endpoints.values())
 
-    def drain(self, grace: float | None = None) -> bool:
-        """Stop the way a server should: refuse new requests (503 + Retry-After, ``/readyz``
-        503), answer the ones in flight for up to ``grace`` seconds, then stop every ML
-        process (the Shutdown sentinel, join, kill what is left). A model still loading
-        is aborted. Safe to call twice and from any thread.
+    def drain(self, grace: float | None = None, delay: float = 0.0) -> bool:
+        """Stop the way a server should, in the order load balancers expect:
+
+        1. ``/readyz`` turns 503 and every response from now on closes its connection
+           (``Connection: close``), while requests are still admitted and answered for
+           ``delay`` seconds: balancers and endpoint controllers see the host go unready
+           and stop sending before anything is refused;
+        2. new requests are refused (503 + Retry-After: never admitted, safe to retry
+           elsewhere), the ones in flight are answered for up to ``grace`` seconds;
+        3. every ML process stops (the Shutdown sentinel, join, kill what is left). A model
+           still loading is aborted.
+
+        Safe to call twice and from any thread; a call with ``grace=0`` (a second signal)
+        cuts a delay in progress short.
 
         Args:
             grace: seconds for requests in flight (default: the largest ``shutdown_grace``
                 of the models).
+            delay: seconds of step 1 (the server setting ``drain_delay``).
 
         Returns:
             True when every request in flight was answered within ``grace``.
         """
+        self.unready.set()
+        if grace == 0:
+            self._hurry.set()
+        if delay > 0 and not self.draining.is_set():
+            self._hurry.wait(delay)
         self.draining.set()
         models = [endpoint.ml for endpoint in self.endpoints.values()]
         if grace is None:
@@ -531,7 +550,7 @@ def _healthz() -> Response:
 
 def _readyz() -> Response:
     state = _state()
-    draining = state.ext.draining.is_set()
+    draining = state.ext.unready.is_set()
     models = {name: e.ml.ready for name, e in state.ext.endpoints.items()}
     ready = bool(models) and all(models.values()) and not draining
     response = jsonify({"ready": ready, "draining": draining, "models": models})

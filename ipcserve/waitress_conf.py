@@ -154,6 +154,17 @@ def _models(app: Any) -> list[Any]:
     return [endpoint.ml for endpoint in ext.endpoints.values()]
 
 
+def _closing(app: Any) -> Callable[[], bool] | None:
+    """True once the app's drain began (IPCServe.unready), for Connection: close."""
+    from .flask_ext import IPCServe
+
+    try:
+        unready: Callable[[], bool] = IPCServe.of(app).unready.is_set
+    except RuntimeError:  # a WSGI app without ipcserve
+        return None
+    return unready
+
+
 def create_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
                   max_request_body_size: int | None = None, limits: ServerLimits | None = None,
                   **adjustments: Any) -> Any:
@@ -215,7 +226,7 @@ def create_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, thread
     try:
         for sockinfo in adj.listen:
             servers.append(_Server(wsgi, socket_map, dispatcher=dispatcher, adj=adj,
-                                   sockinfo=sockinfo, limits=limits))
+                                   sockinfo=sockinfo, limits=limits, closing=_closing(app)))
     except OSError:
         for server in servers:
             server.close()
@@ -258,6 +269,16 @@ class _Task(WSGITask):  # type: ignore[misc]
         received = getattr(self.request, "received_at", None)
         environ[RECEIVED_KEY] = received if received is not None else time.monotonic()
         return environ
+
+    def build_response_header(self) -> bytes:
+        # Draining: every response closes its connection (Connection: close), so clients
+        # and balancers holding keep-alive connections reconnect, to another host, instead
+        # of finding the connection closed under their next request.
+        closing = getattr(self.channel.server, "closing", None)
+        if closing is not None and closing():
+            self.set_close_on_finish()
+        header: bytes = super().build_response_header()
+        return header
 
 
 # waitress's protocol errors (waitress/utilities.py) as ipcserve error types: the names
@@ -329,8 +350,10 @@ class _Channel(HTTPChannel):  # type: ignore[misc]
 class _Server(TcpWSGIServer):  # type: ignore[misc]
     channel_class = _Channel
 
-    def __init__(self, *args: Any, limits: ServerLimits, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: ServerLimits, closing: Callable[[], bool] | None = None,
+                 **kwargs: Any) -> None:
         self.limits = limits
+        self.closing = closing  # true while the app drains: responses close their connections
         self._cut = {"header": 0, "body": 0}
         self._cut_logged = 0.0
         super().__init__(*args, **kwargs)

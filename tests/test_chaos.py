@@ -72,7 +72,7 @@ def test_kill_every_two_seconds_answers_every_request_quickly() -> None:
         failed = [(code, elapsed) for code, elapsed in results if code != 200]
         slow = [(code, round(elapsed, 2)) for code, elapsed in failed if elapsed > 1.5]
         assert not slow, f"non-200 answers slower than 1.5 s: {slow}"
-        assert {code for code, _ in failed} <= {503}, failed
+        assert {code for code, _ in failed} <= {502, 503}, failed  # crashed in flight, never admitted
         assert sum(1 for code, _ in results if code == 200) > 10 * len(failed)
     finally:
         assert server.stop() == 0, server.output

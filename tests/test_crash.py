@@ -52,7 +52,7 @@ def test_crash_mid_request_fails_fast_then_restarts(how: str, exitcode: int) -> 
                 fut.result(5)
             elapsed = time.monotonic() - t0
         assert elapsed < 1.0, f"in-flight request took {elapsed:.2f}s to fail"
-        assert info.value.http_status == 503 and info.value.retry_after
+        assert info.value.http_status == 502 and info.value.retry_after
         wait_until(lambda: ml.ready, what="the restart")
         assert ml("next") == "next"
         assert ml.pids[0] != old_pid
@@ -126,7 +126,7 @@ def test_repeated_crashes_open_the_circuit_then_it_closes() -> None:
             assert not ml.ready
             with pytest.raises(WorkerUnavailableError, match="crashed 2 times in a row") as info:
                 ml(1)
-            assert info.value.http_status == 503 and info.value.retry_after >= 1
+            assert info.value.http_status == 502 and info.value.retry_after >= 1
             assert ml.status["inflight"] == 0  # refused at once, never queued
         finally:
             gate.set()

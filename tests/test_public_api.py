@@ -73,7 +73,7 @@ def test_statuses_follow_the_design() -> None:
     assert errors.PayloadTooLargeError.http_status == 413
     assert errors.UnsupportedMediaTypeError.http_status == 415
     assert errors.OverloadedError.http_status == 503
-    assert errors.WorkerCrashedError.http_status == 503
+    assert errors.WorkerCrashedError.http_status == 502
     assert errors.QueueDeadlineError.http_status == 504
     assert issubclass(errors.DeadlineError, TimeoutError)
     assert issubclass(errors.ConfigError, ValueError)
