@@ -129,6 +129,9 @@ class _State:
         # One budget per app: decoded images held at once, across its threads.
         self.decode_budget = decode.DecodeBudget(int(app.config["IPCSERVE_DECODE_MEMORY_BUDGET"]))
         self.metrics = Metrics(lambda: {n: e.ml for n, e in ext.endpoints.items()})
+        self.shed_status = int(app.config["IPCSERVE_SHED_STATUS"])
+        if self.shed_status not in (503, 429):
+            raise ConfigError(f"IPCSERVE_SHED_STATUS must be 503 or 429, got {self.shed_status}")
 
 
 def error_response(error: IPCServeError | HTTPException) -> Response:
@@ -142,10 +145,12 @@ def error_response(error: IPCServeError | HTTPException) -> Response:
     else:
         status = error.http_status
         body = error.to_dict()
+        if isinstance(error, OverloadedError) and "ipcserve" in current_app.extensions:
+            status = _state().shed_status
     response = jsonify(body)
     response.status_code = status
     retry_after = getattr(error, "retry_after", None)
-    if status == 503:
+    if status in (503, 429):
         response.headers["Retry-After"] = str(max(1, math.ceil(retry_after or 1)))
     return response
 
