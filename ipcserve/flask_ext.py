@@ -321,7 +321,7 @@ class IPCServe:
                 rule.strict_slashes = False
 
     def _blueprint(self) -> Blueprint:
-        from . import openai_api  # imports this module
+        from . import interfaces, openai_api  # import this module
 
         bp = Blueprint("ipcserve", __name__, static_folder="static", static_url_path="/ipcserve-static")
         bp.before_request(_check_api_key)
@@ -339,6 +339,7 @@ class IPCServe:
         # Nested, so it shares the url_prefix and the API key check; its own error
         # handlers answer in OpenAI's error shape.
         bp.register_blueprint(openai_api.blueprint())
+        interfaces.register(bp)  # /openapi.json, /docs, the V2 protocol
         return bp
 
 
@@ -347,7 +348,8 @@ def _state() -> _State:
     return state
 
 
-_OPEN_ENDPOINTS = {"ipcserve.healthz", "ipcserve.readyz", "ipcserve.index", "ipcserve.static"}
+_OPEN_ENDPOINTS = {"ipcserve.healthz", "ipcserve.readyz", "ipcserve.index", "ipcserve.static",
+                   "ipcserve.docs", "ipcserve.v2.live", "ipcserve.v2.ready"}
 
 
 def _check_api_key() -> None:
