@@ -61,6 +61,11 @@ def _request_schema(endpoint: Any) -> dict[str, Any]:
         from .schemas import json_schema_of_message
 
         return json_schema_of_message(schema)
+    signature = v2.signature_of(endpoint.ml)
+    if signature is not None:  # one sample: each input without its batch dimension
+        return {"type": "object", "additionalProperties": False,
+                "required": [t["name"] for t in signature["inputs"]],
+                "properties": {t["name"]: _sample_schema(t) for t in signature["inputs"]}}
     properties: dict[str, Any] = {}
     required: list[str] = []
     try:
@@ -76,6 +81,17 @@ def _request_schema(endpoint: Any) -> dict[str, Any]:
     if required:
         result["required"] = required
     return result
+
+
+def _sample_schema(tensor: dict[str, Any]) -> dict[str, Any]:
+    datatype = tensor.get("datatype", "")
+    schema: dict[str, Any] = {"type": "number" if datatype.startswith("FP") else
+                              "boolean" if datatype == "BOOL" else "integer"}
+    for dim in reversed(list(tensor.get("shape", []))[1:]):
+        schema = {"type": "array", "items": schema}
+        if isinstance(dim, int) and dim >= 0:
+            schema.update(minItems=dim, maxItems=dim)
+    return schema
 
 
 def _predict_operation(endpoint: Any, operation_id: str) -> dict[str, Any]:
