@@ -77,6 +77,7 @@ class _Endpoint:
         self.schema = schema
         self.preprocess = preprocess
         self.recent: collections.deque[float] = collections.deque(maxlen=200)
+        self.response_schema: Any = None  # a protobuf message class (ipcserve.schemas)
         self.created = int(time.time())  # OpenAI's "created" of the model entry
 
     def describe(self) -> dict[str, Any]:
@@ -203,7 +204,8 @@ class IPCServe:
 
     # -- models --------------------------------------------------------------------
     def add_model(self, ml: MLProcess, kind: str = "json", *, schema: Any = None,
-                  preprocess: Callable[[Any], Any] | None = None, default: bool | None = None) -> None:
+                  preprocess: Callable[[Any], Any] | None = None, default: bool | None = None,
+                  response_schema: Any = None) -> None:
         """Serve ``ml`` at ``/v1/models/<ml.name>/predict``.
 
         Args:
@@ -215,6 +217,8 @@ class IPCServe:
             schema: optional JSON Schema dict or pydantic model class for JSON bodies.
             preprocess: image kind only; runs in the web process.
             default: serve this model at ``/predict`` too (default: the first model added).
+            response_schema: optional protobuf message class the model's (non-streamed)
+                answer must parse as; one that does not is a logged 500.
         """
         if ml.name in self.endpoints:
             raise ValueError(f"a model named {ml.name!r} is already served")
@@ -223,6 +227,7 @@ class IPCServe:
         if self._engine_settings and not ml.started:
             ml.configure(keep_keywords=True, **self._engine_settings)
         self.endpoints[ml.name] = _Endpoint(ml, kind, schema, preprocess)
+        self.endpoints[ml.name].response_schema = response_schema
         if default or (default is None and self.default is None):
             self.default = ml.name
 
@@ -448,7 +453,12 @@ def _predict(name: str | None = None) -> Response:
         first = next(stream, _NOTHING)
         if not stream.streaming:
             result = stream.result
-            response = jsonify(_jsonable(first))
+            answer = _jsonable(first)
+            if endpoint.response_schema is not None:
+                from .schemas import check_response
+
+                check_response(answer, endpoint.response_schema, endpoint.name)
+            response = jsonify(answer)
             status = 200
             return response
         # SSE only when asked for by name (EventSource sends it); NDJSON otherwise (*/*).

@@ -27,3 +27,13 @@ class TorchMLP(TorchModel):
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(make_mlp, name="mlp", **settings)
+
+
+class Echo(MLProcess):
+    """Answers ``{"text": text, "count": count}``; text "break" answers a count that is no
+    integer (to test response schemas)."""
+
+    def predict(self, text: str = "", count: int = 0) -> Any:
+        if text == "break":
+            return {"text": text, "count": "not a number"}
+        return {"text": text.upper(), "count": count + 1}
