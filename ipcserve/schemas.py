@@ -63,7 +63,7 @@ def check_response(value: Any, message_class: Any, model: str) -> None:
                          "see the server log") from None
 
 
-_SCALARS = {
+_SCALARS: dict[str, dict[str, Any]] = {
     "TYPE_DOUBLE": {"type": "number"}, "TYPE_FLOAT": {"type": "number"},
     "TYPE_INT32": {"type": "integer"}, "TYPE_SINT32": {"type": "integer"},
     "TYPE_SFIXED32": {"type": "integer"}, "TYPE_UINT32": {"type": "integer", "minimum": 0},
