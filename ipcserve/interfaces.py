@@ -166,20 +166,20 @@ def openapi_document() -> dict[str, Any]:
     paths[f"{prefix}/openapi.json"] = _get("openapi", "this document", {"type": "object"})
     # V2: for the models with a tensor signature.
     tensor_models = [n for n in names if v2.signature_of(ext.endpoints[n].ml) is not None]
-    if tensor_models:
-        paths[f"{prefix}/v2/health/live"] = _get(
-            "v2_live", "V2 liveness", {"type": "object", "required": ["live"],
-                                       "properties": {"live": {"type": "boolean"}}},
-            tag="v2")
-        paths[f"{prefix}/v2/health/ready"] = _get(
-            "v2_ready", "V2 readiness", {"type": "object", "required": ["ready"],
-                                         "properties": {"ready": {"type": "boolean"}}},
-            503, tag="v2", error_body={"type": "object"})
-        paths[f"{prefix}/v2"] = _get("v2_server", "V2 server metadata", {
-            "type": "object", "required": ["name", "version", "extensions"],
-            "properties": {"name": {"type": "string"}, "version": {"type": "string"},
-                           "extensions": {"type": "array", "items": {"type": "string"}}}},
-            tag="v2")
+    # The V2 health and server routes always answer.
+    paths[f"{prefix}/v2/health/live"] = _get(
+        "v2_live", "V2 liveness", {"type": "object", "required": ["live"],
+                                   "properties": {"live": {"type": "boolean"}}},
+        tag="v2")
+    paths[f"{prefix}/v2/health/ready"] = _get(
+        "v2_ready", "V2 readiness", {"type": "object", "required": ["ready"],
+                                     "properties": {"ready": {"type": "boolean"}}},
+        503, tag="v2", error_body={"type": "object"})
+    paths[f"{prefix}/v2"] = _get("v2_server", "V2 server metadata", {
+        "type": "object", "required": ["name", "version", "extensions"],
+        "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                       "extensions": {"type": "array", "items": {"type": "string"}}}},
+        tag="v2")
     for name in tensor_models:
         base = f"{prefix}/v2/models/{name}"
         paths[base] = _get(f"v2_model_{name}", f"V2 metadata of {name}", {
