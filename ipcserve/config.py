@@ -228,6 +228,9 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
     Setting("decode_memory_budget", "http", 256 * _MIB,
             "bytes of decoded images held at once across threads (503 when full, 413 past it)",
             int),
+    Setting("shed_status", "http", 503,
+            "status of a request shed by max_inflight: 503 or 429 (Retry-After either way)",
+            int),
     # -- server: ipcserve serve / python app.py --
     Setting("host", "server", "127.0.0.1",
             "address to bind; another one without an API key logs a warning", str),

@@ -185,6 +185,10 @@ def validate(body: dict[str, Any], schema: Any) -> dict[str, Any]:
     """
     if schema is None:
         return body
+    if hasattr(schema, "DESCRIPTOR"):  # a protobuf message class
+        from .schemas import validate_request
+
+        return validate_request(body, schema)
     if isinstance(schema, dict):
         import jsonschema
 

@@ -77,6 +77,7 @@ class _Endpoint:
         self.schema = schema
         self.preprocess = preprocess
         self.recent: collections.deque[float] = collections.deque(maxlen=200)
+        self.response_schema: Any = None  # a protobuf message class (ipcserve.schemas)
         self.created = int(time.time())  # OpenAI's "created" of the model entry
 
     def describe(self) -> dict[str, Any]:
@@ -129,6 +130,9 @@ class _State:
         # One budget per app: decoded images held at once, across its threads.
         self.decode_budget = decode.DecodeBudget(int(app.config["IPCSERVE_DECODE_MEMORY_BUDGET"]))
         self.metrics = Metrics(lambda: {n: e.ml for n, e in ext.endpoints.items()})
+        self.shed_status = int(app.config["IPCSERVE_SHED_STATUS"])
+        if self.shed_status not in (503, 429):
+            raise ConfigError(f"IPCSERVE_SHED_STATUS must be 503 or 429, got {self.shed_status}")
 
 
 def error_response(error: IPCServeError | HTTPException) -> Response:
@@ -142,10 +146,12 @@ def error_response(error: IPCServeError | HTTPException) -> Response:
     else:
         status = error.http_status
         body = error.to_dict()
+        if isinstance(error, OverloadedError) and "ipcserve" in current_app.extensions:
+            status = _state().shed_status
     response = jsonify(body)
     response.status_code = status
     retry_after = getattr(error, "retry_after", None)
-    if status == 503:
+    if status in (503, 429):
         response.headers["Retry-After"] = str(max(1, math.ceil(retry_after or 1)))
     return response
 
@@ -202,7 +208,8 @@ class IPCServe:
 
     # -- models --------------------------------------------------------------------
     def add_model(self, ml: MLProcess, kind: str = "json", *, schema: Any = None,
-                  preprocess: Callable[[Any], Any] | None = None, default: bool | None = None) -> None:
+                  preprocess: Callable[[Any], Any] | None = None, default: bool | None = None,
+                  response_schema: Any = None) -> None:
         """Serve ``ml`` at ``/v1/models/<ml.name>/predict``.
 
         Args:
@@ -214,6 +221,8 @@ class IPCServe:
             schema: optional JSON Schema dict or pydantic model class for JSON bodies.
             preprocess: image kind only; runs in the web process.
             default: serve this model at ``/predict`` too (default: the first model added).
+            response_schema: optional protobuf message class the model's (non-streamed)
+                answer must parse as; one that does not is a logged 500.
         """
         if ml.name in self.endpoints:
             raise ValueError(f"a model named {ml.name!r} is already served")
@@ -222,6 +231,7 @@ class IPCServe:
         if self._engine_settings and not ml.started:
             ml.configure(keep_keywords=True, **self._engine_settings)
         self.endpoints[ml.name] = _Endpoint(ml, kind, schema, preprocess)
+        self.endpoints[ml.name].response_schema = response_schema
         if default or (default is None and self.default is None):
             self.default = ml.name
 
@@ -335,7 +345,7 @@ class IPCServe:
                 rule.strict_slashes = False
 
     def _blueprint(self) -> Blueprint:
-        from . import openai_api  # imports this module
+        from . import interfaces, openai_api  # import this module
 
         bp = Blueprint("ipcserve", __name__, static_folder="static", static_url_path="/ipcserve-static")
         bp.before_request(_check_api_key)
@@ -353,6 +363,7 @@ class IPCServe:
         # Nested, so it shares the url_prefix and the API key check; its own error
         # handlers answer in OpenAI's error shape.
         bp.register_blueprint(openai_api.blueprint())
+        interfaces.register(bp)  # /openapi.json, /docs, the V2 protocol
         return bp
 
 
@@ -361,7 +372,8 @@ def _state() -> _State:
     return state
 
 
-_OPEN_ENDPOINTS = {"ipcserve.healthz", "ipcserve.readyz", "ipcserve.index", "ipcserve.static"}
+_OPEN_ENDPOINTS = {"ipcserve.healthz", "ipcserve.readyz", "ipcserve.index", "ipcserve.static",
+                   "ipcserve.docs", "ipcserve.v2.live", "ipcserve.v2.ready"}
 
 
 def _check_api_key() -> None:
@@ -460,7 +472,12 @@ def _predict(name: str | None = None) -> Response:
         first = next(stream, _NOTHING)
         if not stream.streaming:
             result = stream.result
-            response = jsonify(_jsonable(first))
+            answer = _jsonable(first)
+            if endpoint.response_schema is not None:
+                from .schemas import check_response
+
+                check_response(answer, endpoint.response_schema, endpoint.name)
+            response = jsonify(answer)
             status = 200
             return response
         # SSE only when asked for by name (EventSource sends it); NDJSON otherwise (*/*).

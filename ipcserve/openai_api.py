@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import decode, openai_fields
@@ -95,6 +95,8 @@ def error_body(exc: IPCServeError | HTTPException) -> tuple[int, dict[str, Any]]
 
 def _error_response(exc: IPCServeError | HTTPException) -> Response:
     status, body = error_body(exc)
+    if isinstance(exc, OverloadedError) and "ipcserve" in current_app.extensions:
+        status = current_app.extensions["ipcserve"].shed_status  # the shed_status setting
     response = jsonify(body)
     response.status_code = status
     if status in (429, 503):
