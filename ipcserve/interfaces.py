@@ -45,6 +45,8 @@ def _errors(*statuses: int, body: dict[str, Any] = _ERROR) -> dict[str, Any]:
             405: "method not allowed", 413: "body, image or array too large",
             415: "unsupported content type", 429: "shed (shed_status=429); see Retry-After",
             499: "client disconnected", 500: "the model's answer could not be sent",
+            502: "the ML process died with this request in flight (not retried elsewhere: "
+                 "it may be what killed it)",
             503: "overloaded, loading, restarting or draining; see Retry-After",
             504: "the deadline passed"}
     return {str(s): {"description": text[s], "content": {_JSON: {"schema": body}}}
@@ -101,7 +103,7 @@ def _predict_operation(endpoint: Any, operation_id: str) -> dict[str, Any]:
             "type": "object", "required": ["image"],
             "properties": {"image": {"type": "string", "contentMediaType": "image/*"}}}}
         content["image/*"] = {"schema": {"type": "string", "contentMediaType": "image/*"}}
-    statuses = [400, 413, 415, 429, 499, 500, 503, 504]
+    statuses = [400, 413, 415, 429, 499, 500, 502, 503, 504]
     return {"operationId": operation_id, "summary": f"run model {endpoint.name}",
             "tags": ["predict"], "requestBody": {"required": True, "content": content},
             "responses": {"200": {"description": "the model's answer (JSON; NDJSON or SSE when "
@@ -210,7 +212,7 @@ def openapi_document() -> dict[str, Any]:
                                           "id": {"type": "string"},
                                           "outputs": {"type": "array",
                                                       "items": _tensor_schema(True)}}}}}},
-                          **_errors(400, 404, 413, 429, 500, 503, 504, body=_V2_ERROR)}}}
+                          **_errors(400, 404, 413, 429, 500, 502, 503, 504, body=_V2_ERROR)}}}
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "ipcserve", "version": __version__,
