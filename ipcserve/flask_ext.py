@@ -472,12 +472,16 @@ def _predict(name: str | None = None) -> Response:
         first = next(stream, _NOTHING)
         if not stream.streaming:
             result = stream.result
-            answer = _jsonable(first)
-            if endpoint.response_schema is not None:
-                from .schemas import check_response
+            fast = encode.fast_json(first) if endpoint.response_schema is None else None
+            if fast is not None:  # orjson installed and the answer is plain data
+                response = Response(fast, mimetype="application/json")
+            else:
+                answer = _jsonable(first)
+                if endpoint.response_schema is not None:
+                    from .schemas import check_response
 
-                check_response(answer, endpoint.response_schema, endpoint.name)
-            response = jsonify(answer)
+                    check_response(answer, endpoint.response_schema, endpoint.name)
+                response = jsonify(answer)
             status = 200
             return response
         # SSE only when asked for by name (EventSource sends it); NDJSON otherwise (*/*).
