@@ -15,7 +15,7 @@
     │   └── ResultDeadlineError                   taken, no reply in time
     ├── RequestCancelledError               499   the caller stopped waiting (client gone)
     ├── WorkerUnavailableError              503   starting / restarting / stopped / circuit open
-    │   └── WorkerCrashedError                    died with this request in flight; .exitcode
+    │   └── WorkerCrashedError              502   died with this request in flight; .exitcode
     └── ModelError                          500   predict raised; .remote_traceback
 
 Only the HTTP layer turns ``http_status`` into a response; bodies never carry tracebacks.

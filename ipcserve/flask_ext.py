@@ -571,7 +571,7 @@ def _healthz() -> Response:
 
 def _readyz() -> Response:
     state = _state()
-    draining = state.ext.unready.is_set()
+    draining = state.ext.unready.is_set() or state.ext.draining.is_set()
     models = {name: e.ml.ready for name, e in state.ext.endpoints.items()}
     ready = bool(models) and all(models.values()) and not draining
     response = jsonify({"ready": ready, "draining": draining, "models": models})

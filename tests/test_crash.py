@@ -126,7 +126,7 @@ def test_repeated_crashes_open_the_circuit_then_it_closes() -> None:
             assert not ml.ready
             with pytest.raises(WorkerUnavailableError, match="crashed 2 times in a row") as info:
                 ml(1)
-            assert info.value.http_status == 502 and info.value.retry_after >= 1
+            assert info.value.http_status == 503 and info.value.retry_after >= 1
             assert ml.status["inflight"] == 0  # refused at once, never queued
         finally:
             gate.set()

@@ -11,7 +11,7 @@ import pytest
 from conftest import spawn_events
 from models import ArrayModel
 
-from ipcserve import ResultDeadlineError, WorkerCrashedError
+from ipcserve import DeadlineError, ResultDeadlineError, WorkerCrashedError
 from ipcserve import shm
 
 
@@ -109,8 +109,10 @@ def test_reused_shared_memory_never_mixes_answers() -> None:
         three = ml(X, scale=3.0)
         np.testing.assert_array_equal(one, X)
         np.testing.assert_array_equal(three, X * 3)
-        with pytest.raises(ResultDeadlineError):
-            ml(X * 7, block=True, timeout=0.5)
+        # Either deadline will do (a loaded machine may not read it in time): the call ends
+        # without its reply, and its answer may still come through the same memory.
+        with pytest.raises(DeadlineError):
+            ml(X * 7, block=True, timeout=1.0)
         release.set()
         for scale in (5.0, 6.0):
             np.testing.assert_array_equal(ml(X, scale=scale), X * scale)
