@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -74,9 +75,11 @@ class Host:
         self.ns, self.address = ns, address
         self.url = f"http://{address}:8000"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = open(os.devnull, "wb")  # replaced per start
+        self.log: Any = None  # this start's log file (kept in the test's tmp_path)
 
     def start(self, log_dir: Path) -> None:
+        if self.log is not None:
+            self.log.close()
         self.log = open(log_dir / f"{self.ns}-{time.monotonic_ns()}.log", "wb")
         env = dict(os.environ, IPCSERVE_API_KEY=KEY, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
@@ -94,15 +97,14 @@ class Host:
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)
-        code = self.proc.wait(30)
-        self.log.close()
-        return code
+        return self.proc.wait(30)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
 
 
 def _haproxy_config(net: Net, port: int) -> str:
@@ -155,14 +157,18 @@ def test_three_hosts_behind_haproxy_survive_a_crash_a_rolling_restart_and_a_cut_
         port = _free_port()
         cfg = tmp_path / "haproxy.cfg"
         cfg.write_text(_haproxy_config(net, port))
-        haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
-                                   stderr=open(tmp_path / "haproxy.log", "wb"))
+        with open(tmp_path / "haproxy.log", "wb") as haproxy_log:
+            haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                                       stderr=haproxy_log)
         front = f"http://127.0.0.1:{port}/predict"
         headers = {"Authorization": f"Bearer {KEY}"}
 
         def all_up() -> bool:
-            return all(requests.post(front, json=PIXELS, headers=headers, timeout=5).status_code == 200
-                       for _ in range(6))
+            try:
+                return all(requests.post(front, json=PIXELS, headers=headers, timeout=5).status_code == 200
+                           for _ in range(6))
+            except requests.ConnectionError:  # HAProxy still starting
+                return False
 
         wait_until(all_up, timeout=30, what="HAProxy serving")
 
@@ -207,6 +213,10 @@ def test_three_hosts_behind_haproxy_survive_a_crash_a_rolling_restart_and_a_cut_
         wait_until(hosts[2].ready, timeout=30, what="host 3 reachable again")
         mark = len(results)
         wait_until(lambda: len(results) > mark + 200, timeout=30, what="load after the link is back")
+    except BaseException:
+        for host in hosts:
+            host.kill()
+        raise
     finally:
         stop.set()
         for t in threads:
@@ -217,6 +227,7 @@ def test_three_hosts_behind_haproxy_survive_a_crash_a_rolling_restart_and_a_cut_
     try:
         assert not failures, f"requests that got no answer: {failures[:5]}"
         codes = Counter(code for code, _ in results)
+        print(f"answers by status: {dict(codes)}")  # shown with -s
         # HAProxy's own errors are HTML; ipcserve's are JSON. None may come from the balancer.
         from_balancer = [(code, body) for code, body in results if code != 200 and "<html>" in body]
         assert not from_balancer, from_balancer[:5]
