@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from .protocol import Cancel
@@ -58,6 +59,15 @@ class _Running:
         self.seq = seq
         self.cancelled: dict[int, str] = {}  # id(item) -> reason
         self.interrupted = False
+
+
+class Undecoded:
+    """A channel message the watch thread read but left for the main loop to decode."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 class CancelWatch:
@@ -202,9 +212,13 @@ class CancelWatch:
                 self._stashed.append((conn, None, now))
                 return
             try:
-                message: Any = shm.loads(data)
+                message: Any = ForkingPickler.loads(data)
             except Exception as exc:
                 message = exc
+            if isinstance(message, shm.Segment):
+                # A request with large buffers: the main loop decodes it later, through the
+                # channel's mailbox (mapping it here would unlink a segment it reuses).
+                message = Undecoded(data)
             if isinstance(message, Cancel):
                 for item in running.items:
                     if item.conn is conn and item.request.id == message.id:

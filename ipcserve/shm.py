@@ -218,18 +218,23 @@ class Mailbox:
         Raises:
             FileNotFoundError: the segment is gone (its sender gave up on it).
         """
-        if message.name != self._in_name or self._in is None:
-            if self._in is not None:
-                self._in.close()
-                self._in = None
-            self._in = _map(message.name)
-            self._in_name = message.name
+        self._mapped(message.name)
+        assert self._in is not None
         view = memoryview(self._in)
         try:
             buffers = [bytearray(view[start:start + length]) for start, length in message.layout]
         finally:
             view.release()
         return ForkingPickler.loads(message.data, buffers=buffers)
+
+    def _mapped(self, name: str) -> None:
+        """Map the peer's segment ``name`` once (its name is removed as soon as it is mapped)."""
+        if name != self._in_name or self._in is None:
+            if self._in is not None:
+                self._in.close()
+                self._in = None
+            self._in = _map(name)
+            self._in_name = name
 
     def loads(self, data: bytes | memoryview, expect: int | None = None) -> Any:
         """Unpickle a message from the peer (a reused segment, a fresh one, or none).
@@ -243,6 +248,10 @@ class Mailbox:
             if not message.reused:
                 return _load_segment(message)
             if expect is not None and message.id != expect:
+                try:  # not read, but mapped: its name must not outlive the peer
+                    self._mapped(message.name)
+                except FileNotFoundError:
+                    pass
                 return None
             return self.open(message)
         return message
@@ -291,6 +300,16 @@ def discard(name: str | None) -> None:
         os.unlink(_path(name))
     except FileNotFoundError:
         pass
+
+
+def message_id(data: bytes) -> int | None:
+    """The request id a mailbox message carries, readable even when its segment is gone
+    (so the error for an unreadable request reaches the right call, or is dropped as stale)."""
+    try:
+        message = ForkingPickler.loads(data)
+    except Exception:
+        return None
+    return message.id if isinstance(message, Segment) else None
 
 
 def segment_of(data: bytes) -> str | None:

@@ -29,7 +29,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from . import batching, shm
-from .cancel import Cancelled, CancelWatch
+from .cancel import Cancelled, CancelWatch, Undecoded
 from .reply import model_error, send, signature_error
 from .streaming import StreamRunner, is_stream
 from .errors import (
@@ -192,12 +192,8 @@ class _Loop:
             except (EOFError, OSError):
                 self._drop(conn)  # the caller closed its channel (thread ended, timed out)
                 return
-            try:
-                mailbox = self.mailboxes.get(conn)
-                message: Any = mailbox.loads(data) if mailbox is not None else shm.loads(data)
-            except Exception as exc:
-                message = exc
-            self._handle(conn, message, now)
+            message, failed_id = self._decode(conn, data)
+            self._handle(conn, message, now, failed_id)
             try:
                 if not conn.poll(0):
                     return
@@ -205,8 +201,24 @@ class _Loop:
                 self._drop(conn)
                 return
 
-    def _handle(self, conn: Connection, message: Any, now: float) -> None:
-        """One decoded channel message (None: the channel closed)."""
+    def _decode(self, conn: Connection, data: bytes) -> tuple[Any, int | None]:
+        """A channel message, through the channel's mailbox; on failure the exception and
+        the request id when it is known."""
+        try:
+            mailbox = self.mailboxes.get(conn)
+            return (mailbox.loads(data) if mailbox is not None else shm.loads(data)), None
+        except Exception as exc:
+            # E.g. the segment of a request its caller abandoned (it timed out before we read
+            # it): answer under that request's id, which the caller drops as stale, never
+            # id-less, which would fail the caller's current call instead.
+            return exc, shm.message_id(data)
+
+    def _handle(self, conn: Connection, message: Any, now: float, failed_id: int | None = None) -> None:
+        """One decoded channel message (None: the channel closed; an exception: it could not
+        be decoded, ``failed_id`` is its request id when known; Undecoded: read by the
+        cancel watch during a model call, decoded here)."""
+        if isinstance(message, Undecoded):
+            message, failed_id = self._decode(conn, message.data)
         if message is None:
             self._drop(conn)
         elif isinstance(message, Request):
@@ -220,7 +232,7 @@ class _Loop:
         else:
             what = (f"{type(message).__name__}: {message}" if isinstance(message, Exception)
                     else f"expected a Request, got {type(message).__name__}")
-            send(conn, Reply(None, error=InputError(
+            send(conn, Reply(failed_id, error=InputError(
                 f"the ML process could not decode the request: {what}")))
 
     def _cancel_queued(self, item: _Pending, reason: str) -> None:

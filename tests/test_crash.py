@@ -171,6 +171,8 @@ _PARENT = textwrap.dedent("""
     import sys, signal
     sys.path[:0] = {paths!r}
     from models import Doubler
+    # A parent started from a background job inherits SIGINT ignored: Ctrl-C must count.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if __name__ == "__main__":
         ml = Doubler(start_method={method!r}).start()
         assert ml(1) == 2

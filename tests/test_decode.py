@@ -34,7 +34,7 @@ def encoded(fmt: str, size: tuple[int, int] = (8, 6), mode: str = "RGB", **param
 
 def test_encode_module_owns_to_jsonable() -> None:
     # decode.py is about HTTP bodies -> model inputs; results -> JSON live in encode.py.
-    assert encode.__all__ == ["MAX_RESULT_DEPTH", "to_jsonable"]
+    assert encode.__all__ == ["MAX_RESULT_DEPTH", "fast_json", "to_jsonable"]
     assert "to_jsonable" not in decode.__all__ and not hasattr(decode, "to_jsonable")
 
 

@@ -117,3 +117,20 @@ def test_reused_shared_memory_never_mixes_answers() -> None:
         for scale in (5.0, 6.0):
             np.testing.assert_array_equal(ml(X, scale=scale), X * scale)
         np.testing.assert_array_equal(one, X)
+
+
+def test_a_request_abandoned_unread_never_fails_the_next_call() -> None:
+    """A call that times out before the ML process read it gives up its shared memory; when
+    the ML process reads the stale request later and finds the segment gone, its error must
+    go to that request (dropped as stale), not to the caller's next call (it once did:
+    "could not decode the request: FileNotFoundError")."""
+    entered, release = spawn_events()
+    with ArrayModel(entered, release) as ml, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        blocker = pool.submit(ml, np.ones(4), block=True)  # the only ML process is busy
+        assert entered.wait(10)
+        with pytest.raises(DeadlineError):
+            ml(X * 7, timeout=0.5)  # queued behind the blocker, never read in time
+        release.set()
+        np.testing.assert_array_equal(blocker.result(10), np.ones(4))
+        for scale in (2.0, 3.0):
+            np.testing.assert_array_equal(ml(X, scale=scale), X * scale)
