@@ -278,7 +278,8 @@ class Caller:
         pid = os.getpid()
         if self._count_pid != pid:
             self._count_pid = pid
-            self._count_field = self._status.claim_caller(pid)
+            lock = getattr(self._queue, "_wlock", None)  # shared by every caller process
+            self._count_field = None if lock is None else self._status.claim_caller(pid, lock)
         if self._count_field is not None:
             self._status.set_caller_inflight(self._count_field, self._inflight)
 

@@ -68,12 +68,11 @@ class StatusBlock:
     def __init__(self, ctx: Any, workers: int) -> None:
         self.workers = workers
         self._array = ctx.RawArray("d", workers * _SLOT + _COMMON + 2 * CALLER_FIELDS)
-        self._claim_lock = ctx.Lock()
         for slot in range(workers):
             self._set(slot, _EXITCODE, _NO_EXITCODE)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"workers": self.workers, "_array": self._array, "_claim_lock": self._claim_lock}
+        return {"workers": self.workers, "_array": self._array}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -225,12 +224,15 @@ class StatusBlock:
     def _caller_base(self) -> int:
         return self.workers * _SLOT + _COMMON
 
-    def claim_caller(self, pid: int) -> int | None:
+    def claim_caller(self, pid: int, lock: Any) -> int | None:
         """A calling process takes a field for its in-flight count (a field of a process
         that no longer exists is reused). None if none is free or the lock is stuck (a
         process died holding it): that process's calls are then not counted, which only
-        makes batches form without waiting for them."""
-        if not self._claim_lock.acquire(timeout=0.5):
+        makes batches form without waiting for them.
+
+        ``lock``: a lock every calling process shares (the request queue's write lock: no
+        semaphore of its own, so no more work for multiprocessing's resource tracker)."""
+        if not lock.acquire(timeout=0.5):
             return None
         try:
             base = self._caller_base()
@@ -244,7 +246,7 @@ class StatusBlock:
                     return index
             return None
         finally:
-            self._claim_lock.release()
+            lock.release()
 
     def set_caller_inflight(self, index: int, count: int) -> None:
         """The claiming process's admitted calls (its single writer)."""
@@ -256,10 +258,10 @@ class StatusBlock:
             self._array[base + 1] = 0.0
             self._array[base] = 0.0
 
-    def sweep_callers(self) -> None:
+    def sweep_callers(self, lock: Any) -> None:
         """Supervisor: forget the counts of calling processes that died (a gunicorn worker
         killed with calls in flight), so batches do not wait for their answers."""
-        if not self._claim_lock.acquire(timeout=0):
+        if not lock.acquire(timeout=0):
             return
         try:
             base = self._caller_base()
@@ -269,7 +271,7 @@ class StatusBlock:
                     self._array[base + 2 * index + 1] = 0.0
                     self._array[base + 2 * index] = 0.0
         finally:
-            self._claim_lock.release()
+            lock.release()
 
     def callers_inflight(self) -> int:
         """Calls admitted by every calling process and not yet answered to them."""

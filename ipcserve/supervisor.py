@@ -217,7 +217,9 @@ class Supervisor:
                     self._on_exit(slot)
                 else:
                     self._watchdog(slot, now)
-            self._status.sweep_callers()
+            lock = getattr(self._queue, "_wlock", None)
+            if lock is not None:
+                self._status.sweep_callers(lock)
 
     def _restart(self, slot: _Slot) -> None:
         self._status.count_restart(slot.index)

@@ -223,12 +223,13 @@ def test_in_flight_counts_of_dead_callers_are_forgotten() -> None:
     dead = multiprocessing.get_context("spawn").Process(target=os.getpid)
     dead.start()
     dead.join(10)
-    mine = status.claim_caller(os.getpid())
-    field = status.claim_caller(dead.pid)  # as if it had claimed while alive
+    lock = threading.Lock()  # the request queue's write lock, in MLProcess
+    mine = status.claim_caller(os.getpid(), lock)
+    field = status.claim_caller(dead.pid, lock)  # as if it had claimed while alive
     assert mine is not None and field is not None and mine != field
     status.set_caller_inflight(mine, 2)
     status.set_caller_inflight(field, 5)
     assert status.callers_inflight() == 7
-    status.sweep_callers()  # the supervisor does this on every tick
+    status.sweep_callers(lock)  # the supervisor does this on every tick
     assert status.callers_inflight() == 2
-    assert status.claim_caller(os.getpid()) == mine  # one field per process
+    assert status.claim_caller(os.getpid(), lock) == mine  # one field per process
