@@ -9,6 +9,7 @@ from .channel import CallResult, Stream
 from .config import Config
 from .errors import (
     ConfigError,
+    ConflictError,
     DeadlineError,
     InputError,
     IPCServeError,
@@ -17,6 +18,7 @@ from .errors import (
     OverloadedError,
     PayloadTooLargeError,
     QueueDeadlineError,
+    ReloadError,
     RequestCancelledError,
     ResultDeadlineError,
     UnauthorizedError,
@@ -32,6 +34,7 @@ __all__ = [
     "CallResult",
     "Config",
     "ConfigError",
+    "ConflictError",
     "DeadlineError",
     "IPCServeError",
     "InputError",
@@ -41,6 +44,7 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "QueueDeadlineError",
+    "ReloadError",
     "RequestCancelledError",
     "ResultDeadlineError",
     "Stream",

@@ -4,11 +4,19 @@ The flags come from the settings table (:data:`ipcserve.config.SETTINGS`): every
 is a flag (``--max-batch-wait``) and an environment variable (``IPCSERVE_MAX_BATCH_WAIT``);
 a flag on the command line wins over the variable, which wins over the default.
 
-Stopping: SIGTERM, SIGINT (Ctrl-C) and SIGHUP (a closed terminal) drain through
+Models: ``--model`` (repeat it for several), or ``--config models.toml`` for several models
+with their own settings (:mod:`ipcserve.config_file`).
+
+Stopping: SIGTERM and SIGINT (Ctrl-C) drain through
 :meth:`IPCServe.drain <ipcserve.flask_ext.IPCServe.drain>`: new requests get 503, the ones
 in flight are answered, the ML processes stop, the server exits 0. A second signal stops at
 once (within a second), answering what is still in flight with 503, and exits 128 + the
 signal number (130 for a second Ctrl-C).
+
+Reloading: SIGHUP reloads every model (:meth:`IPCServe.reload_all
+<ipcserve.flask_ext.IPCServe.reload_all>`): new ML processes load the model's code and
+weights afresh, traffic switches to them once they are ready, the old ones drain; a model
+whose new version fails to load keeps its old one.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import SETTINGS, Config, Setting, settings_of
+
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 from .errors import ConfigError
 
 __all__ = ["build_model", "create_app", "main", "serve"]
@@ -32,7 +42,7 @@ __all__ = ["build_model", "create_app", "main", "serve"]
 logger = logging.getLogger(__name__)
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # After the drain: how long the server keeps sending responses that are still buffered
 # for slow clients before it closes their connections.
 _FLUSH_TIMEOUT = 5.0
@@ -95,31 +105,50 @@ def _model_at(path: str, config: Config, task: str | None) -> Any:
                       f"model directory or a {'/'.join(_MODEL_FILES)} file; {path!r} {what}")
 
 
-def create_app(models: Sequence[tuple[Any, str]], **http_settings: Any) -> Any:
-    """A Flask app serving ``models`` (pairs of MLProcess and kind), with JSON errors
-    everywhere. ``http_settings`` are the ``http`` settings by name (``api_key=...``,
-    ``max_content_length=...``), put into ``app.config`` as ``IPCSERVE_*``."""
+def create_app(models: Sequence[tuple[Any, ...]], *, cache_backend: Any = None,
+               **http_settings: Any) -> Any:
+    """A Flask app serving ``models``, with JSON errors everywhere.
+
+    Args:
+        models: ``(MLProcess, kind)`` pairs, or ``(MLProcess, kind, options)`` where options
+            are keywords of :meth:`IPCServe.add_model <ipcserve.flask_ext.IPCServe.add_model>`
+            (``cache``, ``default``).
+        cache_backend: flask-caching ``CACHE_*`` settings for the models' response caches.
+        http_settings: the ``http`` settings by name (``api_key=...``,
+            ``max_content_length=...``), put into ``app.config`` as ``IPCSERVE_*``.
+    """
     from flask import Flask
     from werkzeug.exceptions import HTTPException
 
     from .flask_ext import IPCServe, error_response
 
     app = Flask("ipcserve")
+    app.config.update(cache_backend or {})
     known = {s.name: s for s in settings_of("http")}
     for name, value in http_settings.items():
         if name not in known:
             raise ConfigError(f"unknown HTTP setting {name!r}; known: {', '.join(known)}")
         app.config[known[name].env] = value
     ipc = IPCServe(app)
-    for ml, kind in models:
+    for ml, kind, *more in models:
+        options = more[0] if more else {}
         preprocess = None
-        if getattr(ml, "name", None) == "digits" and kind == "image":
+        if _is_digits(ml) and kind == "image":
             from .adapters.digits import image_to_pixels
 
             preprocess = image_to_pixels
-        ipc.add_model(ml, kind=kind, preprocess=preprocess)
+        if ml.name in ipc.endpoints:
+            raise ConfigError(f"two models are named {ml.name!r}; name them in a config file "
+                              "([models.NAME] tables)")
+        ipc.add_model(ml, kind=kind, preprocess=preprocess, **options)
     app.register_error_handler(HTTPException, error_response)
     return app
+
+
+def _is_digits(ml: Any) -> bool:
+    from .adapters.digits import DigitsClassifier
+
+    return isinstance(ml, DigitsClassifier)
 
 
 class _Lifecycle:
@@ -214,7 +243,30 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | No
         life.draining.set()
         threading.Thread(target=drain, name="ipcserve-drain", daemon=True).start()
 
+    reloading = threading.Lock()
+
+    def reload_all() -> None:
+        try:
+            results = ext.reload_all(grace)
+            failed = [name for name, result in results.items() if "error" in result]
+            logger.info("SIGHUP reload done: %s", ", ".join(
+                f"{name} {'FAILED (old version serving)' if name in failed else 'generation %d' % result['generation']}"
+                for name, result in results.items()))
+        finally:
+            reloading.release()
+
+    def on_hangup(signum: int, frame: Any) -> None:
+        if life.draining.is_set():
+            logger.info("SIGHUP received while draining: not reloading")
+            return
+        if not reloading.acquire(blocking=False):
+            logger.info("SIGHUP received: a reload is already running")
+            return
+        logger.info("SIGHUP received: reloading every model (old versions serve meanwhile)")
+        threading.Thread(target=reload_all, name="ipcserve-reload", daemon=True).start()
+
     previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     watcher = threading.Thread(target=watch_start, name="ipcserve-start-watch", daemon=True)
     watcher.start()
     try:
@@ -265,6 +317,7 @@ def _parser() -> argparse.ArgumentParser:
         default = f"{setting.default!r}" if setting.default not in (None, ()) else "none"
         s.add_argument(*names, dest=setting.name, metavar=setting.name.upper(),
                        choices=setting.choices, type=_typed(setting), default=None,
+                       action="append" if setting.name == "model" else "store",
                        help=f"{setting.help} ({setting.env}, default {default})")
     return parser
 
@@ -280,9 +333,12 @@ def _typed(setting: Setting) -> Any:
     return convert
 
 
-def resolve(args: argparse.Namespace, environ: Any = None) -> dict[str, Any]:
-    """Every setting's value: the flag if given, else the env var, else the default."""
+def resolve(args: argparse.Namespace, environ: Any = None,
+            file_values: Any = None) -> dict[str, Any]:
+    """Every setting's value: the flag if given, else the env var, else the config file's
+    ``[server]`` table (``file_values``), else the default. ``model`` is a list."""
     environ = os.environ if environ is None else environ
+    file_values = file_values or {}
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         flagged = getattr(args, setting.name, None)
@@ -290,9 +346,42 @@ def resolve(args: argparse.Namespace, environ: Any = None) -> dict[str, Any]:
             values[setting.name] = flagged
         elif setting.env in environ:
             values[setting.name] = setting.parse(environ[setting.env])
+        elif setting.name in file_values:
+            values[setting.name] = file_values[setting.name]
         else:
             values[setting.name] = setting.default
+    if not isinstance(values["model"], list):
+        values["model"] = [values["model"]]
     return values
+
+
+def _models_of(values: dict[str, Any], plan: Any, args: argparse.Namespace) -> list[tuple[Any, ...]]:
+    """The (MLProcess, kind, options) to serve: the config file's models, or ``--model``'s."""
+    engine = {s.name: values[s.name] for s in settings_of("engine")}
+    if plan is None:
+        kinds = []
+        for spec in values["model"]:
+            ml = build_model(spec, Config(**engine), values["task"])
+            kinds.append((ml, values["kind"] or ("image" if spec == "digits" else "json")))
+        return kinds
+    if args.model:
+        raise ConfigError(f"--model and --config {plan.path} both name models; put every model "
+                          "in the config file")
+    models: list[tuple[Any, ...]] = []
+    for entry in plan.models:
+        where = f"{plan.path}: [models.{entry.name}]"
+        try:
+            ml = build_model(entry.model, Config(**{**engine, **entry.engine}), entry.task)
+        except ConfigError as exc:
+            raise ConfigError(f"{where} model: {exc}") from None
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"{where} model: cannot import {entry.model!r}: {exc}") from None
+        if entry.engine:  # also over the settings of an MLProcess instance the spec names
+            ml.configure(**entry.engine)
+        ml.name = entry.name
+        kind = entry.kind or ("image" if entry.model == "digits" else "json")
+        models.append((ml, kind, {"cache": entry.cache, "default": entry.default or None}))
+    return models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -300,15 +389,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        values = resolve(args)
+        config_path = args.config if args.config is not None else os.environ.get(
+            SETTINGS_BY_NAME["config"].env) or None
+        plan = None
+        if config_path:
+            from . import config_file
+
+            plan = config_file.load(config_path)
+        values = resolve(args, file_values=None if plan is None else plan.server)
         logging.getLogger().setLevel(values["log_level"])
         if values["require_api_key"] and not values["api_key"]:
             raise ConfigError("an API key is required (--require-api-key): set IPCSERVE_API_KEY "
                               "or --api-key")
-        config = Config(**{s.name: values[s.name] for s in settings_of("engine")})
-        ml = build_model(values["model"], config, values["task"])
-        kind = values["kind"] or ("image" if values["model"] == "digits" else "json")
-        app = create_app([(ml, kind)], **{s.name: values[s.name] for s in settings_of("http")})
+        models = _models_of(values, plan, args)
+        app = create_app(models, cache_backend=None if plan is None else plan.cache_backend,
+                         **{s.name: values[s.name] for s in settings_of("http")})
         from .waitress_conf import ServerLimits
 
         limits = ServerLimits(**{name: values[name] for name in (

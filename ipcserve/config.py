@@ -247,9 +247,12 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
             "seconds from the end of the headers until the body is complete", float),
     Setting("idle_timeout", "server", 65.0,
             "seconds a keep-alive connection with no request in progress stays open", float),
+    Setting("config", "server", None,
+            "a TOML file: a [server] table and one [models.NAME] table per model "
+            "(docs/configuration.md)", str),
     Setting("model", "server", "digits",
             "'digits', package.module:attribute, or the path of a transformers model "
-            "directory or an .onnx/.pt2/.pt/.ts file", str),
+            "directory or an .onnx/.pt2/.pt/.ts file; repeat the flag to serve several", str),
     Setting("task", "server", None,
             "the task of a transformers model directory given by path; none: from its "
             "config.json", str),

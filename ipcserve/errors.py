@@ -9,6 +9,8 @@
     │   └── UnsupportedMediaTypeError       415
     ├── UnauthorizedError                   401   missing or wrong API key
     ├── NotFoundError                       404   unknown model or route
+    ├── ConflictError                       409   a reload of that model is already running
+    ├── ReloadError                         500   the new version failed to load; the old one serves
     ├── OverloadedError                     503   in-flight cap reached; sends Retry-After
     ├── DeadlineError (+TimeoutError)       504
     │   ├── QueueDeadlineError                    expired before the ML process took it
@@ -29,6 +31,7 @@ from typing import Any
 
 __all__ = [
     "ConfigError",
+    "ConflictError",
     "DeadlineError",
     "IPCServeError",
     "InputError",
@@ -37,6 +40,7 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "QueueDeadlineError",
+    "ReloadError",
     "RequestCancelledError",
     "ResultDeadlineError",
     "UnauthorizedError",
@@ -102,6 +106,20 @@ class NotFoundError(IPCServeError):
     """No model or route by that name."""
 
     http_status = 404
+
+
+class ConflictError(IPCServeError):
+    """The request conflicts with work in progress, e.g. a second reload of a model while
+    the first is still loading."""
+
+    http_status = 409
+
+
+class ReloadError(IPCServeError):
+    """A reload's new version failed to load (or to start); the previous version keeps
+    serving. The message says why; the log has the model's traceback."""
+
+    http_status = 500
 
 
 class OverloadedError(IPCServeError):

@@ -12,6 +12,8 @@ runs the call with a deadline measured from when the server received the request
 Routes (under the optional ``url_prefix``):
 
 * ``POST /v1/models/<name>/predict`` for every model, and ``POST /predict`` for the default one
+* ``POST /v1/models/<name>/reload``: a new version of the model, swapped in without dropping
+  a request (:meth:`IPCServe.reload`)
 * ``GET /v1/models`` (OpenAI's list shape, with each model's status) and ``GET /v1/models/<name>``
 * the OpenAI API under ``/v1`` (chat/completions, completions, embeddings): :mod:`ipcserve.openai_api`
 * ``GET /healthz`` (the web process answers), ``GET /readyz`` (every model ready, not draining)
@@ -25,6 +27,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import pathlib
 import statistics
 import threading
@@ -36,20 +39,25 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request, url
 from werkzeug.exceptions import HTTPException
 
 from . import decode, encode
+from .cache import HEADER as CACHE_HEADER
+from .cache import CacheSettings, ResponseCache, key_salt
 from .config import read_settings, settings_of
 from .errors import (
     ConfigError,
+    ConflictError,
     InputError,
     IPCServeError,
     ModelError,
     NotFoundError,
     OverloadedError,
+    ReloadError,
     RequestCancelledError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
     WorkerUnavailableError,
 )
 from .metrics import Metrics
+from .channel import Admission
 from .mlprocess import MLProcess
 
 # Set by ipcserve's waitress integration: time.monotonic() when the whole request had
@@ -71,7 +79,14 @@ class _Endpoint:
                  preprocess: Callable[[Any], Any] | None) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        # The version serving now; a reload swaps in the next one (one attribute write, so a
+        # request reads either the old or the new, never a mix).
         self.ml = ml
+        self.generation = 1  # 1 at start, +1 per successful reload
+        self.reloading = threading.Lock()  # one reload of this model at a time
+        self.last_reload: dict[str, Any] | None = None
+        self.cache_settings: CacheSettings | None = None
+        self.cache: ResponseCache | None = None
         self.name = ml.name
         self.kind = kind
         self.schema = schema
@@ -90,11 +105,33 @@ class _Endpoint:
             latency = {"p50_ms": round(statistics.median(ordered) * 1000, 2),
                        "p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))] * 1000, 2),
                        "samples": len(ordered)}
+        ml = self.ml
         return {"id": self.name, "object": "model", "created": self.created,
                 "owned_by": "ipcserve", "name": self.name, "kind": self.kind,
-                "task": getattr(self.ml, "task", None),
+                "task": getattr(ml, "task", None),
                 "url": url_for("ipcserve.predict", name=self.name),
-                "status": self.ml.status, "recent_latency": latency}
+                "reload": url_for("ipcserve.reload", name=self.name),
+                "generation": self.generation, "loaded_at": ml.loaded_at,
+                "load_seconds": None if ml.load_seconds is None else round(ml.load_seconds, 3),
+                "last_reload": self.last_reload,
+                "cache": None if self.cache_settings is None else {
+                    "ttl": self.cache_settings.ttl, "size": self.cache_settings.size,
+                    "backend": self.cache.backend if self.cache else None},
+                "status": ml.status, "recent_latency": latency}
+
+    def admit(self) -> tuple[MLProcess, Admission]:
+        """A place among the calls in flight of the version serving now, and that version.
+
+        A request that read the old version just before a reload swapped it out, and found
+        it no longer admitting, is admitted by the new one: a reload never refuses anyone.
+        """
+        while True:
+            ml = self.ml
+            try:
+                return ml, ml.admit()
+            except WorkerUnavailableError:
+                if self.ml is ml:
+                    raise
 
 
 def check_api_key(key: Any) -> bytes | None:
@@ -189,6 +226,7 @@ class IPCServe:
         self.unready = threading.Event()
         self._hurry = threading.Event()  # a forced stop cuts the drain delay short
         self._engine_settings: dict[str, Any] = {}  # from app.config, for the models
+        self._app: Flask | None = None
         if app is not None:
             self.init_app(app)
 
@@ -209,7 +247,7 @@ class IPCServe:
     # -- models --------------------------------------------------------------------
     def add_model(self, ml: MLProcess, kind: str = "json", *, schema: Any = None,
                   preprocess: Callable[[Any], Any] | None = None, default: bool | None = None,
-                  response_schema: Any = None) -> None:
+                  response_schema: Any = None, cache: CacheSettings | bool | None = None) -> None:
         """Serve ``ml`` at ``/v1/models/<ml.name>/predict``.
 
         Args:
@@ -223,6 +261,9 @@ class IPCServe:
             default: serve this model at ``/predict`` too (default: the first model added).
             response_schema: optional protobuf message class the model's (non-streamed)
                 answer must parse as; one that does not is a logged 500.
+            cache: keep this model's answers to identical requests
+                (:class:`~ipcserve.cache.CacheSettings`, or True for the defaults: 300 s,
+                1024 answers); see :mod:`ipcserve.cache`.
         """
         if ml.name in self.endpoints:
             raise ValueError(f"a model named {ml.name!r} is already served")
@@ -230,8 +271,13 @@ class IPCServe:
             raise ValueError("preprocess applies to kind='image' only")
         if self._engine_settings and not ml.started:
             ml.configure(keep_keywords=True, **self._engine_settings)
-        self.endpoints[ml.name] = _Endpoint(ml, kind, schema, preprocess)
-        self.endpoints[ml.name].response_schema = response_schema
+        endpoint = _Endpoint(ml, kind, schema, preprocess)
+        endpoint.response_schema = response_schema
+        if cache:
+            endpoint.cache_settings = cache if isinstance(cache, CacheSettings) else CacheSettings()
+            if self._app is not None:
+                self._make_cache(self._app, endpoint)
+        self.endpoints[ml.name] = endpoint
         if default or (default is None and self.default is None):
             self.default = ml.name
 
@@ -307,11 +353,112 @@ class IPCServe:
         for ml in models:
             remaining = max(0.0, deadline - time.monotonic())
             idle = ml.shutdown(grace=remaining) and idle
+        # A reload that swapped in its new version while the drain began.
+        for endpoint in self.endpoints.values():
+            if all(endpoint.ml is not ml for ml in models):
+                idle = endpoint.ml.shutdown(grace=max(0.0, deadline - time.monotonic())) and idle
         return idle
 
     def shutdown(self, grace: float | None = None) -> None:
         """Same as :meth:`drain` (kept for code written against ipcserve 0.1)."""
         self.drain(grace)
+
+    def reload(self, name: str, grace: float | None = None) -> dict[str, Any]:
+        """Replace model ``name`` by a fresh copy of itself without failing a request.
+
+        1. New ML processes start beside the old ones and load the model: its weights, and
+           its code too under the spawn and forkserver start methods (fork copies this
+           process's modules as they are). Requests go on to the old version meanwhile.
+        2. Once every new process is ready, requests go to the new version (one attribute
+           swap); the model's cached answers are forgotten (the generation is in the key).
+        3. The old version stops admitting (a request that raced the swap is admitted by
+           the new one), answers what it holds within ``grace`` seconds (default: its
+           ``shutdown_grace``), and its processes stop.
+
+        Memory holds both versions during the load. A load that fails, times out or is
+        interrupted by a drain leaves the old version serving, unchanged.
+
+        Returns:
+            ``{"model", "generation", "previous_generation", "load_seconds", "drained"}``.
+
+        Raises:
+            NotFoundError: no such model.
+            ConflictError: a reload of it is already running; it is still loading its first
+                version; or this web process did not start it (a gunicorn worker).
+            ReloadError: the new version failed to load (the old one keeps serving).
+            WorkerUnavailableError: the server is draining.
+        """
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            raise NotFoundError(f"no model named {name!r}; models: {', '.join(sorted(self.endpoints))}")
+        if not endpoint.reloading.acquire(blocking=False):
+            raise ConflictError(f"a reload of model {name!r} is already running")
+        try:
+            if self.unready.is_set() or self.draining.is_set():
+                raise WorkerUnavailableError("the server is shutting down")
+            old = endpoint.ml
+            owner = old.__dict__.get("_ipc")
+            if owner is None:
+                raise ConflictError(f"model {name!r} is not started yet (still loading its "
+                                    "first version?); reload it once it serves")
+            if owner.owner_pid != os.getpid():
+                raise ConflictError(
+                    f"model {name!r} was started by process {owner.owner_pid}, not this web "
+                    "process (a gunicorn worker?); restart the server to load a new version")
+            new = old.fresh()
+            logger.info("model %s: reloading (generation %d -> %d)", name, endpoint.generation,
+                        endpoint.generation + 1)
+            try:
+                new.start()
+            except Exception as exc:
+                new.shutdown(grace=0)
+                endpoint.last_reload = {"at": time.time(), "ok": False, "error": str(exc),
+                                        "generation": endpoint.generation}
+                cause = getattr(exc, "remote_traceback", None)
+                logger.error("model %s: reload failed, generation %d keeps serving: %s%s",
+                             name, endpoint.generation, exc, f"\n{cause}" if cause else "")
+                raise ReloadError(f"model {name!r}: the new version failed to load ({exc}); "
+                                  f"generation {endpoint.generation} keeps serving") from None
+            if self.unready.is_set() or self.draining.is_set():  # a drain began meanwhile
+                new.shutdown(grace=0)
+                raise WorkerUnavailableError("the server is shutting down")
+            previous = endpoint.generation
+            endpoint.ml = new
+            endpoint.generation = previous + 1
+            if endpoint.cache is not None:
+                endpoint.cache.clear()
+            drained = old.shutdown(grace=grace)
+            endpoint.last_reload = {"at": time.time(), "ok": True, "error": None,
+                                    "generation": endpoint.generation}
+            logger.info("model %s: generation %d serving (loaded in %.2fs); generation %d "
+                        "stopped", name, endpoint.generation, new.load_seconds or 0.0, previous)
+            return {"model": name, "generation": endpoint.generation,
+                    "previous_generation": previous,
+                    "load_seconds": round(new.load_seconds or 0.0, 3), "drained": drained}
+        finally:
+            endpoint.reloading.release()
+
+    def reload_all(self, grace: float | None = None) -> dict[str, Any]:
+        """:meth:`reload` every model, one after the other (SIGHUP). A model whose reload
+        fails keeps its old version; the others are reloaded all the same.
+
+        Returns:
+            ``{name: reload()'s answer, or {"error": message}}``.
+        """
+        results: dict[str, Any] = {}
+        for name in list(self.endpoints):
+            try:
+                results[name] = self.reload(name, grace)
+            except IPCServeError as exc:
+                logger.error("model %s: not reloaded: %s", name, exc)
+                results[name] = exc.to_dict()
+        return results
+
+    def _make_cache(self, app: Flask, endpoint: _Endpoint) -> None:
+        assert endpoint.cache_settings is not None
+        api_key = check_api_key(app.config.get("IPCSERVE_API_KEY"))
+        endpoint.cache = ResponseCache(app, endpoint.name, endpoint.cache_settings,
+                                       key_salt(api_key))
 
     # -- Flask wiring ----------------------------------------------------------------
     def init_app(self, app: Flask) -> None:
@@ -335,6 +482,10 @@ class IPCServe:
             if self._engine_settings and not endpoint.ml.started:
                 endpoint.ml.configure(keep_keywords=True, **self._engine_settings)
         app.extensions["ipcserve"] = _State(self, app)
+        self._app = app
+        for endpoint in self.endpoints.values():
+            if endpoint.cache_settings is not None:
+                self._make_cache(app, endpoint)
         app.register_blueprint(self._blueprint(), url_prefix=self.url_prefix or None)
         for rule in app.url_map.iter_rules():
             if rule.endpoint.startswith("ipcserve."):
@@ -353,6 +504,7 @@ class IPCServe:
         bp.register_error_handler(HTTPException, error_response)
         bp.register_error_handler(Exception, _internal_error)
         bp.add_url_rule("/v1/models/<name>/predict", "predict", _predict, methods=["POST"])
+        bp.add_url_rule("/v1/models/<name>/reload", "reload", _reload, methods=["POST"])
         bp.add_url_rule("/predict", "predict_default", _predict, methods=["POST"])
         bp.add_url_rule("/v1/models", "models", _models)
         bp.add_url_rule("/v1/models/<name>", "model", _model)
@@ -457,13 +609,22 @@ def _predict(name: str | None = None) -> Response:
     result = None
     admission = None
     handed_off = False  # a streaming response releases the admission when it ends
+    cache_key = None
     try:
         if state.ext.draining.is_set():
             raise WorkerUnavailableError("the server is shutting down")
         received = request.environ.get(RECEIVED_KEY) or time.monotonic()
-        deadline = received + endpoint.ml.config.timeout
+        if endpoint.cache is not None:
+            cache_key = endpoint.cache.key(endpoint.generation, request.mimetype or "",
+                                           request.get_data())
+            hit = None if cache_key is None else endpoint.cache.get(cache_key)
+            state.metrics.cache_result(endpoint.name, hit is not None)
+            if hit is not None:
+                status = 200
+                return Response(hit[0], content_type=hit[1], headers={CACHE_HEADER: "hit"})
         # Admission before decoding: under overload the body is never even parsed.
-        admission = endpoint.ml.admit()
+        ml, admission = endpoint.admit()
+        deadline = received + ml.config.timeout
         args, kwargs = _inputs(endpoint, state.max_pixels, state.decode_budget)
         # stream(), not ml(...): every JSON field is the model's input, "timeout" too. A
         # model that does not stream gives one item, its answer.
@@ -483,6 +644,9 @@ def _predict(name: str | None = None) -> Response:
                     check_response(answer, endpoint.response_schema, endpoint.name)
                 response = jsonify(answer)
             status = 200
+            if cache_key is not None and endpoint.cache is not None:
+                endpoint.cache.set(cache_key, response.get_data(), response.content_type)
+                response.headers[CACHE_HEADER] = "miss"
             return response
         # SSE only when asked for by name (EventSource sends it); NDJSON otherwise (*/*).
         sse = any(kind == STREAM_TYPES[0] and quality > 0
@@ -551,6 +715,10 @@ def _stream_body(stream: Any, first: Any, sse: bool, admission: Any, endpoint: _
         stream.close()
         admission.release()
         metrics.observe(endpoint.name, status, time.perf_counter() - started, None)
+
+
+def _reload(name: str) -> Response:
+    return jsonify(_state().ext.reload(_endpoint(name).name))
 
 
 def _models() -> Response:

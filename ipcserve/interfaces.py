@@ -42,7 +42,8 @@ def _docs() -> Response:
 
 def _errors(*statuses: int, body: dict[str, Any] = _ERROR) -> dict[str, Any]:
     text = {400: "bad input", 401: "missing or wrong API key", 404: "no such model",
-            405: "method not allowed", 413: "body, image or array too large",
+            405: "method not allowed", 409: "a reload of this model is already running",
+            413: "body, image or array too large",
             415: "unsupported content type", 429: "shed (shed_status=429); see Retry-After",
             499: "client disconnected", 500: "the model's answer could not be sent",
             502: "the ML process died with this request in flight (not retried elsewhere: "
@@ -104,14 +105,18 @@ def _predict_operation(endpoint: Any, operation_id: str) -> dict[str, Any]:
             "properties": {"image": {"type": "string", "contentMediaType": "image/*"}}}}
         content["image/*"] = {"schema": {"type": "string", "contentMediaType": "image/*"}}
     statuses = [400, 413, 415, 429, 499, 500, 502, 503, 504]
+    ok: dict[str, Any] = {"description": "the model's answer (JSON; NDJSON or SSE when the "
+                                         "model streams)",
+                          "content": {_JSON: {"schema": {}},
+                                      "application/x-ndjson": {"schema": {}},
+                                      "text/event-stream": {"schema": {}}}}
+    if endpoint.cache_settings is not None:
+        ok["headers"] = {"X-IPCServe-Cache": {
+            "description": "hit: answered from the response cache; miss: computed",
+            "schema": {"type": "string", "enum": ["hit", "miss"]}}}
     return {"operationId": operation_id, "summary": f"run model {endpoint.name}",
             "tags": ["predict"], "requestBody": {"required": True, "content": content},
-            "responses": {"200": {"description": "the model's answer (JSON; NDJSON or SSE when "
-                                                 "the model streams)",
-                                  "content": {_JSON: {"schema": {}},
-                                              "application/x-ndjson": {"schema": {}},
-                                              "text/event-stream": {"schema": {}}}},
-                          **_errors(*statuses)}}
+            "responses": {"200": ok, **_errors(*statuses)}}
 
 
 def _get(operation_id: str, summary: str, schema: dict[str, Any], *errors: int,
@@ -159,9 +164,25 @@ def openapi_document() -> dict[str, Any]:
     paths[f"{prefix}/v1/models"] = _get("list_models", "the served models", {
         "type": "object", "required": ["data"],
         "properties": {"data": {"type": "array", "items": model_entry}}})
+    reloaded = {"type": "object",
+                "required": ["model", "generation", "previous_generation", "load_seconds",
+                             "drained"],
+                "properties": {"model": {"type": "string"}, "generation": {"type": "integer"},
+                               "previous_generation": {"type": "integer"},
+                               "load_seconds": {"type": "number"},
+                               "drained": {"type": "boolean"}}}
     for name in names:
         paths[f"{prefix}/v1/models/{name}"] = _get(f"model_{name}", f"model {name}",
                                                     model_entry, 404)
+        paths[f"{prefix}/v1/models/{name}/reload"] = {"post": {
+            "operationId": f"reload_{name}", "tags": ["models"],
+            "summary": f"load a new version of {name} and switch to it without dropping a "
+                       "request",
+            "responses": {"200": {"description": "the new version serves",
+                                  "content": {_JSON: {"schema": reloaded}}},
+                          **_errors(404, 409, 500, 503)}}}
+        paths[f"{prefix}/v1/models/{name}/reload"]["post"]["responses"]["500"]["description"] = (
+            "the new version failed to load; the old one keeps serving")
     paths[f"{prefix}/healthz"] = _get("healthz", "liveness", {"type": "object"})
     paths[f"{prefix}/readyz"] = _get("readyz", "readiness (503 until every model is ready)",
                                      {"type": "object"}, 503)

@@ -81,6 +81,9 @@ class Metrics:
                                     buckets=_BATCH_BUCKETS, registry=self.registry)
         self.shed = Counter("ipcserve_shed", "Requests refused at once because of overload",
                             ["model"], registry=self.registry)
+        self.cache = Counter("ipcserve_cache_requests", "Cached models' requests by cache result "
+                             "(hit: answered from the cache; miss: computed)",
+                             ["model", "result"], registry=self.registry)
         self.registry.register(_StatusCollector(models))
         # Labelled children resolved once: labels() costs a lock and a dict lookup per call.
         self._children: dict[tuple[str, int], tuple[Any, ...]] = {}
@@ -104,6 +107,10 @@ class Metrics:
             queue_wait.observe(stats.queue_wait)
             inference.observe(stats.inference_time)
             batch_size.observe(stats.batch_size)
+
+    def cache_result(self, model: str, hit: bool) -> None:
+        """Record one request to a cached model: answered from the cache, or not."""
+        self.cache.labels(model, "hit" if hit else "miss").inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

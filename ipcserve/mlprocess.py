@@ -15,6 +15,7 @@ background) -> started -> stopped (``shutdown()``); a failed load goes back to n
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import multiprocessing
 import os
@@ -103,6 +104,9 @@ class MLProcess:
         self._start_thread: threading.Thread | None = None  # start(wait=False)
         self._start_error: BaseException | None = None
         self._stopping: _Runtime | None = None  # while shutdown() drains: lets a second call hurry it
+        #: When the last start() finished (``time.time()``) and how long it took, or None.
+        self.loaded_at: float | None = None
+        self.load_seconds: float | None = None
 
     # -- ML-process side: override these ---------------------------------------------
     def load(self) -> None:
@@ -148,7 +152,7 @@ class MLProcess:
 
     # -- pickling into the ML process --------------------------------------------------
     _CALLER_SIDE = ("_ipc", "_ipc_lock", "_starting", "_loading", "_abort_requested",
-                    "_start_thread", "_start_error", "_stopping")
+                    "_start_thread", "_start_error", "_stopping", "loaded_at", "load_seconds")
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -166,6 +170,18 @@ class MLProcess:
         self._start_thread = None
         self._start_error = None
         self._stopping = None
+        self.loaded_at = None
+        self.load_seconds = None
+
+    def fresh(self) -> MLProcess:
+        """An unstarted copy: the same class, name, settings and attributes, none of this
+        one's processes. Its :meth:`start` loads the model afresh in new ML processes; under
+        the spawn and forkserver start methods they import the model's code afresh too
+        (fork copies the caller's modules as they are). How a reload makes the next version.
+        """
+        clone = type(self).__new__(type(self))
+        clone.__setstate__(copy.copy(self.__getstate__()))
+        return clone
 
     # -- caller side -------------------------------------------------------------------
     def _runtime(self) -> _Runtime:
@@ -342,6 +358,7 @@ class MLProcess:
             # Tracked from now on: ML processes ignore SIGTERM, so multiprocessing's own exit
             # handler (terminate, then join) would wait forever on a loading one.
             _live.add(self)
+            began = time.monotonic()
             try:
                 runtime.supervisor.start()
             except BaseException:
@@ -351,6 +368,8 @@ class MLProcess:
                 self._loading = False
                 self._starting = None
             self._ipc = runtime
+            self.load_seconds = time.monotonic() - began
+            self.loaded_at = time.time()
         return self
 
     def shutdown(self, grace: float | None = None) -> bool:

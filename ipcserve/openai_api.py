@@ -221,8 +221,8 @@ def _generate(endpoint: _Endpoint, kwargs: dict[str, Any], wants_stream: bool,
         if state.ext.draining.is_set():
             raise WorkerUnavailableError("the server is shutting down")
         received = request.environ.get(RECEIVED_KEY) or time.monotonic()
-        admission = endpoint.ml.admit()
-        stream = admission.stream((), kwargs, deadline=received + endpoint.ml.config.timeout,
+        ml, admission = endpoint.admit()
+        stream = admission.stream((), kwargs, deadline=received + ml.config.timeout,
                                   cancel_if=request.environ.get(DISCONNECTED_KEY))
         pieces = _pieces(stream)
         if not wants_stream:
@@ -313,9 +313,10 @@ def _embeddings() -> Response:
         if state.ext.draining.is_set():
             raise WorkerUnavailableError("the server is shutting down")
         received = request.environ.get(RECEIVED_KEY) or time.monotonic()
-        with endpoint.ml.admit() as admission:
+        ml, admission = endpoint.admit()
+        with admission:
             result = admission.call((), {"texts": texts, "with_usage": True},
-                                    deadline=received + endpoint.ml.config.timeout,
+                                    deadline=received + ml.config.timeout,
                                     cancel_if=request.environ.get(DISCONNECTED_KEY))
         value = result.value
         vectors = value.get("vectors") if isinstance(value, dict) else None

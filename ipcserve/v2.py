@@ -242,7 +242,9 @@ def _infer(name: str) -> Response:
     for row in range(count):
         sample = {k: v[row] for k, v in tensors.items()}
         args = (sample[declared[0]],) if len(declared) == 1 else (sample,)
-        results.append(ml.call(args, {}, deadline=deadline).value)
+        _, admission = _endpoints()[name].admit()  # the version serving now (reloads)
+        with admission:
+            results.append(admission.call(args, {}, deadline=deadline).value)
     outputs = []
     for out_name in names:
         values = [r[out_name] if isinstance(r, dict) and out_name in r else r for r in results]

@@ -22,6 +22,7 @@ EXPECTED_ALL = [
     "CallResult",
     "Config",
     "ConfigError",
+    "ConflictError",
     "DeadlineError",
     "IPCServeError",
     "InputError",
@@ -31,6 +32,7 @@ EXPECTED_ALL = [
     "OverloadedError",
     "PayloadTooLargeError",
     "QueueDeadlineError",
+    "ReloadError",
     "RequestCancelledError",
     "ResultDeadlineError",
     "Stream",
@@ -74,6 +76,8 @@ def test_statuses_follow_the_design() -> None:
     assert errors.UnsupportedMediaTypeError.http_status == 415
     assert errors.OverloadedError.http_status == 503
     assert errors.WorkerCrashedError.http_status == 502
+    assert errors.ConflictError.http_status == 409
+    assert errors.ReloadError.http_status == 500
     assert errors.QueueDeadlineError.http_status == 504
     assert issubclass(errors.DeadlineError, TimeoutError)
     assert issubclass(errors.ConfigError, ValueError)

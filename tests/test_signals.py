@@ -1,4 +1,5 @@
-"""How ``python app.py`` stops: SIGHUP drains, a second Ctrl-C stops at once and cleanly."""
+"""How ``python app.py`` answers signals: SIGHUP reloads the models without dropping a request,
+SIGTERM drains, a second Ctrl-C stops at once and cleanly."""
 
 from __future__ import annotations
 
@@ -18,19 +19,30 @@ def _inflight(server: Server) -> int:
 
 
 @pytest.mark.timeout(60)
-def test_sighup_drains_and_drops_no_request() -> None:
+def test_sighup_reloads_and_drops_no_request() -> None:
     server = Server("--model", "models:Sleeper")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(requests.post, f"{server.url}/predict", json={"seconds": 1.5},
-                               timeout=20) for _ in range(2)]
-        wait_until(lambda: _inflight(server) == 2, what="2 requests in flight")
-        server.proc.send_signal(signal.SIGHUP)
-        responses = [f.result(20) for f in futures]
-    assert [r.status_code for r in responses] == [200, 200]
-    code = server.proc.wait(20)  # the drain ends the server by itself
-    server.kill()
+    try:
+        before = requests.get(f"{server.url}/v1/models/sleeper", timeout=5).json()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(requests.post, f"{server.url}/predict", json={"seconds": 1.5},
+                                   timeout=20) for _ in range(2)]
+            wait_until(lambda: _inflight(server) == 2, what="2 requests in flight")
+            server.proc.send_signal(signal.SIGHUP)
+            responses = [f.result(20) for f in futures]
+        assert [r.status_code for r in responses] == [200, 200]
+        wait_until(lambda: "SIGHUP reload done" in server.output, timeout=30, what="the reload")
+        after = requests.get(f"{server.url}/v1/models/sleeper", timeout=5).json()
+        assert (before["generation"], after["generation"]) == (1, 2)
+        old_pids = {w["pid"] for w in before["status"]["workers"]}
+        new_pids = {w["pid"] for w in after["status"]["workers"]}
+        assert old_pids and new_pids and not old_pids & new_pids
+        assert server.proc.poll() is None, "SIGHUP must not stop the server"
+        reply = requests.post(f"{server.url}/predict", json={"seconds": 0}, timeout=10)
+        assert reply.status_code == 200
+    finally:
+        code = server.stop()
     assert code == 0, server.output
-    assert "SIGHUP received: draining" in server.output
+    assert "SIGHUP received: reloading every model" in server.output
 
 
 @pytest.mark.timeout(60)
