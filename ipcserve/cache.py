@@ -64,7 +64,11 @@ class ResponseCache:
                       CACHE_THRESHOLD=settings.size,
                       CACHE_KEY_PREFIX=f"{config.get('CACHE_KEY_PREFIX', '')}ipcserve/{model}/")
         self._cache = Cache()
-        self._cache.init_app(app, config=config)
+        try:
+            self._cache.init_app(app, config=config)
+        except Exception as exc:  # e.g. RedisCache without the redis package
+            raise ConfigError(f"the response cache of model {model!r}: CACHE_TYPE "
+                              f"{config['CACHE_TYPE']!r}: {exc}") from None
         self.backend = str(config["CACHE_TYPE"])
         self._salt = key_salt
 

@@ -4,6 +4,8 @@ dropping a request, and the response cache. Every server here is the real ``pyth
 from __future__ import annotations
 
 import concurrent.futures
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -346,3 +348,74 @@ def test_reloads_leak_no_file_descriptors_or_threads() -> None:
         assert later_threads <= threads + 4, (threads, later_threads)
     finally:
         assert server.stop() == 0, server.output
+
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+@pytest.fixture()
+def redis_url(tmp_path: Path) -> Any:
+    """A real redis-server of our own on a free loopback port (Debian package)."""
+    if REDIS_SERVER is None:
+        pytest.skip("needs redis-server (Debian package redis-server, installed by .ci/run)")
+    pytest.importorskip("redis", reason="needs the redis client (pip install redis)")
+    import redis
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(up, timeout=20, what="redis-server")
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_redis_cache_is_shared_between_servers_with_the_same_key(tmp_path: Path,
+                                                                   redis_url: str) -> None:
+    config = write_config(tmp_path, f"""
+        [server]
+        api_key_env = "TEAM_KEY"
+
+        [cache]
+        CACHE_TYPE = "RedisCache"
+        CACHE_REDIS_URL = "{redis_url}"
+
+        [models.double]
+        model = "models:Doubler"
+        cache = true
+        """)
+    one = Server("--config", str(config), env={"TEAM_KEY": "k-1"})
+    two = Server("--config", str(config), env={"TEAM_KEY": "k-1"})
+    other = Server("--config", str(config), env={"TEAM_KEY": "k-2"})
+    body = {"x": 21}
+    try:
+        def ask(server: Server, key: str) -> requests.Response:
+            return requests.post(f"{server.url}/v1/models/double/predict", json=body,
+                                 headers={"Authorization": f"Bearer {key}"}, timeout=10)
+
+        first = ask(one, "k-1")
+        assert first.headers["X-IPCServe-Cache"] == "miss" and first.json() == 42
+        shared = ask(two, "k-1")  # another server, same backend and key: computed once
+        assert shared.headers["X-IPCServe-Cache"] == "hit" and shared.json() == 42
+        assert served(models_of(two, {"Authorization": "Bearer k-1"})["double"]) == 0
+        # A server with another API key never sees those entries.
+        assert ask(other, "k-2").headers["X-IPCServe-Cache"] == "miss"
+        backend = models_of(one, {"Authorization": "Bearer k-1"})["double"]["cache"]["backend"]
+        assert backend == "RedisCache"
+    finally:
+        for server in (one, two, other):
+            assert server.stop() == 0, server.output
