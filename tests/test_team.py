@@ -419,3 +419,19 @@ def test_a_redis_cache_is_shared_between_servers_with_the_same_key(tmp_path: Pat
     finally:
         for server in (one, two, other):
             assert server.stop() == 0, server.output
+
+
+def test_the_shipped_example_config_serves_its_three_models() -> None:
+    example = ROOT / "examples" / "team"
+    server = Server("--config", str(example / "models.toml"),
+                    env={"PYTHONPATH": str(example)})
+    try:
+        assert sorted(models_of(server)) == ["digits", "lexicon", "words"]
+        reply = requests.post(f"{server.url}/predict", json={"text": "a great, lovely day"},
+                              timeout=10)
+        assert reply.json() == {"label": "positive", "score": 2.0}
+        assert reply.headers["X-IPCServe-Cache"] == "miss"
+        assert requests.post(f"{server.url}/v1/models/words/predict", json={"text": "one two"},
+                             timeout=10).json() == 2
+    finally:
+        assert server.stop() == 0, server.output
