@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import functools
 import logging
 from collections.abc import Mapping
@@ -112,7 +113,9 @@ def ipcserve_settings(given: Mapping[str, Any]) -> dict[str, Any]:
         setting = _IPCSERVE.get(key)
         if setting is None:
             known = sorted([*_SERVE, *_IPCSERVE])
-            raise ConfigError(f"unknown setting {key!r}; known: {', '.join(known)}")
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown setting {key!r}; {hint}known: {', '.join(known)}")
         try:
             value = setting.parse(raw)
         except ConfigError as exc:
@@ -142,7 +145,8 @@ def parse_args(args: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]
         if key in _SERVE:
             convert = _SERVE[key]
             try:
-                options[key] = convert(str(raw)) if isinstance(raw, str) else raw
+                # Text from a shell, numbers too from a Serve config file's args.
+                options[key] = convert(str(raw))
             except ValueError:
                 what = getattr(convert, "__name__", "a value")
                 raise ConfigError(f"{key} must be {'text' if what == 'str' else what}, "

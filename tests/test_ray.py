@@ -43,7 +43,7 @@ model = "models:Streamer"
 max_inflight = 2
 
 [models.sleeper]                   # the load of the fault test: 50 ms of work a request
-model = "models:Sleeper"
+model = "models:WhereSleeper"
 """
 
 
@@ -155,6 +155,9 @@ def test_every_route_through_the_proxy(deployed: Deployed) -> None:
     assert requests.post(f"{base}/predict", json={"x": 2}, timeout=10).json() == 4
     models = requests.get(f"{base}/v1/models", timeout=10).json()
     assert {m["id"] for m in models["data"]} == {"doubler", "streamer", "sleeper"}
+    # Ray's workers (and the ML processes they start) run this tree.
+    where = requests.post(f"{base}/v1/models/sleeper/predict", json={}, timeout=10).json()
+    assert where["ipcserve"] == str(ROOT / "ipcserve" / "__init__.py")
     assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
     assert requests.get(f"{base}/readyz", timeout=10).json()["ready"] is True
     metrics = requests.get(f"{base}/metrics", timeout=10)

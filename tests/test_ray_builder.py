@@ -4,6 +4,7 @@ and the replica class's health, autoscaling and shutdown hooks on a real ML proc
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import subprocess
 import sys
 from typing import Any
@@ -51,7 +52,7 @@ def test_builder_autoscaling_and_max_ongoing_requests() -> None:
     ({"hang_timeout": "0.1", "heartbeat_interval": "0.5"}, "heartbeat_interval (0.5) must be below"),
     ({"port": "8000"}, "port is a setting of the waitress server"),
     ({"host": "0.0.0.0"}, "host is a setting of the waitress server"),
-    ({"max_batch": "8"}, "unknown setting 'max_batch'; known: api_key,"),
+    ({"max_batch_sise": "8"}, "unknown setting 'max_batch_sise'; did you mean 'max_batch_size'? known: api_key,"),
     ({"num_replicas": "2", "max_replicas": "4"}, "max_replicas configure autoscaling; leave out"),
 ])
 def test_builder_errors_name_the_key(args: dict[str, str], message: str) -> None:
@@ -106,3 +107,15 @@ def test_replica_health_autoscaling_stats_and_shutdown() -> None:
     finally:
         asyncio.run(replica.shutdown())  # Serve's shutdown hook: drains, stops the ML process
     assert replica.flask_app.extensions["ipcserve"].ext.draining.is_set()
+
+
+def test_the_serve_config_example_is_valid() -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML comes with ray[serve] and kubernetes-validate")
+    path = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "ray" / "serve.yaml"
+    config = yaml.safe_load(path.read_text())
+    (application,) = config["applications"]
+    assert application["import_path"] == "ipcserve.ray:app"
+    options, settings = parse_args(application["args"])
+    assert options["num_replicas"] == 2 and settings["model"] == ["digits"]
+    schema = pytest.importorskip("ray.serve.schema", reason="Ray Serve is not installed")
+    schema.ServeDeploySchema.model_validate(config)  # what `serve deploy` checks first
