@@ -60,9 +60,9 @@ def _free_port() -> int:
         return port
 
 
-def _replica_names(ray: Any) -> list[str]:
+def _replica_names(ray: Any, app: str = APP) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith(f"SERVE_REPLICA::{APP}#"))
+                  if a["name"].startswith(f"SERVE_REPLICA::{app}#"))
 
 
 def _running_replicas() -> int:
@@ -318,3 +318,39 @@ def test_killed_ml_process_then_killed_replica(deployed: Deployed) -> None:
     assert len(failed) <= len(in_flight_at_kill) <= 4, report
     assert len(crashed) <= 4, report
     assert by_status.get(200, 0) >= 60, report
+
+
+def test_open_circuit_makes_ray_replace_the_replica(deployed: Deployed) -> None:
+    from ray import serve
+
+    import ipcserve.ray
+
+    ray, base = deployed.ray, f"{deployed.base}/fragile"
+    # One crash opens the circuit, and the next restart is a minute away: only Ray can
+    # bring this model back, by replacing the replica (check_health fails).
+    serve.run(ipcserve.ray.app({
+        "model": "models:Doubler", "circuit_breaker_threshold": "1", "restart_backoff": "60",
+        "max_restart_backoff": "60", "num_replicas": "1", "num_cpus": "0",
+        "health_check_period_s": "1", "name": "fragile"}),
+        name="fragile", route_prefix="/fragile", blocking=False)
+    try:
+        wait_until(lambda: _fragile_answer(base) == 42, timeout=60, what="the fragile app")
+        before = _replica_names(ray, "fragile")
+        assert len(before) == 1
+        crashed = requests.post(f"{base}/predict", json={"x": "exit"}, timeout=10)
+        assert crashed.status_code == 502, crashed.text
+        down = requests.post(f"{base}/predict", json={"x": 21}, timeout=10)
+        assert down.status_code == 503 and down.headers["Retry-After"], down.text
+        wait_until(lambda: _replica_names(ray, "fragile") not in ([], before)
+                   and _fragile_answer(base) == 42, timeout=60,
+                   what="Ray replacing the replica whose circuit is open")
+    finally:
+        serve.delete("fragile")
+
+
+def _fragile_answer(base: str) -> Any:
+    try:
+        r = requests.post(f"{base}/predict", json={"x": 21}, timeout=5)
+    except requests.RequestException:
+        return None
+    return r.json() if r.status_code == 200 else None
