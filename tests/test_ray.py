@@ -163,6 +163,14 @@ def test_every_route_through_the_proxy(deployed: Deployed) -> None:
     metrics = requests.get(f"{base}/metrics", timeout=10)
     assert metrics.status_code == 200 and "ipcserve_requests_total" in metrics.text
     assert requests.get(f"{base}/openapi.json", timeout=10).json()["openapi"]
+    assert requests.get(f"{base}/docs", timeout=10).status_code == 200
+    # The Open Inference Protocol V2 and OpenAI surfaces, errors in their own shapes.
+    assert requests.get(f"{base}/v2/health/ready", timeout=10).status_code == 200
+    not_tensor = requests.get(f"{base}/v2/models/doubler/ready", timeout=10)
+    assert not_tensor.status_code == 404 and not_tensor.json()["error"]  # V2 is for tensor models
+    chat = requests.post(f"{base}/v1/chat/completions", timeout=10, json={
+        "model": "doubler", "messages": [{"role": "user", "content": "hi"}]})
+    assert 400 <= chat.status_code < 500 and chat.json()["error"]["message"], chat.text
     assert "<html" in requests.get(f"{base}/", timeout=10).text.lower()
     # Errors keep their status and JSON body.
     bad = requests.post(f"{base}/predict", data=b"{not json", timeout=10,
@@ -196,6 +204,11 @@ def test_every_route_through_the_proxy(deployed: Deployed) -> None:
         arrived = [(time.monotonic(), json.loads(line)) for line in stream.iter_lines() if line]
     assert [item["i"] for _, item in arrived] == [0, 1, 2, 3]
     assert arrived[-1][0] - arrived[0][0] > 0.5, "the proxy buffered the stream"
+    with requests.post(f"{base}/v1/models/streamer/predict", json={"n": 2}, stream=True,
+                       headers={"Accept": "text/event-stream"}, timeout=10) as sse:
+        assert sse.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in sse.iter_lines() if line.startswith(b"data:")]
+    assert len(events) >= 2, events
     wait_until(lambda: requests.get(f"{base}/readyz", timeout=10).status_code == 200,
                timeout=30, what="the crashed ML process restarted")
 
