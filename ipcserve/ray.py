@@ -184,8 +184,8 @@ class IPCServeReplica:
 
     Raises:
         ConfigError: a setting is invalid.
-        ModelError / WorkerUnavailableError: a model failed to load (Serve then reports the
-            deployment unhealthy instead of retrying forever).
+        ModelError / WorkerUnavailableError: a model failed to load (Serve retries the
+            replica a limited number of times, then reports the deployment failed).
     """
 
     def __init__(self, **settings: Any) -> None:
@@ -200,7 +200,11 @@ class IPCServeReplica:
         # past the limit with a 503 at once (as waitress is sized by ipcserve serve).
         self._threads = sum(e.ml.config.max_inflight
                             for e in self._ext.endpoints.values()) + SPARE_THREADS
-        self._ext.start(wait=True)
+        try:
+            self._ext.start(wait=True)
+        except BaseException:
+            self._ext.drain(grace=0)  # the models that did start: no ML process outlives this
+            raise
         logger.info("ipcserve replica serving %s", ", ".join(self._ext.endpoints))
 
     @property

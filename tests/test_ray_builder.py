@@ -119,3 +119,19 @@ def test_the_serve_config_example_is_valid() -> None:
     assert options["num_replicas"] == 2 and settings["model"] == ["digits"]
     schema = pytest.importorskip("ray.serve.schema", reason="Ray Serve is not installed")
     schema.ServeDeploySchema.model_validate(config)  # what `serve deploy` checks first
+
+
+@pytest.mark.timeout(60)
+def test_replica_whose_model_fails_to_load_leaves_no_ml_process(tmp_path: pathlib.Path) -> None:
+    import multiprocessing
+
+    from ipcserve import IPCServeError
+
+    config = tmp_path / "models.toml"
+    config.write_text('[models.good]\nmodel = "models:Doubler"\n\n'
+                      '[models.bad]\nmodel = "models:FailsToLoad"\n')
+    with pytest.raises(IPCServeError, match="failed to load"):
+        IPCServeReplica(config=str(config))
+    # The model that did load is stopped with the replica's constructor, not left running
+    # until Ray kills the actor.
+    assert multiprocessing.active_children() == []
