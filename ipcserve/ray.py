@@ -21,16 +21,19 @@ goes through the proxy unchanged.
 ::
 
     client ──► Serve HTTP proxy ──► replica actor (IPCServeReplica)
-                 (ASGI, routes to      a2wsgi threads ──► Flask app ──► MLProcess ──► ML process
-                  a replica with                                  (restarted by ipcserve
-                  room)                                            after a crash)
+               (ASGI; routes to     a2wsgi threads ──► Flask app ──► MLProcess
+                a replica with                                          │ pipes
+                room)                                                   ▼
+                                                  ML process (a child of the actor,
+                                                  restarted by ipcserve after a crash)
 
 Health: ipcserve restarts a crashed ML process itself (fast, with backoff); Ray's
 ``check_health`` fails only once the circuit breaker is open (the ML process is down past
-its restart budget), and Ray then replaces the whole replica. Shutdown: Serve stops routing
-to the replica, waits for its requests, then calls ``__del__`` (:meth:`IPCServeReplica.shutdown`),
-which drains ipcserve and stops the ML processes. A replica actor that is killed outright takes its ML processes with
-it (they watch their parent and exit).
+its restart budget), and Ray then replaces the whole replica. Shutdown: Serve stops
+routing to the replica, waits for its requests, then calls ``__del__``
+(:meth:`IPCServeReplica.shutdown`), which drains ipcserve and stops the ML processes. A
+replica actor that is killed outright takes its ML processes with it (they watch their
+parent and exit).
 
 Ray is imported when a deployment is made, not when this module is imported.
 """

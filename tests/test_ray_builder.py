@@ -52,7 +52,8 @@ def test_builder_autoscaling_and_max_ongoing_requests() -> None:
     ({"hang_timeout": "0.1", "heartbeat_interval": "0.5"}, "heartbeat_interval (0.5) must be below"),
     ({"port": "8000"}, "port is a setting of the waitress server"),
     ({"host": "0.0.0.0"}, "host is a setting of the waitress server"),
-    ({"max_batch_sise": "8"}, "unknown setting 'max_batch_sise'; did you mean 'max_batch_size'? known: api_key,"),
+    ({"max_batch_sise": "8"},
+     "unknown setting 'max_batch_sise'; did you mean 'max_batch_size'? known: api_key,"),
     ({"num_replicas": "2", "max_replicas": "4"}, "max_replicas configure autoscaling; leave out"),
 ])
 def test_builder_errors_name_the_key(args: dict[str, str], message: str) -> None:
