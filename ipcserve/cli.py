@@ -37,7 +37,7 @@ from .config import SETTINGS, Config, Setting, settings_of
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 from .errors import ConfigError
 
-__all__ = ["build_model", "create_app", "main", "serve"]
+__all__ = ["build_app", "build_model", "create_app", "main", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def resolve(args: argparse.Namespace, environ: Any = None,
     return values
 
 
-def _models_of(values: dict[str, Any], plan: Any, args: argparse.Namespace) -> list[tuple[Any, ...]]:
+def _models_of(values: dict[str, Any], plan: Any, args: Any) -> list[tuple[Any, ...]]:
     """The (MLProcess, kind, options) to serve: the config file's models, or ``--model``'s."""
     engine = {s.name: values[s.name] for s in settings_of("engine")}
     if plan is None:
@@ -364,7 +364,7 @@ def _models_of(values: dict[str, Any], plan: Any, args: argparse.Namespace) -> l
             ml = build_model(spec, Config(**engine), values["task"])
             kinds.append((ml, values["kind"] or ("image" if spec == "digits" else "json")))
         return kinds
-    if args.model:
+    if getattr(args, "model", None):
         raise ConfigError(f"--model and --config {plan.path} both name models; put every model "
                           "in the config file")
     models: list[tuple[Any, ...]] = []
@@ -384,26 +384,47 @@ def _models_of(values: dict[str, Any], plan: Any, args: argparse.Namespace) -> l
     return models
 
 
+def build_app(args: Any, environ: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The Flask app that ``ipcserve serve`` would serve, and every setting's value.
+
+    The one code path from settings to app: ``ipcserve serve`` and :mod:`ipcserve.ray`'s
+    replicas both build their app here. The models are built, not started.
+
+    Args:
+        args: the given settings as attributes named like the settings
+            (an ``argparse.Namespace``); a missing or None one is read from ``environ``
+            (default ``os.environ``), then the config file's ``[server]`` table, then its
+            default. ``model`` is a list of specs.
+
+    Raises:
+        ConfigError: a setting, the config file or a model spec is invalid.
+    """
+    environ = os.environ if environ is None else environ
+    config_path = getattr(args, "config", None)
+    if config_path is None:
+        config_path = environ.get(SETTINGS_BY_NAME["config"].env) or None
+    plan = None
+    if config_path:
+        from . import config_file
+
+        plan = config_file.load(config_path)
+    values = resolve(args, environ, file_values=None if plan is None else plan.server)
+    if values["require_api_key"] and not values["api_key"]:
+        raise ConfigError("an API key is required (--require-api-key): set IPCSERVE_API_KEY "
+                          "or --api-key")
+    models = _models_of(values, plan, args)
+    app = create_app(models, cache_backend=None if plan is None else plan.cache_backend,
+                     **{s.name: values[s.name] for s in settings_of("http")})
+    return app, values
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config_path = args.config if args.config is not None else os.environ.get(
-            SETTINGS_BY_NAME["config"].env) or None
-        plan = None
-        if config_path:
-            from . import config_file
-
-            plan = config_file.load(config_path)
-        values = resolve(args, file_values=None if plan is None else plan.server)
+        app, values = build_app(args)
         logging.getLogger().setLevel(values["log_level"])
-        if values["require_api_key"] and not values["api_key"]:
-            raise ConfigError("an API key is required (--require-api-key): set IPCSERVE_API_KEY "
-                              "or --api-key")
-        models = _models_of(values, plan, args)
-        app = create_app(models, cache_backend=None if plan is None else plan.cache_backend,
-                         **{s.name: values[s.name] for s in settings_of("http")})
         from .waitress_conf import ServerLimits
 
         limits = ServerLimits(**{name: values[name] for name in (

@@ -142,6 +142,16 @@ class Sleeper(MLProcess):
         return {"slept": seconds, "pid": os.getpid()}
 
 
+class WhereSleeper(Sleeper):
+    """A Sleeper that also says where its ML process imported ipcserve from (the Ray test
+    checks that Ray's workers run this tree, not an installed ipcserve)."""
+
+    def predict(self, seconds: float = 0.0) -> Any:
+        import ipcserve
+
+        return {**super().predict(seconds), "ipcserve": ipcserve.__file__}
+
+
 class ArrayModel(MLProcess):
     """Echoes arrays (optionally scaled); 'block' waits on ``release`` for crash tests."""
 

@@ -1,0 +1,138 @@
+"""ipcserve.ray without a cluster: the app builder's arguments and errors, the lazy import,
+and the replica class's health, autoscaling and shutdown hooks on a real ML process."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from conftest import wait_until
+
+from ipcserve import ConfigError
+from ipcserve.ray import IPCServeReplica, parse_args
+
+
+def test_builder_args_split_into_serve_options_and_ipcserve_settings() -> None:
+    options, settings = parse_args({
+        "model": "models:Doubler", "num_replicas": "2", "max_batch_size": "8",
+        "max_batch_wait": "0.005", "num_cpus": "0.5", "num_gpus": "1", "api_key": "k",
+        "devices": "cuda:0", "health_check_period_s": "2"})
+    assert options == {"num_replicas": 2, "health_check_period_s": 2.0,
+                       "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1.0},
+                       # Serve queues (and routes elsewhere) what one replica would shed.
+                       "max_ongoing_requests": 64}
+    assert settings == {"model": ["models:Doubler"], "max_batch_size": 8,
+                        "max_batch_wait": 0.005, "api_key": "k", "devices": ("cuda:0",)}
+
+
+def test_builder_autoscaling_and_max_ongoing_requests() -> None:
+    options, settings = parse_args({"config": "team.toml", "min_replicas": "1",
+                                    "max_replicas": "4", "target_ongoing_requests": "8",
+                                    "max_inflight": "16"})
+    assert options == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
+                                              "target_ongoing_requests": 8.0},
+                       "max_ongoing_requests": 16}
+    assert settings == {"config": "team.toml", "max_inflight": 16}
+    options, _ = parse_args({"num_replicas": "auto", "max_ongoing_requests": "5"})
+    assert options == {"num_replicas": "auto", "max_ongoing_requests": 5}
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"num_replicas": "two"}, "num_replicas must be an integer >= 1 or 'auto', got 'two'"),
+    ({"num_replicas": "0"}, "num_replicas must be an integer >= 1 or 'auto', got '0'"),
+    ({"num_cpus": "-1"}, "num_cpus must be a number >= 0, got '-1'"),
+    ({"max_batch_size": "eight"}, "max_batch_size must be int, got 'eight'"),
+    ({"max_batch_size": "0"}, "max_batch_size must be an integer >= 1, got 0"),
+    ({"start_method": "thread"}, "start_method must be one of spawn, forkserver, fork"),
+    ({"require_api_key": "maybe"}, "require_api_key must be"),
+    ({"hang_timeout": "0.1", "heartbeat_interval": "0.5"}, "heartbeat_interval (0.5) must be below"),
+    ({"port": "8000"}, "port is a setting of the waitress server"),
+    ({"host": "0.0.0.0"}, "host is a setting of the waitress server"),
+    ({"max_batch_sise": "8"},
+     "unknown setting 'max_batch_sise'; did you mean 'max_batch_size'? known: api_key,"),
+    ({"num_replicas": "2", "max_replicas": "4"}, "max_replicas configure autoscaling; leave out"),
+])
+def test_builder_errors_name_the_key(args: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_args(args)
+    assert message in str(info.value)
+    assert "IPCSERVE_" not in str(info.value)  # the key as the user wrote it
+
+
+def test_import_does_not_import_ray_or_flask() -> None:
+    code = ("import sys, ipcserve, ipcserve.ray\n"
+            "ipcserve.ray.parse_args({'model': 'digits', 'num_replicas': '2'})\n"
+            "print(sorted(m for m in ('ray', 'a2wsgi', 'flask') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_deployment_and_app_without_a_cluster() -> None:
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install "
+                        "'ipcserve[ray]' (CI installs it on Python 3.11)")
+    from ray import serve
+
+    import ipcserve.ray
+
+    deployment = ipcserve.ray.deployment(num_replicas=3)
+    assert isinstance(deployment, serve.Deployment)
+    assert (deployment.name, deployment.num_replicas) == ("ipcserve", 3)
+    application = ipcserve.ray.app({"model": "models:Doubler", "num_replicas": "2"})
+    assert isinstance(application, serve.Application)
+    with pytest.raises(ConfigError, match="unknown setting 'modle'"):
+        ipcserve.ray.app({"modle": "models:Doubler"})
+
+
+@pytest.mark.timeout(60)
+def test_replica_health_autoscaling_stats_and_shutdown() -> None:
+    # The replica class on its own (Serve calls these hooks): a real ML process.
+    replica = IPCServeReplica(model="models:Doubler", circuit_breaker_threshold="1",
+                              restart_backoff="30", max_restart_backoff="30")
+    try:
+        replica.check_health()  # healthy
+        assert replica.record_autoscaling_stats() == {"ipcserve_inflight": 0.0}
+        client: Any = replica.flask_app.test_client()
+        assert client.post("/predict", json={"x": 4}).get_json() == 8
+        # One crash opens the circuit (threshold 1) and the restart is 30 s away: the
+        # replica reports itself unhealthy so that Ray replaces it.
+        assert client.post("/predict", json={"x": "exit"}).status_code == 502
+        wait_until(lambda: replica.flask_app.extensions["ipcserve"].ext.endpoints[
+            "doubler"].ml.status.get("circuit_open"), timeout=10, what="the circuit opening")
+        with pytest.raises(RuntimeError, match="circuit breaker is open; replace this replica"):
+            replica.check_health()
+    finally:
+        asyncio.run(replica.shutdown())  # Serve's shutdown hook: drains, stops the ML process
+    assert replica.flask_app.extensions["ipcserve"].ext.draining.is_set()
+
+
+def test_the_serve_config_example_is_valid() -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML comes with ray[serve] and kubernetes-validate")
+    path = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "ray" / "serve.yaml"
+    config = yaml.safe_load(path.read_text())
+    (application,) = config["applications"]
+    assert application["import_path"] == "ipcserve.ray:app"
+    options, settings = parse_args(application["args"])
+    assert options["num_replicas"] == 2 and settings["model"] == ["digits"]
+    schema = pytest.importorskip("ray.serve.schema", reason="Ray Serve is not installed")
+    schema.ServeDeploySchema.model_validate(config)  # what `serve deploy` checks first
+
+
+@pytest.mark.timeout(60)
+def test_replica_whose_model_fails_to_load_leaves_no_ml_process(tmp_path: pathlib.Path) -> None:
+    import multiprocessing
+
+    from ipcserve import IPCServeError
+
+    config = tmp_path / "models.toml"
+    config.write_text('[models.good]\nmodel = "models:Doubler"\n\n'
+                      '[models.bad]\nmodel = "models:FailsToLoad"\n')
+    with pytest.raises(IPCServeError, match="failed to load"):
+        IPCServeReplica(config=str(config))
+    # The model that did load is stopped with the replica's constructor, not left running
+    # until Ray kills the actor.
+    assert multiprocessing.active_children() == []
