@@ -159,8 +159,8 @@ def test_api_key_is_asked_for_sent_and_remembered(driver: Any, tmp_path: Path) -
                  "the status once the key is entered")
         driver.find_element(By.ID, "file").send_keys(str(path))
         assert predicted_label(driver) == str(label)
-        driver.get(f"{server.url}/")  # the key is kept in localStorage
+        driver.get(f"{server.url}/")  # the key is kept in the tab's sessionStorage
         assert driver.find_element(By.ID, "api-key").get_attribute("value") == "s3cret"
-        driver.execute_script("localStorage.clear()")
+        driver.execute_script("sessionStorage.clear()")
     finally:
         assert server.stop() == 0, server.output
