@@ -49,7 +49,7 @@ function renderModels(list) {
     const sum = (field) => workers.reduce((n, w) => n + (w[field] || 0), 0);
     const row = tbody.insertRow();
     row.dataset.model = m.name;
-    cell(row, "name", m.name + " (" + m.kind + ")");
+    cell(row, "name", m.name + " (" + (m.task || m.kind) + ")");
     const badge = cell(row, "state", "").appendChild(document.createElement("span"));
     badge.className = "badge " + (state === "ready" ? "ok" : "bad");
     badge.textContent = state;

@@ -7,8 +7,9 @@
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const W = 320, H = 140, LEFT = 38, RIGHT = 6, TOP = 8, BOTTOM = 20;
-const OUTCOME_LABELS = {"200": "200 OK", "4xx": "4xx", "503": "503", "504": "504",
-                        cancelled: "cancelled", "5xx": "other 5xx"};
+// An array: a JS object would list the keys "200", "503", "504" before "4xx".
+const OUTCOMES = [["200", "200 OK"], ["4xx", "4xx"], ["503", "503"], ["504", "504"],
+                  ["cancelled", "cancelled"], ["5xx", "other 5xx"]];
 const MARKED = {crashed: "crash", "hung-killed": "crash", restarted: "restart", reloaded: "reload",
                 "reload-failed": "crash", "circuit-opened": "crash"};
 
@@ -93,7 +94,7 @@ function drawChart(spec) {
       }
     }
   }
-  if (!drawn) {
+  if (!drawn && !spec.traffic) {
     svgEl("text", {x: LEFT + plotW / 2, y: TOP + plotH / 2, "text-anchor": "middle", class: "empty"}, svg)
       .textContent = "no requests in the last 15 minutes";
   }
@@ -131,7 +132,8 @@ function renderCharts(history, events) {
   for (const name of wanted) {
     const h = history.models[name];
     const markers = events.filter((e) => e.model === name && e.kind in MARKED);
-    const common = {t: h.t, bucket, start, end, markers};
+    const traffic = h.rate.some((r) => r > 0);  // zero bars are not "no data" when requests came
+    const common = {t: h.t, bucket, start, end, markers, traffic};
     const group = document.createElement("div");
     group.className = "model-charts";
     group.dataset.model = name;
@@ -141,8 +143,8 @@ function renderCharts(history, events) {
     grid.className = "chart-grid";
     grid.append(
       drawChart(Object.assign({name: "requests", title: "Requests per second by outcome", unit: "/s", kind: "bars",
-        series: Object.entries(h.requests).map(([key, counts]) => (
-          {key, label: OUTCOME_LABELS[key] || key, values: counts.map((c) => c / bucket)}))}, common)),
+        series: OUTCOMES.filter(([key]) => key in h.requests).map(([key, label]) => (
+          {key, label, values: h.requests[key].map((c) => c / bucket)}))}, common)),
       drawChart(Object.assign({name: "latency", title: "Latency (ms)", unit: " ms", kind: "lines",
         series: [["p50", h.p50_ms], ["p95", h.p95_ms], ["p99", h.p99_ms]].map(([key, values]) => ({key, label: key, values}))},
         common)),
