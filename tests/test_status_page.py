@@ -13,7 +13,9 @@ import requests
 from conftest import wait_until
 from server import Server
 
+from ipcserve import events
 from ipcserve.events import MAX_EVENTS, EventLog
+from ipcserve.flask import IPCServe
 from ipcserve.history import OUTCOMES, History
 
 pytestmark = pytest.mark.timeout(120)
@@ -175,6 +177,34 @@ def test_history_and_events_need_the_api_key_like_other_v1_routes() -> None:
 
 def test_the_server_says_where_the_status_page_is(doubler: Server) -> None:
     assert f"status page: open {doubler.url}/" in doubler.output
+
+
+def test_a_failed_reload_and_a_drain_are_logged_in_process(tmp_path: Any) -> None:
+    """IPCServe in-process (Flask's test client): the events its reload() and drain() add."""
+    from flask import Flask
+    from models import LoadsOnce
+
+    marker = tmp_path / "broken"
+    app = Flask(__name__)
+    ext = IPCServe(app)
+    ml = LoadsOnce(str(marker), name="once", timeout=10.0)
+    ext.add_model(ml)
+    ext.start()
+    try:
+        client = app.test_client()
+        marker.write_text("")
+        r = client.post("/v1/models/once/reload")
+        assert r.status_code == 500 and r.get_json()["type"] == "ReloadError", r.get_json()
+        failed = client.get("/v1/events?limit=1").get_json()["data"][0]
+        assert failed["kind"] == "reload-failed" and failed["model"] == "once", failed
+        assert "generation 1 keeps serving" in failed["message"]
+        assert "the new weights are broken" in failed["message"]
+    finally:
+        assert ext.drain(grace=5)
+    newest = events.LOG.newest(limit=1)[0]
+    assert newest["kind"] == "drain-started" and newest["model"] is None, newest
+    # Shown to every app: a drain concerns the whole server.
+    assert client.get("/v1/events?limit=1").get_json()["data"][0]["kind"] == "drain-started"
 
 
 # -- the ring and the log stay bounded (pure logic: an injected clock) ---------------------
