@@ -148,6 +148,28 @@ def test_a_reload_is_logged_with_its_generation(doubler: Server) -> None:
     assert f"generation {generation} serving" in newest[0]["message"]
 
 
+def test_crashes_in_a_row_open_the_circuit_and_say_so() -> None:
+    server = Server("--model", "models:Doubler",
+                    env={"IPCSERVE_RESTART_BACKOFF": "0.05", "IPCSERVE_HEARTBEAT_INTERVAL": "0.1",
+                         "IPCSERVE_CIRCUIT_BREAKER_THRESHOLD": "2"})
+    try:
+        for _ in range(2):
+            wait_until(lambda: _ready(server), what="readiness")
+            r = requests.post(f"{server.url}/predict", json={"x": "exit"}, timeout=10)
+            assert r.status_code == 502, r.text
+        wait_until(lambda: any(e["kind"] == "circuit-opened" for e in _events(server)),
+                   what="the circuit-opened event")
+        kinds = [e["kind"] for e in _events(server)]
+        assert kinds.count("crashed") == 2, kinds
+        opened = next(e for e in _events(server) if e["kind"] == "circuit-opened")
+        assert "2 crashes in a row" in opened["message"] and opened["crashes"] == 2
+        crashed = next(e for e in _events(server) if e["kind"] == "crashed")
+        assert "exited with code 3" in crashed["message"] and crashed["exitcode"] == 3
+        assert sum(_get(server, "/v1/history")["models"]["doubler"]["requests"]["5xx"]) == 2
+    finally:
+        assert server.stop() == 0, server.output
+
+
 def test_events_limit_is_checked(doubler: Server) -> None:
     assert len(_events(doubler, limit=2)) == 2
     for bad in ("0", "-1", "x", "501"):
