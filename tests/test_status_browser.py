@@ -115,16 +115,22 @@ def test_charts_draw_real_traffic_and_a_kill_9_shows_in_the_log_and_on_the_chart
              and counted("4xx") == before["4xx"] + 4, "bars for the 20 answered and 4 refused requests")
     bars = drawn(driver, chart("doubler", "requests") + " rect.bar")
     assert {b["series"] for b in bars} == {"200", "4xx"} | {k for k, n in before.items() if n}, bars
-    assert all(b["title"] and ("200 OK: " in b["title"] or "4xx: " in b["title"]) for b in bars), bars
+    labels = {"200": "200 OK", "4xx": "4xx", "503": "503", "504": "504", "cancelled": "cancelled",
+              "5xx": "other 5xx"}
+    assert all(f" · {labels[b['series']]}: " in b["title"] and b["title"].endswith("/s")
+               for b in bars), bars
     points = drawn(driver, chart("doubler", "latency") + " circle.point")
     assert {p["series"] for p in points} == {"p50", "p95", "p99"}, points
     assert all(p["value"] > 0 and " ms" in p["title"] for p in points), points
     assert drawn(driver, chart("doubler", "batch") + " rect.bar"), "no batch size drawn"
-    # The charts of a model without traffic say so instead of drawing nothing.
-    assert "no requests" in (text(driver, chart("fakeembedder", "requests")) or "")
-    labels = js(driver, "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)",
-                chart("doubler", "requests") + " .axis text")
-    assert "now" in labels and "−15 min" in labels, labels
+    # The charts of a model without traffic (yet, whatever order the tests ran in) say so.
+    quiet = [name for name, series in _get(server, "/v1/history")["models"].items()
+             if not any(series["rate"])]
+    for name in quiet:
+        assert "no requests" in (text(driver, chart(name, "requests")) or ""), name
+    ticks = js(driver, "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)",
+               chart("doubler", "requests") + " .axis text")
+    assert "now" in ticks and "−15 min" in ticks, ticks
 
     pid = _get(server, "/v1/models/doubler")["status"]["workers"][0]["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -180,9 +186,10 @@ def test_try_it_answers_for_every_kind_of_model(server: Server, driver: Any, tmp
     body = wait_for(driver, lambda d: d.find_element(By.ID, "json-body").get_attribute("value") != "{}"
                     and d.find_element(By.ID, "json-body").get_attribute("value"), "the pre-filled body")
     assert '"x"' in body, body
+    assert not text(driver, "#result-json"), "the image model's answer is still shown"
     driver.find_element(By.ID, "predict").click()
-    wait_for(driver, lambda d: (text(d, "#result-time") or "").startswith("HTTP 200"), "the JSON answer")
-    assert (text(driver, "#result-json") or "").strip() == "2"
+    wait_for(driver, lambda d: (text(d, "#result-json") or "").strip() == "2", "the JSON answer")
+    assert (text(driver, "#result-time") or "").startswith("HTTP 200 in ")
     curl = text(driver, "#curl") or ""
     assert curl.startswith("curl -sS -X POST '" + server.url + "/v1/models/doubler/predict'"), curl
     assert "-d '{" in curl and "Content-Type: application/json" in curl, curl
@@ -259,6 +266,8 @@ def test_the_page_with_an_api_key_and_the_reload_button(driver: Any) -> None:
                           headers={"Authorization": f"Bearer {KEY}"})
         wait_for(driver, lambda d: len(drawn(d, chart("doubler", "requests") + " rect.bar")) >= 1,
                  "charts drawn with the key")
+        wait_for(driver, lambda d: '"x"' in d.find_element(By.ID, "json-body").get_attribute("value"),
+                 "the body pre-filled from the schema (/openapi.json, with the key)")
         driver.find_element(By.ID, "predict").click()
         wait_for(driver, lambda d: (text(d, "#result-time") or "").startswith("HTTP 200"), "an answer")
         assert "Authorization: Bearer $IPCSERVE_API_KEY" in (text(driver, "#curl") or "")

@@ -32,6 +32,14 @@ function showInputs() {
   $("embed-input").hidden = kind !== "embed";
   $("predict").textContent = {generate: "Generate", embed: "Embed"}[kind] || "Predict";
   if (kind === "json") prefillJSON(selected());
+  clearResult();  // another model: the last answer was not its
+}
+
+function clearResult() {
+  for (const id of ["result-label", "result-time", "result-json", "result-stream", "curl"]) $(id).textContent = "";
+  $("result-bars").replaceChildren();
+  $("error").hidden = true;
+  $("result-stream").dataset.state = "";
 }
 
 // -- JSON bodies from the schema -------------------------------------------------------
