@@ -17,7 +17,8 @@ Routes (under the optional ``url_prefix``):
 * ``GET /v1/models`` (OpenAI's list shape, with each model's status) and ``GET /v1/models/<name>``
 * the OpenAI API under ``/v1`` (chat/completions, completions, embeddings): :mod:`ipcserve.openai_api`
 * ``GET /healthz`` (the web process answers), ``GET /readyz`` (every model ready, not draining)
-* ``GET /metrics`` (Prometheus text), ``GET /`` (a status page with a try-it form)
+* ``GET /metrics`` (Prometheus text), ``GET /`` (the status page: charts, event log, try-it)
+* ``GET /v1/history`` and ``GET /v1/events``, the status page's data: :mod:`ipcserve.dashboard`
 """
 
 from __future__ import annotations
