@@ -12,6 +12,8 @@ when one is set, like every ``/v1`` route (the blueprint's ``before_request`` ch
 
 from __future__ import annotations
 
+import os
+
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import events
@@ -31,7 +33,8 @@ def register(bp: Blueprint) -> None:
 
 def _history() -> Response:
     state = current_app.extensions["ipcserve"]
-    return jsonify(state.metrics.history.snapshot(list(state.ext.endpoints)))
+    # "pid": which web process answered (each gunicorn worker has its own history).
+    return jsonify({**state.metrics.history.snapshot(list(state.ext.endpoints)), "pid": os.getpid()})
 
 
 def _events() -> Response:
@@ -43,4 +46,4 @@ def _events() -> Response:
             raise InputError(f"limit must be an integer from 1 to {MAX_LIMIT}, got {raw!r}")
         limit = int(raw)
     found = events.LOG.newest(limit, set(state.ext.endpoints))
-    return jsonify({"object": "list", "data": found})
+    return jsonify({"object": "list", "data": found, "pid": os.getpid()})

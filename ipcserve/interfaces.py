@@ -141,9 +141,11 @@ _SERIES = {"type": "object",
 _HISTORY = {"type": "object", "required": ["bucket_seconds", "span_seconds", "now", "models"],
             "properties": {"bucket_seconds": {"type": "number"},
                            "span_seconds": {"type": "number"}, "now": {"type": "number"},
+                           "pid": {"type": "integer"},
                            "models": {"type": "object", "additionalProperties": _SERIES}}}
 _EVENTS = {"type": "object", "required": ["object", "data"],
-           "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+           "properties": {"object": {"const": "list"}, "pid": {"type": "integer"},
+                          "data": {"type": "array", "items": {
                "type": "object", "required": ["id", "time", "kind", "model", "message"],
                "properties": {"id": {"type": "integer"}, "time": {"type": "number"},
                               "kind": {"type": "string", "enum": list(events.KINDS)},

@@ -123,6 +123,7 @@ def test_charts_draw_real_traffic_and_a_kill_9_shows_in_the_log_and_on_the_chart
     assert {p["series"] for p in points} == {"p50", "p95", "p99"}, points
     assert all(p["value"] > 0 and " ms" in p["title"] for p in points), points
     assert drawn(driver, chart("doubler", "batch") + " rect.bar"), "no batch size drawn"
+    assert text(driver, "#web-pid") == str(server.proc.pid), "which web process the charts show"
     # The charts of a model without traffic (yet, whatever order the tests ran in) say so.
     quiet = [name for name, series in _get(server, "/v1/history")["models"].items()
              if not any(series["rate"])]

@@ -78,6 +78,7 @@ def test_history_counts_each_outcome_of_real_requests(doubler: Server) -> None:
 
     history = _get(doubler, "/v1/history")
     assert history["bucket_seconds"] == 5 and history["span_seconds"] == 900
+    assert history["pid"] == doubler.proc.pid  # which web process answered
     series = history["models"]["doubler"]
     t = series["t"]
     assert len(t) == 180 and all(b - a == 5 for a, b in zip(t, t[1:]))

@@ -127,6 +127,7 @@ function renderCharts(history, events) {
   // The axis ends where the newest bucket ends, so that its bar and point fit.
   const end = (Math.floor(history.now / bucket) + 1) * bucket, start = end - history.span_seconds;
   $("bucket-seconds").textContent = bucket;
+  $("web-pid").textContent = history.pid ?? "?";
   const wanted = Object.keys(history.models);
   box.replaceChildren();
   for (const name of wanted) {
