@@ -34,7 +34,8 @@ def register(bp: Blueprint) -> None:
 def _history() -> Response:
     state = current_app.extensions["ipcserve"]
     # "pid": which web process answered (each gunicorn worker has its own history).
-    return jsonify({**state.metrics.history.snapshot(list(state.ext.endpoints)), "pid": os.getpid()})
+    snapshot = state.metrics.history.snapshot(list(state.ext.endpoints))
+    return jsonify({**snapshot, "pid": os.getpid()})
 
 
 def _events() -> Response:

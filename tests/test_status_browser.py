@@ -143,10 +143,11 @@ def test_charts_draw_real_traffic_and_a_kill_9_shows_in_the_log_and_on_the_chart
              "the restart in the event log")
     kinds = js(driver, "return [...document.querySelectorAll('#events tr')].map(r => r.dataset.kind)")
     assert kinds.index("restarted") < kinds.index("crashed"), f"newest first: {kinds}"
-    markers = wait_for(driver, lambda d: drawn(d, chart("doubler", "requests") + ' line.marker[data-kind="crashed"]'),
+    marker = ' line.marker[data-kind="{}"]'.format
+    markers = wait_for(driver, lambda d: drawn(d, chart("doubler", "requests") + marker("crashed")),
                        "the crash marked on the chart")
     assert "killed by signal 9" in markers[0]["title"], markers
-    wait_for(driver, lambda d: drawn(d, chart("doubler", "latency") + ' line.marker[data-kind="restarted"]'),
+    wait_for(driver, lambda d: drawn(d, chart("doubler", "latency") + marker("restarted")),
              "the restart marked on the chart")
     assert not drawn(driver, chart("digits", "requests") + " line.marker"), "another model's crash"
 
@@ -211,7 +212,8 @@ def test_try_it_answers_for_every_kind_of_model(server: Server, driver: Any, tmp
     prompt.send_keys(words)
     js(driver, """window.seen = [];
         new MutationObserver(() => window.seen.push(document.getElementById('result-stream').textContent))
-          .observe(document.getElementById('result-stream'), {childList: true, characterData: true, subtree: true});""")
+          .observe(document.getElementById('result-stream'),
+                   {childList: true, characterData: true, subtree: true});""")
     driver.find_element(By.ID, "predict").click()
     wait_for(driver, lambda d: d.find_element(By.ID, "result-stream").get_attribute("data-state") == "done",
              "the end of the stream")
@@ -280,7 +282,8 @@ def test_the_page_with_an_api_key_and_the_reload_button(driver: Any) -> None:
         wait_for(driver, lambda d: text(d, '#events tr[data-kind="reloaded"] .message'), "the reload event")
         wait_for(driver, lambda d: text(d, '#models tr[data-model="doubler"] .generation') == "2",
                  "the new generation in the table")
-        wait_for(driver, lambda d: drawn(d, chart("doubler", "requests") + ' line.marker[data-kind="reloaded"]'),
+        reload_marker = ' line.marker[data-kind="reloaded"]'
+        wait_for(driver, lambda d: drawn(d, chart("doubler", "requests") + reload_marker),
                  "the reload marked on the chart")
         driver.get(f"{server.url}/")  # the key is kept for this tab
         assert driver.find_element(By.ID, "api-key").get_attribute("value") == KEY
