@@ -205,6 +205,7 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | No
     ext.start(wait=False)  # requests get "loading" from now on
     logger.info("serving %s on http://%s:%s (pid %d)", ", ".join(ext.endpoints), host,
                 server.effective_port, os.getpid())
+    logger.info("status page: open %s", _page_url(host, server.effective_port, ext.url_prefix))
 
     def watch_start() -> None:
         try:
@@ -283,6 +284,15 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | No
     if life.exit_code == 0:
         logger.info("stopped")
     return life.exit_code
+
+
+def _page_url(host: str, port: int, prefix: str) -> str:
+    """Where a browser on this machine opens the status page (a wildcard bind is opened
+    through the loopback address)."""
+    shown = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}{prefix.rstrip('/')}/"
 
 
 def _run_until(server: Any, stop: threading.Event) -> None:

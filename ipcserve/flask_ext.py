@@ -17,7 +17,8 @@ Routes (under the optional ``url_prefix``):
 * ``GET /v1/models`` (OpenAI's list shape, with each model's status) and ``GET /v1/models/<name>``
 * the OpenAI API under ``/v1`` (chat/completions, completions, embeddings): :mod:`ipcserve.openai_api`
 * ``GET /healthz`` (the web process answers), ``GET /readyz`` (every model ready, not draining)
-* ``GET /metrics`` (Prometheus text), ``GET /`` (a status page with a try-it form)
+* ``GET /metrics`` (Prometheus text), ``GET /`` (the status page: charts, event log, try-it)
+* ``GET /v1/history`` and ``GET /v1/events``, the status page's data: :mod:`ipcserve.dashboard`
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from . import decode, encode
+from . import dashboard, decode, encode, events
 from .cache import HEADER as CACHE_HEADER
 from .cache import CacheSettings, ResponseCache, key_salt
 from .config import read_settings, settings_of
@@ -337,6 +338,9 @@ class IPCServe:
         Returns:
             True when every request in flight was answered within ``grace``.
         """
+        if not self.unready.is_set():
+            events.record("drain-started", None, "drain started: /readyz says 503, "
+                          "requests in flight are answered, then the ML processes stop")
         self.unready.set()
         if grace == 0:
             self._hurry.set()
@@ -414,6 +418,9 @@ class IPCServe:
                 new.shutdown(grace=0)
                 endpoint.last_reload = {"at": time.time(), "ok": False, "error": str(exc),
                                         "generation": endpoint.generation}
+                events.record("reload-failed", name, f"reload failed, generation "
+                              f"{endpoint.generation} keeps serving: {exc}",
+                              generation=endpoint.generation)
                 cause = getattr(exc, "remote_traceback", None)
                 logger.error("model %s: reload failed, generation %d keeps serving: %s%s",
                              name, endpoint.generation, exc, f"\n{cause}" if cause else "")
@@ -430,6 +437,9 @@ class IPCServe:
             drained = old.shutdown(grace=grace)
             endpoint.last_reload = {"at": time.time(), "ok": True, "error": None,
                                     "generation": endpoint.generation}
+            events.record("reloaded", name, f"reloaded: generation {endpoint.generation} "
+                          f"serving (loaded in {new.load_seconds or 0.0:.2f}s), generation "
+                          f"{previous} stopped", generation=endpoint.generation)
             logger.info("model %s: generation %d serving (loaded in %.2fs); generation %d "
                         "stopped", name, endpoint.generation, new.load_seconds or 0.0, previous)
             return {"model": name, "generation": endpoint.generation,
@@ -516,6 +526,7 @@ class IPCServe:
         # handlers answer in OpenAI's error shape.
         bp.register_blueprint(openai_api.blueprint())
         interfaces.register(bp)  # /openapi.json, /docs, the V2 protocol
+        dashboard.register(bp)  # /v1/history, /v1/events: the status page's data
         return bp
 
 
@@ -665,7 +676,7 @@ def _predict(name: str | None = None) -> Response:
             if admission is not None:
                 admission.release()
             elapsed = time.perf_counter() - started
-            state.metrics.observe(endpoint.name, status, elapsed, result)
+            state.metrics.observe(endpoint.name, status, elapsed, result, endpoint.ml.inflight)
             if status == 200:
                 endpoint.recent.append(elapsed)
 
@@ -714,7 +725,8 @@ def _stream_body(stream: Any, first: Any, sse: bool, admission: Any, endpoint: _
     finally:
         stream.close()
         admission.release()
-        metrics.observe(endpoint.name, status, time.perf_counter() - started, None)
+        metrics.observe(endpoint.name, status, time.perf_counter() - started, None,
+                        endpoint.ml.inflight)
 
 
 def _reload(name: str) -> Response:

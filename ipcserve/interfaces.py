@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from . import v2
+from . import events, v2
 
 __all__ = ["openapi_document", "register"]
 
@@ -127,6 +127,32 @@ def _get(operation_id: str, summary: str, schema: dict[str, Any], *errors: int,
                                   **_errors(*errors, body=error_body)}}}
 
 
+_NUMBERS = {"type": "array", "items": {"type": ["number", "null"]}}
+_SERIES = {"type": "object",
+           "required": ["t", "requests", "rate", "p50_ms", "p95_ms", "p99_ms", "batch_mean",
+                        "batch_max", "queue_depth"],
+           "properties": {"t": {"type": "array", "items": {"type": "number"}},
+                          "requests": {"type": "object", "additionalProperties": {
+                              "type": "array", "items": {"type": "integer"}}},
+                          "rate": {"type": "array", "items": {"type": "number"}},
+                          "p50_ms": _NUMBERS, "p95_ms": _NUMBERS, "p99_ms": _NUMBERS,
+                          "batch_mean": _NUMBERS, "batch_max": _NUMBERS,
+                          "queue_depth": {"type": "array", "items": {"type": "integer"}}}}
+_HISTORY = {"type": "object", "required": ["bucket_seconds", "span_seconds", "now", "models"],
+            "properties": {"bucket_seconds": {"type": "number"},
+                           "span_seconds": {"type": "number"}, "now": {"type": "number"},
+                           "pid": {"type": "integer"},
+                           "models": {"type": "object", "additionalProperties": _SERIES}}}
+_EVENTS = {"type": "object", "required": ["object", "data"],
+           "properties": {"object": {"const": "list"}, "pid": {"type": "integer"},
+                          "data": {"type": "array", "items": {
+               "type": "object", "required": ["id", "time", "kind", "model", "message"],
+               "properties": {"id": {"type": "integer"}, "time": {"type": "number"},
+                              "kind": {"type": "string", "enum": list(events.KINDS)},
+                              "model": {"type": ["string", "null"]},
+                              "message": {"type": "string"}}}}}}
+
+
 def _tensor_schema(with_data: bool) -> dict[str, Any]:
     properties: dict[str, Any] = {
         "name": {"type": "string"},
@@ -187,6 +213,16 @@ def openapi_document() -> dict[str, Any]:
     paths[f"{prefix}/readyz"] = _get("readyz", "readiness (503 until every model is ready)",
                                      {"type": "object"}, 503)
     paths[f"{prefix}/openapi.json"] = _get("openapi", "this document", {"type": "object"})
+    paths[f"{prefix}/v1/history"] = _get(
+        "history", "each model's last 15 minutes in time buckets (this web process)",
+        _HISTORY)
+    paths[f"{prefix}/v1/events"] = _get(
+        "events", "ML process starts, crashes, restarts, reloads and drains, newest first "
+        "(this web process)", _EVENTS, 400)
+    paths[f"{prefix}/v1/events"]["get"]["parameters"] = [{
+        "name": "limit", "in": "query", "required": False,
+        "description": "at most this many events (1 to 500)",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 500}}]
     # V2: for the models with a tensor signature.
     tensor_models = [n for n in names if v2.signature_of(ext.endpoints[n].ml) is not None]
     # The V2 health and server routes always answer.

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .history import History
+
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -85,6 +87,8 @@ class Metrics:
                              "(hit: answered from the cache; miss: computed)",
                              ["model", "result"], registry=self.registry)
         self.registry.register(_StatusCollector(models))
+        # The last 15 minutes of each model, for the status page (GET /v1/history).
+        self.history = History()
         # Labelled children resolved once: labels() costs a lock and a dict lookup per call.
         self._children: dict[tuple[str, int], tuple[Any, ...]] = {}
 
@@ -98,15 +102,23 @@ class Metrics:
             self._children[key] = children
         return children
 
-    def observe(self, model: str, status: int, seconds: float, stats: Any = None) -> None:
-        """Record one finished prediction request."""
+    def observe(self, model: str, status: int, seconds: float, stats: Any = None,
+                queue_depth: int | None = None) -> None:
+        """Record one finished prediction request (also in :attr:`history`).
+
+        Args:
+            queue_depth: the model's calls in flight when it finished, for the history.
+        """
         requests, latency, queue_wait, inference, batch_size = self._of(model, status)
         requests.inc()
         latency.observe(seconds)
+        batch = None
         if stats is not None and stats.batch_size:
+            batch = stats.batch_size
             queue_wait.observe(stats.queue_wait)
             inference.observe(stats.inference_time)
-            batch_size.observe(stats.batch_size)
+            batch_size.observe(batch)
+        self.history.record(model, status, seconds, batch, queue_depth)
 
     def cache_result(self, model: str, hit: bool) -> None:
         """Record one request to a cached model: answered from the cache, or not."""

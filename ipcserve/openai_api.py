@@ -260,7 +260,7 @@ def _finish(endpoint: _Endpoint, metrics: Any, stream: Any, admission: Any, stat
     if admission is not None:
         admission.release()
     elapsed = time.perf_counter() - started
-    metrics.observe(endpoint.name, status, elapsed, stats)
+    metrics.observe(endpoint.name, status, elapsed, stats, endpoint.ml.inflight)
     if status == 200:
         endpoint.recent.append(elapsed)
 

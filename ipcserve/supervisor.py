@@ -35,7 +35,7 @@ import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from . import shm
+from . import events, shm
 from .errors import IPCServeError, ModelError, WorkerUnavailableError, describe_exit
 from .protocol import Shutdown
 from .runtime import Plumbing, ServedModel
@@ -85,7 +85,7 @@ class Supervisor:
         self._hurry = threading.Event()  # set by hurry(): stop() kills without waiting
 
     # -- starting ----------------------------------------------------------------------
-    def _spawn(self, slot: _Slot) -> None:
+    def _spawn(self, slot: _Slot, restart: bool = False) -> None:
         ready_r, ready_w = self._ctx.Pipe(duplex=False)
         generation = self._status.generation(slot.index)
         proc = self._ctx.Process(
@@ -103,6 +103,9 @@ class Supervisor:
         slot.restart_at = 0.0
         logger.info("model %s: started ML process pid=%d slot=%d generation=%d",
                     self._name, proc.pid, slot.index, generation)
+        events.record("restarted" if restart else "started", self._name,
+                      f"{'restarted: new' if restart else 'started'} ML process pid={proc.pid} "
+                      f"(slot {slot.index})", pid=proc.pid, slot=slot.index)
 
     def start(self) -> None:
         """Start every ML process and wait until all have loaded.
@@ -225,7 +228,7 @@ class Supervisor:
         self._status.count_restart(slot.index)
         self._status.set_next_start(0.0)
         try:
-            self._spawn(slot)
+            self._spawn(slot, restart=True)
         except Exception as exc:  # e.g. out of memory or fds: try again later
             logger.error("model %s: could not start an ML process: %r", self._name, exc)
             self._schedule_restart(slot)
@@ -245,6 +248,9 @@ class Supervisor:
         cause = "was killed by the watchdog after hanging" if hang else describe_exit(exitcode)
         logger.error("model %s: ML process pid=%d slot=%d %s (crash %d in a row)", self._name,
                      proc.pid, slot.index, cause, self._status.consecutive_crashes)
+        events.record("hung-killed" if hang else "crashed", self._name,
+                      f"ML process pid={proc.pid} {cause}", pid=proc.pid, slot=slot.index,
+                      exitcode=exitcode)
         self._release_queue_lock()
         self._schedule_restart(slot)
 
@@ -258,6 +264,9 @@ class Supervisor:
             logger.error("model %s: %d crashes in a row, opening the circuit; next restart in %.1fs",
                          self._name, streak, delay)
             self._status.set_circuit(True)
+            events.record("circuit-opened", self._name,
+                          f"{streak} crashes in a row: circuit opened, next restart in "
+                          f"{delay:.1f}s", crashes=streak)
 
     def _release_queue_lock(self) -> None:
         """Free the queue's read lock if the dead process held it.

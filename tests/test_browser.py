@@ -1,64 +1,34 @@
 """The status page (``GET /``) in a real headless Chromium, against the real ``python app.py``.
 
-Chromium and chromedriver come from Debian (``chromium``, ``chromium-driver``); the driver
-path is passed explicitly so selenium-manager never runs (it would try to download one).
+Chromium and chromedriver come from Debian (``chromium``, ``chromium-driver``), started by
+tests/chromium.py (selenium-manager never runs: it would try to download a driver).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import chromium
 import pytest
 from digits_data import well_classified_png
 from server import Server
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-
-if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-    pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian packages chromium, chromium-driver)",
-                allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+chromium.skip_unless_available()
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.selenium_manager import SeleniumManager  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
-WAIT = 30.0  # seconds; every wait below is bounded by this, well under the test timeout
-
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--no-first-run", "--disable-quic", "--window-size=1000,1000")
+WAIT = chromium.WAIT  # seconds; every wait below is bounded by this, well under the test timeout
 
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    profile = tmp_path_factory.mktemp("chromium")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={profile / 'profile'}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    with open(profile / "chromedriver.log", "w") as log:
-        service = webdriver.ChromeService(CHROMEDRIVER, log_output=log)
-        # Offline machines: selenium-manager must never be asked for a driver or browser.
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(SeleniumManager, "binary_paths", _no_selenium_manager)
-            browser = webdriver.Chrome(options=options, service=service)
-        try:
-            yield browser
-        finally:
-            browser.quit()
-
-
-def _no_selenium_manager(self: object, args: list[str]) -> dict[str, str]:
-    raise AssertionError(f"selenium-manager was asked to find a driver: {args}")
+    with chromium.browser(tmp_path_factory.mktemp("chromium"), size=(1000, 1000)) as browser:
+        yield browser
 
 
 def text(browser: Any, css: str) -> str | None:
@@ -159,8 +129,8 @@ def test_api_key_is_asked_for_sent_and_remembered(driver: Any, tmp_path: Path) -
                  "the status once the key is entered")
         driver.find_element(By.ID, "file").send_keys(str(path))
         assert predicted_label(driver) == str(label)
-        driver.get(f"{server.url}/")  # the key is kept in localStorage
+        driver.get(f"{server.url}/")  # the key is kept in the tab's sessionStorage
         assert driver.find_element(By.ID, "api-key").get_attribute("value") == "s3cret"
-        driver.execute_script("localStorage.clear()")
+        driver.execute_script("sessionStorage.clear()")
     finally:
         assert server.stop() == 0, server.output

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,37 +99,19 @@ def test_schemathesis_finds_no_server_error_and_no_nonconforming_response(
     assert not failures, "\n\n".join(failures[:5])
 
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-
-
 def test_docs_page_renders_the_document_in_chromium(digits: Server, tmp_path: Any) -> None:
-    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian chromium, chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium")
+    import chromium
+
+    chromium.skip_unless_available()
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.selenium_manager import SeleniumManager
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from test_browser import CHROMIUM_FLAGS, _no_selenium_manager
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
-    with open(tmp_path / "chromedriver.log", "w") as log:
-        service = webdriver.ChromeService(CHROMEDRIVER, log_output=log)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(SeleniumManager, "binary_paths", _no_selenium_manager)
-            browser = webdriver.Chrome(options=options, service=service)
-    try:
+    with chromium.browser(tmp_path) as browser:
         browser.get(digits.url + "/docs")
         WebDriverWait(browser, 30).until(
             lambda b: b.find_elements(By.CSS_SELECTOR, "details.op"))
         shown = {e.get_attribute("data-path") for e in
                  browser.find_elements(By.CSS_SELECTOR, "details.op")}
-        assert {"/v1/models/digits/predict", "/v2/models/digits/infer"} <= shown
+        assert {"/v1/models/digits/predict", "/v2/models/digits/infer",
+                "/v1/history", "/v1/events"} <= shown
         assert browser.find_element(By.ID, "title").text.startswith("ipcserve")
-    finally:
-        browser.quit()

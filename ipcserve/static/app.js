@@ -1,12 +1,13 @@
-// ipcserve status page: polls /v1/models and /readyz, and sends try-it requests.
-// Plain browser JavaScript, no build step, no requests to other hosts.
+// ipcserve status page: polls /v1/models, /readyz, /v1/history and /v1/events every 2 s.
+// charts.js draws the history, tryit.js sends try-it requests. Plain browser JavaScript,
+// no build step, no requests to other hosts.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "ipcserve-api-key";
 const REFRESH_MS = 2000;
 let models = [];          // the last /v1/models answer's "data" (one entry per model)
-let drawn = false;        // has the canvas anything on it?
+let needsKey = false;     // did the server answer 401 without a key?
 
 // -- API key and fetch ----------------------------------------------------------
 function headers(extra) {
@@ -48,7 +49,7 @@ function renderModels(list) {
     const sum = (field) => workers.reduce((n, w) => n + (w[field] || 0), 0);
     const row = tbody.insertRow();
     row.dataset.model = m.name;
-    cell(row, "name", m.name + " (" + m.kind + ")");
+    cell(row, "name", m.name + " (" + (m.task || m.kind) + ")");
     const badge = cell(row, "state", "").appendChild(document.createElement("span"));
     badge.className = "badge " + (state === "ready" ? "ok" : "bad");
     badge.textContent = state;
@@ -63,7 +64,58 @@ function renderModels(list) {
       .map(([k, c]) => k.replace("_", ", ") + ": " + c).join("\n");
     cell(row, "p50", lat ? lat.p50_ms + " ms" : "-");
     cell(row, "p95", lat ? lat.p95_ms + " ms" : "-");
+    cell(row, "generation", m.generation ?? "-");
+    const loaded = cell(row, "loaded", m.load_seconds == null ? "-" : m.load_seconds + " s");
+    if (m.loaded_at) loaded.title = "loaded at " + new Date(m.loaded_at * 1000).toLocaleString();
+    const actions = cell(row, "actions", "");
+    if (m.reload) {  // only where the server offers a reload
+      const button = actions.appendChild(document.createElement("button"));
+      button.type = "button";
+      button.className = "reload";
+      button.textContent = reloading.has(m.name) ? "Reloading…" : "Reload";
+      button.disabled = reloading.has(m.name);
+      button.title = "Load a new version of " + m.name + " and switch to it without dropping a request";
+      button.addEventListener("click", () => reloadModel(m));
+    }
   }
+}
+
+// -- reload ------------------------------------------------------------------------
+const reloading = new Set();  // models with a reload in flight (the table is re-drawn meanwhile)
+
+async function reloadModel(m) {
+  const note = $("reload-note");
+  if (needsKey && !$("api-key").value.trim()) {
+    // Reloading replaces the model for everyone: ask for the key, never send without it.
+    const key = window.prompt("Reloading " + m.name + " needs the server's API key:");
+    if (!key) { note.textContent = "Not reloaded: no API key given."; return; }
+    $("api-key").value = key;
+    saveKey();
+  }
+  reloading.add(m.name);
+  note.textContent = "Reloading " + m.name + "…";
+  try {
+    const r = await fetch(m.reload, {method: "POST", headers: headers(), signal: AbortSignal.timeout(300000)});
+    let body = null;
+    try { body = await r.json(); } catch { /* not JSON */ }
+    note.textContent = r.ok
+      ? m.name + ": generation " + body.generation + " serving (loaded in " + body.load_seconds + " s)."
+      : m.name + " not reloaded: HTTP " + r.status + " " + errorText(body);
+    note.className = "note " + (r.ok ? "" : "bad");
+  } catch (err) {
+    note.textContent = m.name + " not reloaded: " + err.message;
+  } finally {
+    reloading.delete(m.name);
+  }
+}
+
+// The message of an ipcserve error ({"error": "...", "type": "..."}) or an OpenAI-shaped one
+// ({"error": {"message": "...", "type": "..."}}), as the API returned it.
+function errorText(body) {
+  const e = body && typeof body === "object" ? body.error : null;
+  if (typeof e === "string") return (body.type ? body.type + ": " : "") + e;
+  if (e && typeof e === "object") return (e.type ? e.type + ": " : "") + (e.message || "");
+  return "(no JSON error body)";
 }
 
 function renderModelChoice(list, fallback) {
@@ -77,7 +129,9 @@ function renderModelChoice(list, fallback) {
 
 async function refresh() {
   try {
-    const [listing, ready] = await Promise.all([getJSON("v1/models"), getJSON("readyz")]);
+    const [listing, ready, history, events] = await Promise.all(
+      [getJSON("v1/models"), getJSON("readyz"), getJSON("v1/history"), getJSON("v1/events?limit=100")]);
+    if (listing.status === 401 && !$("api-key").value.trim()) needsKey = true;
     const r = ready.body || {};
     $("ready").textContent = r.draining ? "draining" : r.ready ? "ready" : "not ready";
     $("ready").className = "badge " + (r.ready ? "ok" : "bad");
@@ -86,6 +140,9 @@ async function refresh() {
       renderModels(models);
       renderModelChoice(models, listing.body.default);
       $("status-note").textContent = "Updated " + new Date().toLocaleTimeString() + "; refreshes every 2 s.";
+      const eventList = events.ok ? events.body.data : [];
+      if (events.ok) renderEvents(eventList);
+      if (history.ok) renderCharts(history.body, eventList);  // charts.js
     } else {
       const e = listing.body || {};  // ipcserve errors: {"error": "<message>", "type": "<ErrorType>"}
       $("status-note").textContent = "Status unavailable: HTTP " + listing.status + " " +
@@ -100,147 +157,36 @@ async function refresh() {
   }
 }
 
-// -- try it ----------------------------------------------------------------------
-function selected() {
-  return models.find((m) => m.name === $("model").value);
-}
-
-function showInputs() {
-  const m = selected();
-  const isImage = !m || m.kind === "image";
-  $("image-input").hidden = !isImage;
-  $("json-input").hidden = isImage;
-}
-
-// status 0: no HTTP answer; body is then the message to show.
-function showResult(status, body, ms) {
-  $("result-time").textContent = status ? "HTTP " + status + " in " + Math.round(ms) + " ms" : "";
-  // Indented JSON, but arrays of plain values on one line (10 probabilities, not 10 lines).
-  $("result-json").textContent = !status ? "" : JSON.stringify(body, null, 2)
-    .replace(/\[\s+([^[\]{}]*?)\s+\]/g, (all, inner) => "[" + inner.replace(/,\s+/g, ", ") + "]");
-  const obj = body !== null && typeof body === "object" ? body : {};  // models may answer 42
-  // ipcserve errors are {"error": "<message>", "type": "<ErrorType>"}.
-  const ok = status >= 200 && status < 400, err = obj.error;
-  $("error").hidden = ok;
-  $("error").textContent = ok ? "" : !status ? body : "HTTP " + status + " " +
-    (typeof err === "string" ? (obj.type ? obj.type + ": " : "") + err : "(no JSON error body)");
-  $("result-label").textContent = ok && "label" in obj ? obj.label : "";
-  const bars = $("result-bars");
-  bars.replaceChildren();
-  (ok && Array.isArray(obj.probabilities) ? obj.probabilities : []).forEach((p, i) => {
-    const li = document.createElement("li");
-    const bar = document.createElement("span");
-    bar.className = "bar";
-    bar.style.width = Math.max(0, Math.min(100, p * 100)) + "%";
-    li.append(String(i), bar, " " + (p * 100).toFixed(1) + "%");
-    bars.append(li);
-  });
-}
-
-async function predict(body, contentType) {
-  const m = selected();
-  const name = m ? m.name : $("model").value;
-  if (!name) return showResult(0, "No model is served (yet).");
-  const extra = contentType ? {"Content-Type": contentType} : {};  // FormData sets its own
-  const started = performance.now();
-  $("predict").disabled = true;
-  try {
-    const r = await fetch("v1/models/" + encodeURIComponent(name) + "/predict",
-                          {method: "POST", headers: headers(extra), body, signal: AbortSignal.timeout(60000)});
-    const text = await r.text();
-    let parsed;
-    try { parsed = JSON.parse(text); } catch { parsed = text; }
-    showResult(r.status, parsed, performance.now() - started);
-  } catch (err) {
-    showResult(0, "Request failed: " + err.message);
-  } finally {
-    $("predict").disabled = false;
-  }
-}
-
-function sendFile(file) {
-  if (!file) return;
-  const form = new FormData();
-  form.append("image", file, file.name);
-  predict(form, null);
-  // Show the picture on the canvas too (if the browser can decode it).
-  createImageBitmap(file).then((img) => {
-    clearCanvas();
-    const c = $("canvas"), scale = Math.min(c.width / img.width, c.height / img.height);
-    const w = img.width * scale, h = img.height * scale;
-    c.getContext("2d").drawImage(img, (c.width - w) / 2, (c.height - h) / 2, w, h);
-    drawn = true;
-  }).catch(() => {});
-}
-
-// -- canvas ------------------------------------------------------------------------
-function clearCanvas() {
-  const c = $("canvas"), ctx = c.getContext("2d");
-  ctx.fillStyle = "#fff";
-  ctx.fillRect(0, 0, c.width, c.height);
-  drawn = false;
-}
-
-function setUpCanvas() {
-  const c = $("canvas"), ctx = c.getContext("2d");
-  let last = null;
-  const point = (e) => {  // CSS pixels -> canvas pixels
-    const box = c.getBoundingClientRect();
-    return [(e.clientX - box.left) * c.width / box.width, (e.clientY - box.top) * c.height / box.height];
-  };
-  const line = (from, to) => {
-    ctx.strokeStyle = "#000";
-    ctx.lineWidth = c.width / 10;   // a thick pen, like a marker on a small card
-    ctx.lineCap = ctx.lineJoin = "round";
-    ctx.beginPath();
-    ctx.moveTo(...from);
-    ctx.lineTo(...to);
-    ctx.stroke();
-    drawn = true;
-  };
-  c.addEventListener("pointerdown", (e) => {
-    c.setPointerCapture(e.pointerId);
-    last = point(e);
-    line(last, last);
-  });
-  c.addEventListener("pointermove", (e) => {
-    if (!last) return;
-    const p = point(e);
-    line(last, p);
-    last = p;
-  });
-  const stop = () => { last = null; };
-  c.addEventListener("pointerup", stop);
-  c.addEventListener("pointercancel", stop);
-  clearCanvas();
-}
-
 // -- wiring ------------------------------------------------------------------------
 document.addEventListener("DOMContentLoaded", () => {
+  // The key stays in this tab's sessionStorage: it survives a reload of the page, and
+  // is never written to disk or shared with other tabs.
   const key = $("api-key");
-  key.value = localStorage.getItem(KEY_STORAGE) || "";
-  key.addEventListener("input", () => {
-    if (key.value) localStorage.setItem(KEY_STORAGE, key.value);
-    else localStorage.removeItem(KEY_STORAGE);
-  });
-  setUpCanvas();
-  $("clear").addEventListener("click", clearCanvas);
-  $("model").addEventListener("change", showInputs);
-  $("file").addEventListener("change", (e) => { sendFile(e.target.files[0]); e.target.value = ""; });
-  const drop = $("drop");
-  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
-    e.preventDefault();
-    drop.classList.remove("over");
-    sendFile(e.dataTransfer.files[0]);
-  });
-  $("try").addEventListener("submit", (e) => {
-    e.preventDefault();
-    const m = selected();
-    if (m && m.kind === "json") return predict($("json-body").value, "application/json");
-    if (!drawn) return showResult(0, "Draw a digit first, or choose an image file.");
-    $("canvas").toBlob((blob) => predict(blob, "image/png"), "image/png");
-  });
+  key.value = sessionStorage.getItem(KEY_STORAGE) || "";
+  key.addEventListener("input", saveKey);
+  setUpTryIt();  // tryit.js
   refresh();
 });
+
+function saveKey() {
+  const key = $("api-key").value;
+  if (key) sessionStorage.setItem(KEY_STORAGE, key);
+  else sessionStorage.removeItem(KEY_STORAGE);
+}
+
+// -- event log -------------------------------------------------------------------------
+function renderEvents(list) {
+  const tbody = $("events");
+  tbody.replaceChildren();
+  for (const e of list) {
+    const row = tbody.insertRow();
+    row.dataset.kind = e.kind;
+    row.className = "event " + e.kind;
+    const when = new Date(e.time * 1000);
+    cell(row, "time", when.toLocaleTimeString()).title = when.toISOString();
+    cell(row, "model", e.model || "(server)");
+    cell(row, "kind", e.kind);
+    cell(row, "message", e.message);
+  }
+  if (!list.length) cell(tbody.insertRow(), "empty", "Nothing happened yet.").colSpan = 4;
+}
