@@ -21,6 +21,7 @@ Everything heavy (torch, jinja2) is imported inside functions: this module is im
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import secrets
@@ -247,6 +248,10 @@ class TextGenerator:
         for value in values:
             ends.update([value] if _is_int(value) else value or ())
         self.end_ids = frozenset(ends)  # chat models often end on several (Llama 3: eot too)
+        # The key-value cache's argument and output field: ``cache`` in recent transformers
+        # (which warns about the old name), ``past_key_values`` before.
+        forward = inspect.signature(model.forward).parameters
+        self.cache_name = "cache" if "cache" in forward else "past_key_values"
 
     def stream(self, fields: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         """Check and tokenize the request now; the tokens come from the returned generator.
@@ -307,8 +312,8 @@ class TextGenerator:
             # inference_mode per step, not around the loop: it is thread state, and a yield
             # inside it would leak it to whoever calls next() (the ML process's loop).
             with torch.inference_mode():
-                out = self.model(input_ids=inputs, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = self.model(input_ids=inputs, use_cache=True, **{self.cache_name: cache})
+                cache = getattr(out, self.cache_name)
                 token = _pick(out.logits[0, -1], sampling, generator)
             produced += 1
             inputs = torch.tensor([[token]], device=self.device)
