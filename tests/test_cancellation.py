@@ -74,6 +74,7 @@ def test_queued_abandoned_requests_are_never_computed() -> None:
         for fut in queued.values():
             with pytest.raises(RequestCancelledError):
                 fut.result(5)
+        at_cancel = counter.value
         gone["a"].set()  # ... then 'a'
         with pytest.raises(RequestCancelledError):
             running.result(5)
@@ -81,7 +82,9 @@ def test_queued_abandoned_requests_are_never_computed() -> None:
         computed = ml.call(("computed",), {}).value
         assert time.monotonic() - t0 < 0.5
         assert computed == ["a"]  # 'b' and 'c' were never computed
-        assert _settled(counter) < 10
+        # 'a' stopped within a step or two of leaving, far from its 50 (how many it had made
+        # by then depends on the machine's load: 15 were seen on a loaded 3.12 run).
+        assert _settled(counter) - at_cancel <= 3
         cancelled = ml.status["cancelled"]
         assert cancelled["queued_disconnect"] == 2 and cancelled["running_disconnect"] == 1
 
