@@ -157,6 +157,13 @@ def test_charts_draw_real_traffic_and_a_kill_9_shows_in_the_log_and_on_the_chart
     load = Load(server.url)
     try:
         wait_for(driver, lambda d: load.sent > 50 and counted("200") > 80, "the load to show")
+        # The window chooser redraws at once: the last minute, labelled every 15 s.
+        Select(driver.find_element(By.ID, "window")).select_by_value("60")
+        assert text(driver, "#window-label") == "minute"
+        ticks = js(driver, "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)",
+                   chart("doubler", "requests") + " .axis text")
+        assert {"now", "−15 s", "−30 s", "−45 s", "−1 min"} <= set(ticks), ticks
+        assert drawn(driver, chart("doubler", "requests") + ' rect.bar[data-series="200"]')
         driver.set_window_size(1100, 1700)  # the models, the charts of digits and doubler
         js(driver, "scrollTo(0, 0)")
         picture = tmp_path / "status-page-under-load.png"

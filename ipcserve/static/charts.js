@@ -57,17 +57,19 @@ function drawChart(spec) {
     svgEl("line", {x1: LEFT, x2: W - RIGHT, y1: y(v), y2: y(v), class: v ? "grid" : "base"}, axis);
     svgEl("text", {x: LEFT - 4, y: y(v) + 3, "text-anchor": "end"}, axis).textContent = fmt(v) + (v === max ? spec.unit : "");
   }
-  const span = spec.end - spec.start;
-  for (let ago = 0; ago <= span; ago += 300) {
+  // Time labels: every 5 minutes over 15, every minute over 5, every 15 s over 1.
+  const span = spec.end - spec.start, step = span > 300 ? 300 : span > 60 ? 60 : 15;
+  for (let ago = 0; ago <= span; ago += step) {
     const tx = x(spec.end - ago);
     svgEl("text", {x: tx, y: H - 5, "text-anchor": ago === 0 ? "end" : ago >= span - 1 ? "start" : "middle"}, axis)
-      .textContent = ago === 0 ? "now" : "−" + Math.round(ago / 60) + " min";
+      .textContent = ago === 0 ? "now" : ago < 60 ? "−" + ago + " s" : "−" + Math.round(ago / 60) + " min";
   }
   const data = svgEl("g", {class: "data"}, svg);
   let drawn = 0;
   if (spec.kind === "bars") {
     const bw = Math.max(1.5, spec.bucket / span * plotW - 0.5);
     spec.t.forEach((t, i) => {
+      if (t < spec.start) return;  // before the chosen window
       let base = 0;
       for (const s of spec.series) {
         const v = s.values[i] || 0;
@@ -81,7 +83,7 @@ function drawChart(spec) {
     });
   } else {
     for (const s of spec.series) {
-      const points = spec.t.map((t, i) => [t, s.values[i]]).filter(([, v]) => v != null);
+      const points = spec.t.map((t, i) => [t, s.values[i]]).filter(([t, v]) => v != null && t >= spec.start);
       if (!points.length) continue;
       const mid = spec.bucket / 2;
       svgEl("polyline", {class: "line s-" + s.key, fill: "none",
@@ -96,7 +98,7 @@ function drawChart(spec) {
   }
   if (!drawn && !spec.traffic) {
     svgEl("text", {x: LEFT + plotW / 2, y: TOP + plotH / 2, "text-anchor": "middle", class: "empty"}, svg)
-      .textContent = "no requests in the last 15 minutes";
+      .textContent = "no requests in the last " + windowLabel(spec.end - spec.start);
   }
   const marks = svgEl("g", {class: "markers"}, svg);
   for (const e of spec.markers) {
@@ -120,12 +122,24 @@ function drawChart(spec) {
   return figure;
 }
 
-// Draw every model's charts from a /v1/history answer and /v1/events' list.
+function windowLabel(seconds) {
+  const minutes = Math.round(seconds / 60);
+  return minutes === 1 ? "minute" : minutes + " minutes";
+}
+
+// The last answers drawn, so that choosing another window redraws at once.
+let lastDrawn = null;
+
+// Draw every model's charts from a /v1/history answer and /v1/events' list, over the window
+// chosen on the page (1, 5 or 15 minutes; never more than the history holds).
 function renderCharts(history, events) {
+  lastDrawn = [history, events];
   const box = $("charts");
   const bucket = history.bucket_seconds;
+  const span = Math.min(Number($("window").value) || history.span_seconds, history.span_seconds);
+  $("window-label").textContent = windowLabel(span);
   // The axis ends where the newest bucket ends, so that its bar and point fit.
-  const end = (Math.floor(history.now / bucket) + 1) * bucket, start = end - history.span_seconds;
+  const end = (Math.floor(history.now / bucket) + 1) * bucket, start = end - span;
   $("bucket-seconds").textContent = bucket;
   $("web-pid").textContent = history.pid ?? "?";
   const wanted = Object.keys(history.models);
@@ -133,7 +147,8 @@ function renderCharts(history, events) {
   for (const name of wanted) {
     const h = history.models[name];
     const markers = events.filter((e) => e.model === name && e.kind in MARKED);
-    const traffic = h.rate.some((r) => r > 0);  // zero bars are not "no data" when requests came
+    // Zero bars are not "no data" when requests came.
+    const traffic = h.rate.some((r, i) => r > 0 && h.t[i] >= start);
     const common = {t: h.t, bucket, start, end, markers, traffic};
     const group = document.createElement("div");
     group.className = "model-charts";
@@ -156,3 +171,5 @@ function renderCharts(history, events) {
     box.appendChild(group);
   }
 }
+
+$("window").addEventListener("change", () => { if (lastDrawn) renderCharts(...lastDrawn); });
