@@ -44,6 +44,7 @@ import argparse
 import asyncio
 import difflib
 import functools
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -51,7 +52,8 @@ from typing import Any
 from .config import SETTINGS, Config, Setting, settings_of
 from .errors import ConfigError
 
-__all__ = ["IPCServeReplica", "app", "deployment", "parse_args"]
+__all__ = ["IPCServeReplica", "ReplicaLostAsJSON", "app", "deployment", "parse_args",
+           "proxy_middlewares"]
 
 logger = logging.getLogger(__name__)
 
@@ -301,3 +303,52 @@ def app(args: Mapping[str, str]) -> Any:
     """
     options, settings = parse_args(args)
     return deployment(**options).bind(**settings)
+
+
+class ReplicaLostAsJSON:
+    """ASGI middleware for Serve's HTTP proxy: a request whose replica died before answering
+    gets ipcserve's 502 ``WorkerCrashedError`` as JSON, like a request whose ML process died.
+
+    Serve does not resend a request that a replica had started (it may be what killed it),
+    and its proxy then returns without any response, which the HTTP server turns into a
+    plain-text ``500 Internal Server Error``. This middleware answers that case, and only
+    it: every response the proxy started itself (its 503s, 408s, the replicas' answers)
+    passes through untouched.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Any) -> None:
+            nonlocal started
+            started = started or message.get("type") == "http.response.start"
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if started:
+            return
+        from .errors import WorkerCrashedError
+
+        error = WorkerCrashedError("the Ray Serve replica handling this request stopped before "
+                                   "answering (not resent: it may be what stopped it)")
+        body = json.dumps(error.to_dict(), separators=(",", ":")).encode()
+        await send({"type": "http.response.start", "status": error.http_status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def proxy_middlewares() -> list[Any]:
+    """The middlewares for Serve's HTTP proxy (:class:`ReplicaLostAsJSON`). Serve calls this
+    where ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=ipcserve.ray:proxy_middlewares`` is set
+    in the environment of the cluster's nodes (``ray start``); it applies to every
+    application behind that proxy."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ReplicaLostAsJSON)]

@@ -92,8 +92,11 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
     # No usage report, and no token file written into the home directory by a test. The
     # proxy would send everything to the replica on its own node while that one has room:
     # both "nodes" are this machine, and the test wants both replicas to get traffic.
+    # The proxy answers a request whose replica died with ipcserve's JSON 502, as the
+    # deployment guide says to configure it.
     ray_env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-               "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+               "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
+               "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "ipcserve.ray:proxy_middlewares"}
     saved_env = {k: os.environ.get(k) for k in ray_env}
     os.environ.update(ray_env)
     cluster = None
@@ -277,7 +280,7 @@ def test_killed_ml_process_then_killed_replica(deployed: Deployed) -> None:
     assert len(replicas) == 2, replicas
     with Load(base) as load:
         load.wait_more(20)
-        # 1. SIGKILL one replica's ML process: ipcserve answers its in-flight requests 503
+        # 1. SIGKILL one replica's ML process: ipcserve answers its in-flight requests 502
         # and restarts it; the replica stays (Ray is not involved).
         ml_victim = min(pids)
         os.kill(ml_victim, signal.SIGKILL)
@@ -310,26 +313,20 @@ def test_killed_ml_process_then_killed_replica(deployed: Deployed) -> None:
     odd = sorted({(a.status, a.body[:120]) for a in answers if a.status not in (200, 503)})
     report += f"; non-200/503 answers: {odd}"
     print(report)
-    # Requests the ML process had when it was killed: 502 (WorkerCrashedError) at once;
-    # requests arriving while it restarts: 503 + Retry-After at once, or served.
+    # Requests being computed when their process died, the ML process (ipcserve answers)
+    # or the whole replica actor (Serve's proxy, through ipcserve.ray.proxy_middlewares):
+    # 502 WorkerCrashedError as JSON at once, never resent (the request may be what killed
+    # it). Requests arriving while the ML process restarts: 503 + Retry-After, or served.
     crashed = [a for a in answers if a.status == 502]
     for a in crashed:
-        assert a.sent <= ml_killed_at <= a.done and a.done - ml_killed_at < 1.5, (a, report)
+        died = [t for t in (ml_killed_at, actor_killed_at) if a.sent <= t <= a.done]
+        assert died and a.done - died[0] < 5, (a, report)
         assert "WorkerCrashedError" in a.body, (a, report)
     unavailable = [a for a in answers if a.status == 503]
     assert all(a.retry_after and int(a.retry_after) >= 1 for a in unavailable), report
     assert all(a.done - a.sent < 1.5 for a in unavailable), report
-    # What Ray Serve does with the requests a killed actor had in flight: it does not retry
-    # a request already sent to a replica; the proxy answers it 500. Only those may fail.
-    failed = [a for a in answers if a.status not in (200, 502, 503)]
-    in_flight_at_kill = [a for a in answers if a.sent <= actor_killed_at <= a.done]
-    for a in failed:
-        assert a.sent <= actor_killed_at <= a.done, (
-            f"{a.status} {a.body!r} sent at +{a.sent - ml_killed_at:.2f}s, not in flight "
-            f"when the actor was killed; {report}")
-        assert a.status == 500, (a.status, a.body, report)
-    assert len(failed) <= len(in_flight_at_kill) <= 4, report
-    assert len(crashed) <= 4, report
+    assert not [a for a in answers if a.status not in (200, 502, 503)], report
+    assert len(crashed) <= 8, report  # at most the 4 clients' requests, twice
     assert by_status.get(200, 0) >= 60, report
 
 

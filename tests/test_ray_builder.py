@@ -136,3 +136,53 @@ def test_replica_whose_model_fails_to_load_leaves_no_ml_process(tmp_path: pathli
     # The model that did load is stopped with the replica's constructor, not left running
     # until Ray kills the actor.
     assert multiprocessing.active_children() == []
+
+
+def _through_middleware(inner: Any, scope: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ASGI messages ReplicaLostAsJSON sends for one request to ``inner``."""
+    from ipcserve.ray import ReplicaLostAsJSON
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(ReplicaLostAsJSON(inner)(scope, receive, send))
+    return sent
+
+
+def test_a_request_whose_replica_died_is_a_json_502_and_answers_pass_untouched() -> None:
+    import json
+
+    async def replica_died(scope: Any, receive: Any, send: Any) -> None:
+        return None  # what Serve's proxy does when the replica actor dies mid-request
+
+    sent = _through_middleware(replica_died, {"type": "http", "path": "/predict"})
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 502
+    assert (b"content-type", b"application/json") in sent[0]["headers"]
+    body = json.loads(sent[1]["body"])
+    assert body["type"] == "WorkerCrashedError" and "replica" in body["error"], body
+
+    async def answered(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"retry-after", b"1")]})
+        await send({"type": "http.response.body", "body": b"busy"})
+
+    sent = _through_middleware(answered, {"type": "http", "path": "/predict"})
+    assert [(m.get("status"), m.get("body")) for m in sent] == [(503, None), (None, b"busy")]
+    assert _through_middleware(replica_died, {"type": "lifespan"}) == []
+
+
+def test_proxy_middlewares_are_starlette_middlewares() -> None:
+    pytest.importorskip("starlette",
+                        reason="Serve's proxy middlewares need starlette (ipcserve[ray])")
+    from starlette.middleware import Middleware
+
+    from ipcserve.ray import ReplicaLostAsJSON, proxy_middlewares
+
+    (middleware,) = proxy_middlewares()
+    assert isinstance(middleware, Middleware) and middleware.cls is ReplicaLostAsJSON
