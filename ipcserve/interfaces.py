@@ -221,8 +221,8 @@ def openapi_document() -> dict[str, Any]:
         "(this web process)", _EVENTS, 400)
     paths[f"{prefix}/v1/events"]["get"]["parameters"] = [{
         "name": "limit", "in": "query", "required": False,
-        "description": "at most this many events (1 to 500)",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 500}}]
+        "description": f"at most this many events (1 to {events.MAX_EVENTS})",
+        "schema": {"type": "integer", "minimum": 1, "maximum": events.MAX_EVENTS}}]
     # V2: for the models with a tensor signature.
     tensor_models = [n for n in names if v2.signature_of(ext.endpoints[n].ml) is not None]
     # The V2 health and server routes always answer.

@@ -196,15 +196,13 @@ class IPCServeReplica:
     def __init__(self, **settings: Any) -> None:
         from .cli import build_app
         from .flask_ext import IPCServe
-        from .waitress_conf import SPARE_THREADS
+        from .waitress_conf import handler_threads
 
         self._app, values = build_app(argparse.Namespace(**ipcserve_settings(settings)))
         self._ext = IPCServe.of(self._app)
         self._grace: float = values["shutdown_grace"]
-        # One a2wsgi thread per request ipcserve admits, plus spares that answer the ones
-        # past the limit with a 503 at once (as waitress is sized by ipcserve serve).
-        self._threads = sum(e.ml.config.max_inflight
-                            for e in self._ext.endpoints.values()) + SPARE_THREADS
+        # a2wsgi's threads, sized as ipcserve serve sizes waitress's.
+        self._threads = handler_threads(self._app)
         try:
             self._ext.start(wait=True)
         except BaseException:

@@ -52,7 +52,7 @@ from .config import read_settings
 from .errors import ConfigError
 from .flask_ext import RECEIVED_KEY
 
-__all__ = ["RECEIVED_KEY", "SPARE_THREADS", "ServerLimits", "create_server"]
+__all__ = ["RECEIVED_KEY", "SPARE_THREADS", "ServerLimits", "create_server", "handler_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,14 @@ def _models(app: Any) -> list[Any]:
     return [endpoint.ml for endpoint in ext.endpoints.values()]
 
 
+def handler_threads(app: Any) -> int:
+    """Threads to serve ``app`` with: one per request its models admit (the sum of their
+    ``max_inflight``) plus :data:`SPARE_THREADS`, which answer the requests past the limit
+    with a 503 at once; 8 for an app without ipcserve models."""
+    admitted = sum(ml.config.max_inflight for ml in _models(app))
+    return admitted + SPARE_THREADS if admitted else 8
+
+
 def _closing(app: Any) -> Callable[[], bool] | None:
     """True once the app's drain began (IPCServe.unready), for Connection: close."""
     from .flask_ext import IPCServe
@@ -192,8 +200,7 @@ def create_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, thread
     limits = ServerLimits.from_env() if limits is None else limits
     models = _models(app)
     if threads is None:
-        admitted = sum(ml.config.max_inflight for ml in models)
-        threads = admitted + SPARE_THREADS if admitted else 8
+        threads = handler_threads(app)
     # A request that waited this long in waitress's queue is past every model's deadline.
     queue_timeout = max((ml.config.timeout for ml in models), default=30.0)
     connection_limit = limits.connection_limit
