@@ -6,7 +6,6 @@ import concurrent.futures
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import wait_until
+from conftest import free_port, wait_until
 from digits_data import held_out_pngs
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _children(pid: int) -> list[int]:
@@ -41,7 +34,7 @@ def _cmdline(pid: int) -> str:
 
 def test_gunicorn_workers_share_one_ml_process() -> None:
     pytest.importorskip("gunicorn")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     cmd = [sys.executable, "-m", "gunicorn", "-c", "python:ipcserve.gunicorn_conf", "--workers", "4",
            "--bind", f"127.0.0.1:{port}", "gunicorn_wsgi:app"]

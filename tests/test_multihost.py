@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import wait_until
+from conftest import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "multihost-test-key-0123456789abcdef"
@@ -117,14 +117,6 @@ def _haproxy_config(net: Net, port: int) -> str:
     return config.replace("log stdout format raw local0 info", "log stderr format raw local0 notice")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def net() -> Net:
     if os.geteuid() != 0:
@@ -154,7 +146,7 @@ def test_three_hosts_behind_haproxy_survive_a_crash_a_rolling_restart_and_a_cut_
     try:
         for host in hosts:
             host.start(tmp_path)
-        port = _free_port()
+        port = free_port()
         cfg = tmp_path / "haproxy.cfg"
         cfg.write_text(_haproxy_config(net, port))
         with open(tmp_path / "haproxy.log", "wb") as haproxy_log:

@@ -12,7 +12,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install
 pytest.importorskip("a2wsgi", reason="a2wsgi is not installed: pip install 'ipcserve[ray]'")
 requests = pytest.importorskip("requests")
 
-from conftest import wait_until  # noqa: E402
+from conftest import free_port, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -51,13 +50,6 @@ model = "models:WhereSleeper"
 class Deployed:
     base: str  # the proxy's URL
     ray: Any  # the ray module, connected to the cluster
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _replica_names(ray: Any, app: str = APP) -> list[str]:
@@ -106,7 +98,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
             "num_cpus": 1, "include_dashboard": False, "object_store_memory": 80 << 20})
         cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-        port = _free_port()
+        port = free_port()
         # One proxy (both nodes are this machine: they cannot both listen on the port).
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         serve.run(ipcserve.ray.app({"config": str(config), "num_replicas": "2", "num_cpus": "1",
