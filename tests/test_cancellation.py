@@ -133,7 +133,10 @@ def test_a_batch_with_live_members_is_never_interrupted() -> None:
     counter = _counter()
     entered, release = spawn_events()
     gone = threading.Event()
-    with BatchStepper(counter, entered, release, max_batch_size=8) as ml, \
+    # The batch wait makes the ML process wait for both admitted calls' requests before the
+    # batch starts (admitted is not yet sent: without it a loaded CI run once batched 'leaves'
+    # alone, and 'stays' ran after it).
+    with BatchStepper(counter, entered, release, max_batch_size=8, max_batch_wait=2.0) as ml, \
             concurrent.futures.ThreadPoolExecutor(3) as pool:
         blocker = pool.submit(ml, "block")
         assert entered.wait(10)
