@@ -231,7 +231,7 @@ class Misbehaver(MLProcess):
         if x == "shm-then-exit":  # a segment made by this process, then a crash before the reply
             import numpy as np
 
-            from ipcserve import shm
+            from ipcserve.engine import shm
 
             shm.dumps(np.zeros(1 << 21, dtype=np.uint8), 1)
             os._exit(3)

@@ -1,4 +1,4 @@
-"""``ipcserve.batching``: the pure batch policy. Plain objects, no processes, no I/O.
+"""``ipcserve.engine.batching``: the pure batch policy. Plain objects, no processes, no I/O.
 
 How batches form under real load (with a real ML process) is tested in test_mlprocess.py;
 this file tests only the policy functions.
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from ipcserve import batching
-from ipcserve.protocol import Request
+from ipcserve.engine import batching
+from ipcserve.engine.protocol import Request
 
 
 @dataclass

@@ -72,9 +72,9 @@ def test_a_normal_start_and_stop_logs_no_warning() -> None:
     assert requests.get(f"{server.url}/readyz", timeout=5).status_code == 200
     assert server.stop() == 0
     lines = server.output.splitlines()
-    assert any(" INFO ipcserve.cli: serving digits on http://" in line for line in lines), lines
+    assert any(" INFO ipcserve.server.cli: serving digits on http://" in line for line in lines), lines
     assert any("models ready: digits" in line for line in lines), lines
-    assert any(line.endswith("INFO ipcserve.cli: stopped") for line in lines), lines
+    assert any(line.endswith("INFO ipcserve.server.cli: stopped") for line in lines), lines
     noisy = [line for line in lines if " WARNING " in line or " ERROR " in line]
     assert not noisy, noisy
     assert not any("ipcserve: ipcserve:" in line for line in lines)

@@ -13,10 +13,10 @@ import requests
 from conftest import wait_until
 from server import Server
 
-from ipcserve import events
-from ipcserve.events import MAX_EVENTS, EventLog
+from ipcserve.engine import events
+from ipcserve.engine.events import MAX_EVENTS, EventLog
 from ipcserve.flask import IPCServe
-from ipcserve.history import OUTCOMES, History
+from ipcserve.http.history import OUTCOMES, History
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -23,8 +23,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InputError
-from ..mlprocess import MLProcess
+from ..engine.errors import InputError
+from ..engine.mlprocess import MLProcess
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy

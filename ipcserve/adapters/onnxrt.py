@@ -24,8 +24,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, InputError
-from ..mlprocess import MLProcess
+from ..engine.errors import ConfigError, InputError
+from ..engine.mlprocess import MLProcess
 from .pytorch import check_device, default_name
 
 if TYPE_CHECKING:

@@ -24,8 +24,8 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, InputError
-from ..mlprocess import MLProcess
+from ..engine.errors import ConfigError, InputError
+from ..engine.mlprocess import MLProcess
 
 if TYPE_CHECKING:
     import numpy as np

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .errors import InputError, ModelError
+from ..engine.errors import InputError, ModelError
 
 __all__ = ["check_response", "is_message_class", "json_schema_of_message", "validate_request"]
 

@@ -33,7 +33,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import decode, openai_fields
-from .errors import (
+from ..engine.errors import (
     DeadlineError,
     IPCServeError,
     ModelError,
@@ -45,7 +45,7 @@ from .errors import (
     UnsupportedMediaTypeError,
     WorkerUnavailableError,
 )
-from .flask_ext import DISCONNECTED_KEY, RECEIVED_KEY, _Endpoint, _note_error, _state
+from .extension import DISCONNECTED_KEY, RECEIVED_KEY, _Endpoint, _note_error, _state
 from .openai_fields import ParamError
 
 __all__ = ["EMBEDDING", "GENERATION", "blueprint"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import InputError
+from ..engine.errors import InputError
 
 __all__ = ["ParamError", "chat", "completion", "embedding"]
 

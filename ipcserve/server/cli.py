@@ -32,10 +32,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .config import SETTINGS, Config, Setting, settings_of
+from ..engine.config import SETTINGS, Config, Setting, settings_of
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
-from .errors import ConfigError
+from ..engine.errors import ConfigError
 
 __all__ = ["build_app", "build_model", "create_app", "main", "serve"]
 
@@ -59,13 +59,13 @@ def build_model(spec: str, config: Config, task: str | None = None) -> Any:
         ConfigError: the spec is none of these, or ``task`` is given for something other
             than a transformers model directory.
     """
-    from .mlprocess import MLProcess
+    from ..engine.mlprocess import MLProcess
 
     if task is not None and not os.path.isdir(spec):
         raise ConfigError(f"--task is for a transformers model directory; --model {spec!r} "
                           "is not one")
     if spec == "digits":
-        from .adapters.digits import DigitsClassifier
+        from ..adapters.digits import DigitsClassifier
 
         return DigitsClassifier(config=config)
     module_name, sep, attr = spec.partition(":")
@@ -86,15 +86,15 @@ def _model_at(path: str, config: Config, task: str | None) -> Any:
     """The adapter for a model directory or file (see :func:`build_model`)."""
     suffix = os.path.splitext(path)[1].lower()
     if os.path.isfile(os.path.join(path, "config.json")):
-        from .adapters.hf import TransformersModel
+        from ..adapters.hf import TransformersModel
 
         return TransformersModel(path, task=task, config=config)
     if os.path.isfile(path) and suffix == ".onnx":
-        from .adapters.onnxrt import OnnxModel
+        from ..adapters.onnxrt import OnnxModel
 
         return OnnxModel(path, config=config)
     if os.path.isfile(path) and suffix in _MODEL_FILES:
-        from .adapters.pytorch import TorchModel
+        from ..adapters.pytorch import TorchModel
 
         return TorchModel(path, config=config)
     if os.path.isdir(path):
@@ -120,7 +120,7 @@ def create_app(models: Sequence[tuple[Any, ...]], *, cache_backend: Any = None,
     from flask import Flask
     from werkzeug.exceptions import HTTPException
 
-    from .flask_ext import IPCServe, error_response
+    from ..http.extension import IPCServe, error_response
 
     app = Flask("ipcserve")
     app.config.update(cache_backend or {})
@@ -134,7 +134,7 @@ def create_app(models: Sequence[tuple[Any, ...]], *, cache_backend: Any = None,
         options = more[0] if more else {}
         preprocess = None
         if _is_digits(ml) and kind == "image":
-            from .adapters.digits import image_to_pixels
+            from ..adapters.digits import image_to_pixels
 
             preprocess = image_to_pixels
         if ml.name in ipc.endpoints:
@@ -146,7 +146,7 @@ def create_app(models: Sequence[tuple[Any, ...]], *, cache_backend: Any = None,
 
 
 def _is_digits(ml: Any) -> bool:
-    from .adapters.digits import DigitsClassifier
+    from ..adapters.digits import DigitsClassifier
 
     return isinstance(ml, DigitsClassifier)
 
@@ -184,7 +184,7 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | No
         forced stop.
     """
     from . import waitress_conf
-    from .flask_ext import IPCServe
+    from ..http.extension import IPCServe
 
     ext = IPCServe.of(app)
     if host not in _LOOPBACK and not app.config.get("IPCSERVE_API_KEY"):

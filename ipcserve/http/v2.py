@@ -25,8 +25,8 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import decode, encode
-from .errors import InputError, IPCServeError, ModelError, NotFoundError, WorkerUnavailableError
-from .mlprocess import MLProcess
+from ..engine.errors import InputError, IPCServeError, ModelError, NotFoundError, WorkerUnavailableError
+from ..engine.mlprocess import MLProcess
 
 __all__ = ["DATATYPES", "blueprint", "signature_of"]
 
@@ -74,7 +74,7 @@ def signature_of(ml: MLProcess) -> dict[str, Any] | None:
             return _cache[id(ml)]
         path = getattr(ml, "path", None)
         if path is None and type(ml).__name__ == "DigitsClassifier":
-            from .adapters.digits import DIGITS_ONNX_PATH
+            from ..adapters.digits import DIGITS_ONNX_PATH
 
             path = DIGITS_ONNX_PATH
         signature = None
@@ -107,7 +107,7 @@ OPEN_ENDPOINTS = ("ipcserve.v2.live", "ipcserve.v2.ready")
 
 
 def _error(exc: IPCServeError | HTTPException) -> Response:
-    from .flask_ext import error_response
+    from .extension import error_response
 
     response = error_response(exc)  # status and Retry-After as everywhere else
     message = (response.get_json(silent=True) or {}).get("error", "")
@@ -154,7 +154,7 @@ def _ready() -> Response:
 
 
 def _server() -> Response:
-    from . import __version__
+    from .. import __version__
 
     return jsonify({"name": "ipcserve", "version": __version__, "extensions": []})
 

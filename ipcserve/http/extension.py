@@ -39,11 +39,12 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from . import dashboard, decode, encode, events
+from . import decode, encode, status
+from ..engine import events
 from .cache import HEADER as CACHE_HEADER
 from .cache import CacheSettings, ResponseCache, key_salt
-from .config import read_settings, settings_of
-from .errors import (
+from ..engine.config import read_settings, settings_of
+from ..engine.errors import (
     ConfigError,
     ConflictError,
     InputError,
@@ -58,8 +59,8 @@ from .errors import (
     WorkerUnavailableError,
 )
 from .metrics import Metrics
-from .channel import Admission
-from .mlprocess import MLProcess
+from ..engine.channel import Admission
+from ..engine.mlprocess import MLProcess
 
 # Set by ipcserve's waitress integration: time.monotonic() when the whole request had
 # arrived. A request's deadline counts from then, not from when a thread picked it up.
@@ -506,7 +507,7 @@ class IPCServe:
                 rule.strict_slashes = False
 
     def _blueprint(self) -> Blueprint:
-        from . import interfaces, openai_api  # import this module
+        from . import openai, openapi  # they import this module
 
         bp = Blueprint("ipcserve", __name__, static_folder="static", static_url_path="/ipcserve-static")
         bp.before_request(_check_api_key)
@@ -524,9 +525,9 @@ class IPCServe:
         bp.add_url_rule("/", "index", _index)
         # Nested, so it shares the url_prefix and the API key check; its own error
         # handlers answer in OpenAI's error shape.
-        bp.register_blueprint(openai_api.blueprint())
-        interfaces.register(bp)  # /openapi.json, /docs, the V2 protocol
-        dashboard.register(bp)  # /v1/history, /v1/events: the status page's data
+        bp.register_blueprint(openai.blueprint())
+        openapi.register(bp)  # /openapi.json, /docs, the V2 protocol
+        status.register(bp)  # /v1/history, /v1/events: the status page's data
         return bp
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from . import events, v2
+from ..engine import events
+from . import v2
 
 __all__ = ["openapi_document", "register"]
 
@@ -170,7 +171,7 @@ def _tensor_schema(with_data: bool) -> dict[str, Any]:
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of this app's ipcserve routes (call inside a request or
     app context)."""
-    from . import __version__
+    from .. import __version__
 
     state = current_app.extensions["ipcserve"]
     ext = state.ext

@@ -16,8 +16,8 @@ import os
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from . import events
-from .errors import InputError
+from ..engine import events
+from ..engine.errors import InputError
 
 __all__ = ["register"]
 
