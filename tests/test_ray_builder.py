@@ -13,6 +13,7 @@ import pytest
 from conftest import wait_until
 
 from ipcserve import ConfigError
+from ipcserve.flask import IPCServe
 from ipcserve.ray import IPCServeReplica, parse_args
 
 
@@ -101,13 +102,13 @@ def test_replica_health_autoscaling_stats_and_shutdown() -> None:
         # One crash opens the circuit (threshold 1) and the restart is 30 s away: the
         # replica reports itself unhealthy so that Ray replaces it.
         assert client.post("/predict", json={"x": "exit"}).status_code == 502
-        wait_until(lambda: replica.flask_app.extensions["ipcserve"].ext.endpoints[
+        wait_until(lambda: IPCServe.of(replica.flask_app).endpoints[
             "doubler"].ml.status.get("circuit_open"), timeout=10, what="the circuit opening")
         with pytest.raises(RuntimeError, match="circuit breaker is open; replace this replica"):
             replica.check_health()
     finally:
         asyncio.run(replica.shutdown())  # Serve's shutdown hook: drains, stops the ML process
-    assert replica.flask_app.extensions["ipcserve"].ext.draining.is_set()
+    assert IPCServe.of(replica.flask_app).draining.is_set()
 
 
 def test_the_serve_config_example_is_valid() -> None:

@@ -89,6 +89,9 @@ class OnnxModel(MLProcess):
         ConfigError: the file does not exist or an argument is invalid.
     """
 
+    #: V2 metadata: the platform name Triton gives ONNX Runtime models.
+    tensor_platform = "onnxruntime_onnx"
+
     def __init__(self, path: str | os.PathLike[str], *, providers: Sequence[Any] | None = None,
                  device: str = "auto", intra_op_num_threads: int | None = None,
                  output_names: Sequence[str] | None = None, output: str = "numpy",

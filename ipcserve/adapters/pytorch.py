@@ -184,6 +184,9 @@ class TorchModel(MLProcess):
         ConfigError: an argument is invalid or the factory cannot be pickled.
     """
 
+    #: V2 metadata: the platform name Triton gives torch models.
+    tensor_platform = "pytorch_libtorch"
+
     def __init__(self, model: Callable[[], Any] | str | os.PathLike[str], *,
                  device: str = "cpu", num_threads: int | None = None,
                  dtype: str | Any | None = "float32", output: str = "numpy",

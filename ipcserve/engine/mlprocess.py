@@ -466,7 +466,16 @@ class MLProcess:
 
     @property
     def started(self) -> bool:
+        """True from the end of a successful :meth:`start` until :meth:`shutdown`."""
         return self._ipc is not None
+
+    @property
+    def owner_pid(self) -> int | None:
+        """The pid of the process that started this MLProcess (its ML processes are that
+        process's children; only it can stop or replace them), or None when not started.
+        A web process forked after start() (a gunicorn worker) sees its master's pid."""
+        runtime = self._ipc
+        return None if runtime is None else runtime.owner_pid
 
     @property
     def ready(self) -> bool:

@@ -3,7 +3,7 @@ and tools built on it talk to ipcserve models.
 
 A model's role is its ``task`` attribute: ``"text-generation"`` serves
 ``POST /v1/chat/completions`` and ``POST /v1/completions``; ``"feature-extraction"`` serves
-``POST /v1/embeddings``. ``GET /v1/models`` (in :mod:`ipcserve.flask_ext`) lists every model.
+``POST /v1/embeddings``. ``GET /v1/models`` (:mod:`.native`) lists every model.
 
 The contract with a text-generation model: ``predict(messages=[{"role", "content"}, ...] or
 prompt="...", max_tokens=, temperature=, top_p=, stop=, seed=)`` returns a generator of
@@ -12,27 +12,24 @@ prompt="...", max_tokens=, temperature=, top_p=, stop=, seed=)`` returns a gener
 are passed, so the model's own defaults apply. An embedding model is called with
 ``texts=[str, ...], with_usage=True`` and returns ``{"vectors": [[float, ...]], "prompt_tokens": int}``.
 
-Like the native predict route, a call takes an admission (``ml.admit()``) and runs with a
-deadline counted from when the request arrived; a streamed response holds the admission until
-its body ends, and closing the body (the client left) cancels the generation in the ML process.
-Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. Request fields
-are checked in :mod:`ipcserve.openai_fields`.
+The request lifecycle (deadline from arrival, admission, cancellation when the client
+leaves, metrics) is the serving core's (:func:`.serving.exchange`); request fields are
+checked in :mod:`.openai_fields`. Errors use OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import logging
 import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Response, jsonify, request
 
-from . import decode, openai_fields
+from ..engine.channel import Stream
 from ..engine.errors import (
     DeadlineError,
     IPCServeError,
@@ -45,12 +42,12 @@ from ..engine.errors import (
     UnsupportedMediaTypeError,
     WorkerUnavailableError,
 )
-from .extension import DISCONNECTED_KEY, RECEIVED_KEY, _Endpoint, _note_error, _state
+from . import decode, openai_fields
 from .openai_fields import ParamError
+from .routes import Route, Surface
+from .serving import Endpoint, Exchange, Failure, exchange, served
 
-__all__ = ["EMBEDDING", "GENERATION", "blueprint"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["EMBEDDING", "GENERATION", "OPENAI_ERRORS", "ROUTES", "error_body"]
 
 GENERATION = "text-generation"
 EMBEDDING = "feature-extraction"
@@ -62,72 +59,42 @@ _ERROR_CODES: tuple[tuple[type[IPCServeError], str], ...] = (
     (DeadlineError, "timeout"), (RequestCancelledError, "cancelled"), (ModelError, "model_error"))
 
 
-def blueprint() -> Blueprint:
-    """The routes; :class:`ipcserve.IPCServe` nests them in its own blueprint."""
-    bp = Blueprint("openai", __name__)
-    bp.register_error_handler(IPCServeError, _error_response)
-    bp.register_error_handler(HTTPException, _error_response)
-    bp.register_error_handler(Exception, _internal_error)
-    bp.add_url_rule("/v1/chat/completions", "chat", _chat, methods=["POST"])
-    bp.add_url_rule("/v1/completions", "completions", _completions, methods=["POST"])
-    bp.add_url_rule("/v1/embeddings", "embeddings", _embeddings, methods=["POST"])
-    return bp
-
-
-# -- errors ---------------------------------------------------------------------------
-def error_body(exc: IPCServeError | HTTPException) -> tuple[int, dict[str, Any]]:
-    """The status and OpenAI-shaped body for an error (never a traceback)."""
-    if isinstance(exc, HTTPException):
-        status, message = exc.code or 500, exc.description or ""
-        param = code = None
-        if status == 413:
-            code = "request_too_large"
-    else:
-        status, message = exc.http_status, exc.message
-        param, code = getattr(exc, "param", None), getattr(exc, "code", None)
+def error_body(failure: Failure) -> dict[str, Any]:
+    """OpenAI's error object for a failure (never a traceback)."""
+    error = failure.error
+    param, code = getattr(error, "param", None), getattr(error, "code", None)
+    if isinstance(error, IPCServeError):
         if code is None:
-            code = next((c for cls, c in _ERROR_CODES if isinstance(exc, cls)), None)
-        if isinstance(exc, NotFoundError) and param is None:
+            code = next((c for cls, c in _ERROR_CODES if isinstance(error, cls)), None)
+        if isinstance(error, NotFoundError) and param is None:
             param = "model"
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    elif failure.status == 413:
+        code = "request_too_large"
+    else:
+        param = code = None  # a Werkzeug error's "code" is its status, not OpenAI's code
+    kind = "server_error" if failure.status >= 500 else "invalid_request_error"
+    return {"error": {"message": failure.message, "type": kind, "param": param, "code": code}}
 
 
-def _error_response(exc: IPCServeError | HTTPException) -> Response:
-    status, body = error_body(exc)
-    if isinstance(exc, OverloadedError) and "ipcserve" in current_app.extensions:
-        status = current_app.extensions["ipcserve"].shed_status  # the shed_status setting
-    response = jsonify(body)
-    response.status_code = status
-    if status in (429, 503):
-        retry_after = getattr(exc, "retry_after", None) or 1
-        response.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
-    return response
-
-
-def _internal_error(exc: Exception) -> Response:
-    logger.exception("unhandled error in %s %s", request.method, request.path)
-    response = jsonify({"error": {"message": "the server hit an unexpected error; see its log",
-                                  "type": "server_error", "param": None, "code": None}})
-    response.status_code = 500
-    return response
+_NULLABLE_TEXT = {"type": ["string", "null"]}
+#: OpenAI's error shape.
+OPENAI_ERRORS = Surface("openai", error_body, {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type"],
+                             "properties": {"message": {"type": "string"},
+                                            "type": {"type": "string"},
+                                            "param": _NULLABLE_TEXT, "code": _NULLABLE_TEXT}}}},
+    "OpenAIError")
 
 
 # -- request fields -------------------------------------------------------------------
-def _body() -> dict[str, Any]:
-    return decode.parse_json_object(request.get_data(cache=False))
-
-
-def _endpoint(body: dict[str, Any], role: str, route: str) -> _Endpoint:
+def _endpoint(body: dict[str, Any], role: str, route: str) -> Endpoint:
+    models = served().models
     name = body.get("model")
-    endpoints = _state().ext.endpoints
     if not isinstance(name, str) or not name:
         raise ParamError("'model' is required: the name of a served model (GET /v1/models "
-                         f"lists them: {', '.join(endpoints)})", "model")
-    endpoint = endpoints.get(name)
-    if endpoint is None:
-        raise NotFoundError(f"the model {name!r} does not exist; models: "
-                            f"{', '.join(endpoints) or 'none'}")
+                         f"lists them: {', '.join(models.endpoints)})", "model")
+    endpoint = models.get(name)
     task = getattr(endpoint.ml, "task", None)
     if task != role:
         raise ParamError(f"model {name!r} is a {task or 'plain'} model; {route} needs a "
@@ -135,20 +102,26 @@ def _endpoint(body: dict[str, Any], role: str, route: str) -> _Endpoint:
     return endpoint
 
 
+def _body() -> dict[str, Any]:
+    return decode.parse_json_object(request.get_data(cache=False))
+
+
 # -- text generation ------------------------------------------------------------------
 def _chat() -> Response:
     body = _body()
     endpoint = _endpoint(body, GENERATION, "/v1/chat/completions")
-    return _generate(endpoint, *openai_fields.chat(body), chat=True)
+    with exchange(endpoint) as ex:
+        return _generate(ex, *openai_fields.chat(body), chat=True)
 
 
 def _completions() -> Response:
     body = _body()
     endpoint = _endpoint(body, GENERATION, "/v1/completions")
-    return _generate(endpoint, *openai_fields.completion(body), chat=False)
+    with exchange(endpoint) as ex:
+        return _generate(ex, *openai_fields.completion(body), chat=False)
 
 
-def _pieces(stream: Any) -> Iterator[dict[str, Any]]:
+def _pieces(stream: Stream) -> Iterator[dict[str, Any]]:
     """The model's items, checked against the contract; a model that does not stream may
     answer with the whole list at once."""
     for item in stream:
@@ -211,114 +184,59 @@ def sse(value: Any) -> bytes:
 _DONE = b"data: [DONE]\n\n"
 
 
-def _generate(endpoint: _Endpoint, kwargs: dict[str, Any], wants_stream: bool,
-              include_usage: bool, chat: bool) -> Response:
-    state = _state()
-    reply = _Reply(endpoint.name, chat)
-    started = time.perf_counter()
-    status, admission, stream, handed_off = 500, None, None, False
-    try:
-        if state.ext.draining.is_set():
-            raise WorkerUnavailableError("the server is shutting down")
-        received = request.environ.get(RECEIVED_KEY) or time.monotonic()
-        ml, admission = endpoint.admit()
-        stream = admission.stream((), kwargs, deadline=received + ml.config.timeout,
-                                  cancel_if=request.environ.get(DISCONNECTED_KEY))
-        pieces = _pieces(stream)
-        if not wants_stream:
-            texts, final = [], None
-            for piece in pieces:
-                texts.append(piece["text"])
-                final = piece if "finish_reason" in piece else final
-            finish = str(final["finish_reason"]) if final else "stop"
-            status = 200
-            return jsonify(reply.whole("".join(texts), finish, _usage(final, len(texts))))
-        # The first piece is awaited here, so an error before any token gets its status.
-        first = next(pieces, None)
-        events = _events(reply, pieces, first, include_usage, stream, admission, endpoint,
-                         state.metrics, started)
-        handed_off, status = True, 200
-        return Response(events, mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    except (IPCServeError, HTTPException) as exc:
-        status = _failed(endpoint, state.metrics, exc)
-        raise
-    finally:
-        if not handed_off:
-            _finish(endpoint, state.metrics, stream, admission, status, started)
+def _generate(ex: Exchange, kwargs: dict[str, Any], wants_stream: bool, include_usage: bool,
+              chat: bool) -> Response:
+    reply = _Reply(ex.endpoint.name, chat)
+    ex.admit()
+    pieces = _pieces(ex.stream((), kwargs))
+    if not wants_stream:
+        texts, final = [], None
+        for piece in pieces:
+            texts.append(piece["text"])
+            final = piece if "finish_reason" in piece else final
+        finish = str(final["finish_reason"]) if final else "stop"
+        return jsonify(reply.whole("".join(texts), finish, _usage(final, len(texts))))
+    # The first piece is awaited here, so an error before any token gets its status.
+    first = next(pieces, None)
+    return Response(ex.body(_events(ex, reply, pieces, first, include_usage)),
+                    mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _failed(endpoint: _Endpoint, metrics: Any, exc: IPCServeError | HTTPException) -> int:
-    _note_error(endpoint, metrics, exc)
-    return exc.http_status if isinstance(exc, IPCServeError) else (exc.code or 500)
-
-
-def _finish(endpoint: _Endpoint, metrics: Any, stream: Any, admission: Any, status: int,
-            started: float, stats: Any = None) -> None:
-    if stream is not None:
-        stream.close()  # before its end: cancels the rest in the ML process
-    if admission is not None:
-        admission.release()
-    elapsed = time.perf_counter() - started
-    metrics.observe(endpoint.name, status, elapsed, stats, endpoint.ml.inflight)
-    if status == 200:
-        endpoint.recent.append(elapsed)
-
-
-def _events(reply: _Reply, pieces: Iterator[dict[str, Any]], first: dict[str, Any] | None,
-            include_usage: bool, stream: Any, admission: Any, endpoint: _Endpoint,
-            metrics: Any, started: float) -> Iterator[bytes]:
+def _events(ex: Exchange, reply: _Reply, pieces: Iterator[dict[str, Any]],
+            first: dict[str, Any] | None, include_usage: bool) -> Iterator[bytes]:
     """The SSE body: a chunk per piece as the model makes it, a chunk with finish_reason,
     the usage chunk if asked for, then ``[DONE]``; an error mid-stream is an ``error`` event
-    before ``[DONE]``. When the client leaves, the server closes this generator: the
-    generation is cancelled."""
-    status = 200
+    before ``[DONE]``."""
     usage_field: Any = None if include_usage else ...  # OpenAI: null on every chunk but the last
     try:
-        try:
-            if reply.chat:  # OpenAI's first chat chunk says who speaks
-                yield reply.chunk("", role=True, usage=usage_field)
-            piece, final, count = first, None, 0
-            while piece is not None:
-                count += 1
-                if piece["text"]:
-                    yield reply.chunk(piece["text"], usage=usage_field)
-                if "finish_reason" in piece:
-                    final = piece
-                piece = next(pieces, None)
-            finish = str(final["finish_reason"]) if final else "stop"
-            yield reply.chunk(None, finish, usage=usage_field)
-            if include_usage:
-                yield reply.chunk(None, usage=_usage(final, count), choices=False)
-        except IPCServeError as exc:
-            status = _failed(endpoint, metrics, exc)
-            yield sse(error_body(exc)[1])
-        yield _DONE
-    except GeneratorExit:
-        status = 499  # the client left (nginx's "client closed request")
-        raise
-    finally:
-        _finish(endpoint, metrics, stream, admission, status, started)
+        if reply.chat:  # OpenAI's first chat chunk says who speaks
+            yield reply.chunk("", role=True, usage=usage_field)
+        piece, final, count = first, None, 0
+        while piece is not None:
+            count += 1
+            if piece["text"]:
+                yield reply.chunk(piece["text"], usage=usage_field)
+            if "finish_reason" in piece:
+                final = piece
+            piece = next(pieces, None)
+        finish = str(final["finish_reason"]) if final else "stop"
+        yield reply.chunk(None, finish, usage=usage_field)
+        if include_usage:
+            yield reply.chunk(None, usage=_usage(final, count), choices=False)
+    except IPCServeError as exc:
+        yield sse(error_body(ex.failed(exc)))
+    yield _DONE
 
 
 # -- embeddings -----------------------------------------------------------------------
 def _embeddings() -> Response:
     body = _body()
     endpoint = _endpoint(body, EMBEDDING, "/v1/embeddings")
-    texts, encoding = openai_fields.embedding(body)
-    state = _state()
-    started = time.perf_counter()
-    status, result = 500, None
-    try:
-        if state.ext.draining.is_set():
-            raise WorkerUnavailableError("the server is shutting down")
-        received = request.environ.get(RECEIVED_KEY) or time.monotonic()
-        ml, admission = endpoint.admit()
-        with admission:
-            result = admission.call((), {"texts": texts, "with_usage": True},
-                                    deadline=received + ml.config.timeout,
-                                    cancel_if=request.environ.get(DISCONNECTED_KEY))
-        value = result.value
+    with exchange(endpoint) as ex:
+        texts, encoding = openai_fields.embedding(body)
+        ex.admit()
+        value = ex.call((), {"texts": texts, "with_usage": True}).value
         vectors = value.get("vectors") if isinstance(value, dict) else None
         if not isinstance(vectors, list) or len(vectors) != len(texts):
             raise ModelError("the embedding model must return {'vectors': [one per text], "
@@ -326,14 +244,8 @@ def _embeddings() -> Response:
         tokens = int(value.get("prompt_tokens", 0))
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, encoding)}
                 for i, v in enumerate(vectors)]
-        status = 200
         return jsonify({"object": "list", "data": data, "model": endpoint.name,
                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
-    except (IPCServeError, HTTPException) as exc:
-        status = _failed(endpoint, state.metrics, exc)
-        raise
-    finally:
-        _finish(endpoint, state.metrics, None, None, status, started, result)
 
 
 def _encode(vector: Any, encoding: str) -> Any:
@@ -345,3 +257,74 @@ def _encode(vector: Any, encoding: str) -> Any:
     if encoding == "base64":  # little-endian float32, as OpenAI sends it
         return base64.b64encode(array.tobytes()).decode("ascii")
     return [float(x) for x in vector]
+
+
+# -- the OpenAPI rows ------------------------------------------------------------------
+def _request(role: str, schema_of: Any) -> Any:
+    def request_body(state: Any, params: dict[str, str]) -> dict[str, Any]:
+        models = state.models.endpoints
+        serving = [n for n, e in models.items() if getattr(e.ml, "task", None) == role]
+        others = [n for n in models if n not in serving]
+        return {"required": True, "content": {"application/json": {"schema": schema_of(
+            serving, others)}}}
+
+    return request_body
+
+
+_USAGE = {"type": "object", "required": ["prompt_tokens", "total_tokens"], "properties": {
+    "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+    "total_tokens": {"type": "integer"}}}
+
+
+def _completion_object(chat: bool) -> dict[str, Any]:
+    choice: dict[str, Any] = {"type": "object", "required": ["index", "finish_reason"],
+                              "properties": {"index": {"type": "integer"},
+                                             "finish_reason": {"type": "string"}}}
+    if chat:
+        choice["required"].append("message")
+        choice["properties"]["message"] = {
+            "type": "object", "required": ["role", "content"],
+            "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}
+    else:
+        choice["required"].append("text")
+        choice["properties"]["text"] = {"type": "string"}
+    return {"description": "the whole answer (JSON), or its chunks as server-sent events "
+                           "when 'stream' is true",
+            "content": {"application/json": {"schema": {
+                "type": "object", "required": ["id", "object", "created", "model", "choices",
+                                               "usage"],
+                "properties": {"id": {"type": "string"},
+                               "object": {"const": "chat.completion" if chat
+                                          else "text_completion"},
+                               "created": {"type": "integer"}, "model": {"type": "string"},
+                               "choices": {"type": "array", "items": choice},
+                               "usage": _USAGE}}},
+                        "text/event-stream": {"schema": {"type": "string"}}}}
+
+
+_EMBEDDINGS = {"description": "one embedding per input", "content": {"application/json": {
+    "schema": {"type": "object", "required": ["object", "data", "model", "usage"],
+               "properties": {"object": {"const": "list"}, "model": {"type": "string"},
+                              "usage": _USAGE,
+                              "data": {"type": "array", "items": {
+                                  "type": "object", "required": ["object", "index", "embedding"],
+                                  "properties": {"object": {"const": "embedding"},
+                                                 "index": {"type": "integer"},
+                                                 "embedding": {"anyOf": [
+                                                     {"type": "array",
+                                                      "items": {"type": "number"}},
+                                                     {"type": "string"}]}}}}}}}}}
+_ERRORS = (400, 404, 413, 429, 499, 500, 502, 503, 504)
+
+ROUTES = [
+    Route("/v1/chat/completions", "chat", _chat, OPENAI_ERRORS, ("POST",), tag="openai",
+          summary="a chat completion (OpenAI API)", ok=_completion_object(chat=True),
+          errors=_ERRORS, request=_request(GENERATION, openai_fields.chat_schema)),
+    Route("/v1/completions", "completions", _completions, OPENAI_ERRORS, ("POST",),
+          tag="openai", summary="a text completion (OpenAI API)",
+          ok=_completion_object(chat=False), errors=_ERRORS,
+          request=_request(GENERATION, openai_fields.completion_schema)),
+    Route("/v1/embeddings", "embeddings", _embeddings, OPENAI_ERRORS, ("POST",), tag="openai",
+          summary="embeddings (OpenAI API)", ok=_EMBEDDINGS, errors=_ERRORS,
+          request=_request(EMBEDDING, openai_fields.embedding_schema)),
+]

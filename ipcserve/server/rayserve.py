@@ -13,7 +13,7 @@ In Python::
     serve.run(ipcserve.ray.deployment(num_replicas=2).bind(model="mypackage.models:Classifier"))
 
 Each replica (a Ray actor) builds the same Flask app as ``ipcserve serve`` (one code path:
-:func:`ipcserve.cli.build_app`) and starts its ML processes, which are children of the
+:func:`ipcserve.server.cli.build_app`) and starts its ML processes, which are children of the
 replica actor. Ray Serve's HTTP proxy speaks ASGI; the WSGI app is bridged with
 ``a2wsgi.WSGIMiddleware``, so every route, status, header and streamed body of ipcserve
 goes through the proxy unchanged.
@@ -28,8 +28,9 @@ goes through the proxy unchanged.
                                                   restarted by ipcserve after a crash)
 
 Health: ipcserve restarts a crashed ML process itself (fast, with backoff); Ray's
-``check_health`` fails only once the circuit breaker is open (the ML process is down past
-its restart budget), and Ray then replaces the whole replica. Shutdown: Serve stops
+``check_health`` reads the same readiness as ``/readyz`` and fails once the circuit breaker
+is open (the ML process is down past its restart budget), when Ray replaces the whole
+replica, or while the replica drains. Shutdown: Serve stops
 routing to the replica, waits for its requests, then calls ``__del__``
 (:meth:`IPCServeReplica.shutdown`), which drains ipcserve and stops the ML processes. A
 replica actor that is killed outright takes its ML processes with it (they watch their
@@ -194,8 +195,8 @@ class IPCServeReplica:
     """
 
     def __init__(self, **settings: Any) -> None:
-        from .cli import build_app
         from ..http.extension import IPCServe
+        from .cli import build_app
         from .waitress_conf import handler_threads
 
         self._app, values = build_app(argparse.Namespace(**ipcserve_settings(settings)))
@@ -222,19 +223,24 @@ class IPCServeReplica:
         return WSGIMiddleware(self._app, workers=self._threads)
 
     def check_health(self) -> None:
-        """Serve's periodic health check of this replica.
+        """Serve's periodic health check of this replica: the serving core's readiness
+        (:meth:`ipcserve.http.serving.Models.readiness`), as ``/readyz`` reads it, asked
+        whether the replica is worth keeping.
 
         Raises:
-            RuntimeError: a model's circuit breaker is open (its ML process crashed past the
-                restart budget), so that Ray replaces this replica. A single crash is
-                ipcserve's to handle: it restarts the ML process itself.
+            RuntimeError: the replica drains (as ``/readyz`` says 503 then), or a model's
+                circuit breaker is open (its ML process crashed past the restart budget),
+                so that Ray replaces this replica. A single crash is ipcserve's to handle:
+                it restarts the ML process itself, and the replica stays healthy.
         """
-        for name, endpoint in self._ext.endpoints.items():
-            status = endpoint.ml.status
-            if status.get("circuit_open"):
-                raise RuntimeError(
-                    f"model {name!r}: the ML process crashed {status.get('consecutive_crashes')} "
-                    "times in a row and its circuit breaker is open; replace this replica")
+        readiness = self._ext.models.readiness()
+        if readiness.draining:
+            raise RuntimeError("this replica is draining; it takes no new requests")
+        for name in readiness.broken:
+            status = self._ext.endpoints[name].ml.status
+            raise RuntimeError(
+                f"model {name!r}: the ML process crashed {status.get('consecutive_crashes')} "
+                "times in a row and its circuit breaker is open; replace this replica")
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics for Serve: ``ipcserve_inflight``, the requests
