@@ -391,9 +391,8 @@ class _Loop:
         try:
             try:
                 for x in request.items:
-                    # A model that opted out of interruption still stops between items.
-                    if outcomes and self.watch.cancelled():
-                        raise Cancelled("nobody waits for this batch request any more")
+                    if outcomes:
+                        self._between_calls()
                     outcomes.append(self._predict_item(request, x))
                     if outcomes[-1][1] is not None:
                         break
@@ -472,8 +471,8 @@ class _Loop:
         limit = self.config.max_batch_size
         position = 0
         while position < len(xs):
-            if position and self.watch.cancelled():  # between calls, even if not interruptible
-                raise Cancelled("nobody waits for the rest of this batch")
+            if position:
+                self._between_calls()
             chunk: list[int] = []
             while position < len(xs) and len(chunk) < limit:
                 if owners[position] not in failed:
@@ -504,6 +503,14 @@ class _Loop:
             for p, output in zip(chunk, outputs):
                 outcomes[p] = (output, None, len(chunk))
         return outcomes
+
+    def _between_calls(self) -> None:
+        """Between two model calls of one batch request: each call that returned is progress
+        (the watchdog kills a process that shows none for ``hang_timeout``, however long the
+        request), and a model that opted out of interruption still stops here."""
+        self.status.beat(self.slot)
+        if self.watch.cancelled():
+            raise Cancelled("nobody waits for the rest of this batch request")
 
     def _predict_alone(self, x: Any) -> batching.Outcome:
         """``predict_batch([x])`` for an item whose batch failed; Cancelled passes through."""
