@@ -168,9 +168,11 @@ def test_a_failing_item_of_a_model_that_does_not_batch() -> None:
         pid = ml.pids[0]
         with pytest.raises(InputError, match=r"^item 1: field 'x' must not be 'input-error'$"):
             ml.call_batch([1, "input-error", 3])
-        with pytest.raises(ModelError, match=r"^item 2: ValueError: the model does not like") as info:
+        with pytest.raises(ModelError, match=r"^item 2: ValueError: the model does not like") \
+                as info:
             ml.call_batch([1, 2, "raise", 4])
-        assert info.value.remote_type == "ValueError" and "in predict" in info.value.remote_traceback
+        err = info.value
+        assert err.remote_type == "ValueError" and "in predict" in err.remote_traceback
         with pytest.raises(ModelError, match="the model's result could not be sent back"):
             ml.call_batch(["unpicklable", 1])  # the reply as a whole cannot be pickled
         # The first request stopped at its failing item: 3 was never computed (2 calls), the

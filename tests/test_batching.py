@@ -71,8 +71,8 @@ def test_a_call_is_one_item_and_a_batch_request_its_item_count() -> None:
 
 def sized(*sizes: int) -> list[Pending]:
     """Pending requests of the given sizes (1: a call; more: a batch request)."""
-    return [Pending(Request(i, 0.0, (i,), {}) if n == 1 else Request(i, 0.0, (), {}, list(range(n))))
-            for i, n in enumerate(sizes)]
+    return [Pending(Request(i, 0.0, (i,), {}) if n == 1
+                    else Request(i, 0.0, (), {}, list(range(n)))) for i, n in enumerate(sizes)]
 
 
 @pytest.mark.parametrize("sizes, max_items, batch_ids", [

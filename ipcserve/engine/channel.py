@@ -156,8 +156,8 @@ class Admission:
         if self._released:
             raise RuntimeError("this admission was released; admit() again")
         if not isinstance(items, list) or not items:
-            raise InputError(f"a batch request needs a non-empty list of items, got "
-                             f"{'an empty list' if isinstance(items, list) else type(items).__name__}")
+            got = "an empty list" if isinstance(items, list) else type(items).__name__
+            raise InputError(f"a batch request needs a non-empty list of items, got {got}")
         return self._caller._call((), {}, self._caller._deadline(timeout, deadline), cancel_if,
                                   items)
 

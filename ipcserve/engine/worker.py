@@ -425,7 +425,7 @@ class _Loop:
                 logger.debug("closing a stream made for a batch request raised %r", exc)
             return None, ModelError("a streaming model cannot answer a batch request: predict "
                                     "returned an iterator; stream each item on its own "
-                                    "instead", remote_type="TypeError"), 1
+                                    "instead"), 1
         return value, None, 1
 
     def _run_batch(self, items: list[_Pending]) -> None:
@@ -456,9 +456,9 @@ class _Loop:
         except Cancelled:  # (end() is idempotent: the signal may land inside it)
             self._interrupted(items, cancelled or self.watch.end(), started)
             return
-        ends = list(itertools.accumulate(batching.size_of(item.request) for item in items))
-        answers = [batching.answer(item.request, outcomes[end - batching.size_of(item.request):end])
-                   for item, end in zip(items, ends)]
+        sizes = [batching.size_of(item.request) for item in items]  # each one's span of xs
+        answers = [batching.answer(item.request, outcomes[end - size:end])
+                   for item, size, end in zip(items, sizes, itertools.accumulate(sizes))]
         self._finish(items, answers, started, cancelled)
 
     def _compute(self, xs: list[Any], owners: list[int]) -> list[batching.Outcome]:
@@ -491,7 +491,8 @@ class _Loop:
             except BaseException as exc:  # SystemExit from a model fails the request, not us
                 if len(chunk) > 1:
                     # One poison input must not fail its batchmates: retry each alone.
-                    logger.info("batch of %d failed (%r); retrying items one by one", len(chunk), exc)
+                    logger.info("batch of %d failed (%r); retrying items one by one",
+                                len(chunk), exc)
                 for p in chunk:
                     if owners[p] in failed:
                         continue
