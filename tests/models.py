@@ -450,3 +450,21 @@ class LoadsOnce(Doubler):
         if os.path.exists(self.marker):
             raise RuntimeError("the new weights are broken")
         super().load()
+
+
+class PickyBatcher(Batcher):
+    """A Batcher that rejects a call holding a negative number with an InputError (a 400),
+    as a model validating its whole batch would."""
+
+    def predict_batch(self, xs: list[Any]) -> list[Any]:
+        if any(isinstance(x, int) and x < 0 for x in xs):
+            self.batches.append(list(xs))
+            raise InputError("inputs must be >= 0")
+        return super().predict_batch(xs)
+
+
+class ArrayBatcher(MLProcess):
+    """Doubles arrays in predict_batch (the shared-memory path of a batching model)."""
+
+    def predict_batch(self, xs: list[Any]) -> list[Any]:
+        return [x * 2 for x in xs]
