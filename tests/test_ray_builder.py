@@ -111,6 +111,32 @@ def test_replica_health_autoscaling_stats_and_shutdown() -> None:
     assert IPCServe.of(replica.flask_app).draining.is_set()
 
 
+@pytest.mark.timeout(60)
+def test_replica_health_agrees_with_readyz_during_a_drain_delay() -> None:
+    import threading
+
+    replica = IPCServeReplica(model="digits")
+    ext = IPCServe.of(replica.flask_app)
+    client: Any = replica.flask_app.test_client()
+    drain = threading.Thread(target=ext.drain, kwargs={"grace": 5, "delay": 30})
+    try:
+        replica.check_health()
+        assert client.get("/readyz").status_code == 200
+        drain.start()  # /readyz turns 503 at once; requests are still served for 30 s
+        wait_until(ext.unready.is_set, what="the drain to begin")
+        probes = [client.get(p).status_code for p in ("/readyz", "/v2/health/ready",
+                                                      "/v2/models/digits/ready")]
+        assert probes == [503, 503, 503]
+        with pytest.raises(RuntimeError, match="draining"):
+            replica.check_health()
+        assert client.post("/predict", json={"pixels": [0.0] * 64}).status_code == 200
+    finally:
+        ext.drain(grace=0)  # cuts the delay short
+        if drain.ident is not None:
+            drain.join(10)
+        asyncio.run(replica.shutdown())
+
+
 def test_the_serve_config_example_is_valid() -> None:
     yaml = pytest.importorskip("yaml", reason="PyYAML comes with ray[serve] and kubernetes-validate")
     path = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "ray" / "serve.yaml"

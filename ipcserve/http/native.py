@@ -59,6 +59,11 @@ def _inputs(endpoint: Endpoint, state: Served) -> tuple[tuple[Any, ...], dict[st
     mimetype = request.mimetype or ""
     if mimetype == "application/json" or mimetype.endswith("+json"):
         body = decode.parse_json_object(request.get_data(cache=False))
+        if endpoint.schema is None:
+            # A tensor model's documented body (one sample per input) is what it gets.
+            signature = tensors.signature_of(endpoint.ml)
+            if signature is not None:
+                tensors.check_sample(body, signature)
         return (), decode.validate(body, endpoint.schema)
     if endpoint.kind == "json":
         raise UnsupportedMediaTypeError(
@@ -224,7 +229,10 @@ def _predict_ok(state: Served, params: dict[str, str]) -> dict[str, Any]:
     ok: dict[str, Any] = {"description": "the model's answer (JSON; NDJSON or SSE when the "
                                          "model streams)",
                           "content": {_JSON: {"schema": {}}, STREAM_TYPES[1]: {"schema": {}},
-                                      STREAM_TYPES[0]: {"schema": {}}}}
+                                      STREAM_TYPES[0]: {"schema": {
+                                          "type": "object", "required": ["data"],
+                                          "properties": {"data": {"type": "string"},
+                                                         "event": {"enum": ["end", "error"]}}}}}}
     if _endpoint_of(state, params).cache_settings is not None:
         ok["headers"] = {CACHE_HEADER: {
             "description": "hit: answered from the response cache; miss: computed",

@@ -271,6 +271,8 @@ def _request(role: str, schema_of: Any) -> Any:
     return request_body
 
 
+#: One server-sent event: a chunk of the answer as JSON text, or "[DONE]".
+_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 _USAGE = {"type": "object", "required": ["prompt_tokens", "total_tokens"], "properties": {
     "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
     "total_tokens": {"type": "integer"}}}
@@ -299,7 +301,7 @@ def _completion_object(chat: bool) -> dict[str, Any]:
                                "created": {"type": "integer"}, "model": {"type": "string"},
                                "choices": {"type": "array", "items": choice},
                                "usage": _USAGE}}},
-                        "text/event-stream": {"schema": {"type": "string"}}}}
+                        "text/event-stream": {"schema": _EVENT}}}
 
 
 _EMBEDDINGS = {"description": "one embedding per input", "content": {"application/json": {

@@ -62,6 +62,8 @@ def _field(body: dict[str, Any], name: str, kind: Any, low: float = -math.inf,
            high: float = math.inf) -> Any:
     """``body[name]`` if it is None or a ``kind`` (int or float) within [low, high]."""
     value = body.get(name)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one kind of number: 16.0 is the integer 16
     if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
                               or not low <= value <= high):
         bounds = (f" from {low:g} to {high:g}" if high < math.inf
@@ -132,6 +134,7 @@ def chat(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
         ParamError: a field is invalid, unknown or unsupported.
     """
     _check_names(body, ("messages", "max_completion_tokens", *_SAMPLING))
+    _field(body, "max_tokens", int, 1)  # checked even when the newer name wins
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return ({"messages": _messages(body.get("messages")), **_sampling(body, field)},
             *_streaming(body))

@@ -78,6 +78,10 @@ def _events() -> Response:
 
 
 # -- the OpenAPI rows ------------------------------------------------------------------
+def _files(state: object) -> list[dict[str, str]]:
+    return [{"filename": path.name} for path in sorted(STATIC.iterdir()) if path.is_file()]
+
+
 def _json(schema: dict[str, object], description: str = "OK") -> dict[str, object]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -128,8 +132,8 @@ ROUTES = [
           summary="the status page (its data needs the API key)",
           ok={"description": "the page", "content": {"text/html": {"schema": {"type": "string"}}}}),
     Route("/ipcserve-static/<path:filename>", "static", _static, IPCSERVE_ERRORS, open=True,
-          tag="status", summary="the status page's scripts and styles",
-          ok={"description": "the file", "content": {"*/*": {"schema": {}}}}, errors=(404,)),
+          tag="status", summary="the status page's {filename}", expand=_files,
+          ok={"description": "the file", "content": {"*/*": {"schema": {}}}}),
     Route("/v1/history", "history", _history, IPCSERVE_ERRORS, tag="status",
           summary="each model's last 15 minutes in time buckets (this web process)",
           ok=_json(_HISTORY)),

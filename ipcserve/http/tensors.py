@@ -15,9 +15,11 @@ import threading
 import weakref
 from typing import Any
 
+from ..engine.errors import InputError
 from ..engine.mlprocess import MLProcess
 
-__all__ = ["DATATYPES", "FROM_NUMPY", "platform_of", "sample_schema", "signature_of"]
+__all__ = ["DATATYPES", "FROM_NUMPY", "check_sample", "platform_of", "sample_schema",
+           "signature_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +80,66 @@ def platform_of(ml: MLProcess) -> str:
     return str(getattr(ml, "tensor_platform", "python"))
 
 
+def _bounds(datatype: str) -> tuple[float, float] | None:
+    """The smallest and largest value of a numeric datatype (None: BOOL, or any JSON number)."""
+    import numpy as np
+
+    if datatype == "BOOL" or datatype == "FP64":
+        return None
+    dtype = np.dtype(DATATYPES[datatype])
+    info = np.finfo(dtype) if dtype.kind == "f" else np.iinfo(dtype)
+    return float(info.min), float(info.max)
+
+
 def sample_schema(tensor: dict[str, Any]) -> dict[str, Any]:
-    """The JSON Schema of one sample of ``tensor`` (its shape without the batch dimension)."""
+    """The JSON Schema of one sample of ``tensor`` (its shape without the batch dimension),
+    values bounded to what the datatype holds; :func:`check_sample` enforces the same."""
     datatype = tensor.get("datatype", "")
     schema: dict[str, Any] = {"type": "number" if datatype.startswith("FP") else
                               "boolean" if datatype == "BOOL" else "integer"}
+    bounds = _bounds(datatype) if datatype in DATATYPES else None
+    if bounds is not None:
+        schema.update(minimum=bounds[0], maximum=bounds[1])
     for dim in reversed(list(tensor.get("shape", []))[1:]):
         schema = {"type": "array", "items": schema}
         if isinstance(dim, int) and dim >= 0:
             schema.update(minItems=dim, maxItems=dim)
     return schema
+
+
+def _check_value(value: Any, dims: list[int], datatype: str, where: str) -> None:
+    if dims:
+        wanted = f"a list of {dims[0]}" if dims[0] >= 0 else "a list"
+        if not isinstance(value, list) or (dims[0] >= 0 and len(value) != dims[0]):
+            raise InputError(f"field {where!r} must be {wanted} (shape {dims}), got "
+                             f"{'a list of ' + str(len(value)) if isinstance(value, list) else type(value).__name__}")
+        for i, item in enumerate(value):
+            _check_value(item, dims[1:], datatype, f"{where}[{i}]")
+        return
+    if datatype == "BOOL":
+        if not isinstance(value, bool):
+            raise InputError(f"field {where!r} must be true or false, got {value!r}")
+        return
+    integer = not datatype.startswith("FP")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and isinstance(value, float) and not value.is_integer()):
+        raise InputError(f"field {where!r} must be {'an integer' if integer else 'a number'} "
+                         f"({datatype}), got {value!r}")
+    bounds = _bounds(datatype)
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        raise InputError(f"field {where!r}: {value!r} is out of the range of {datatype}")
+
+
+def check_sample(body: dict[str, Any], signature: dict[str, Any]) -> None:
+    """Check a native JSON body against the tensor signature: one field per input, each one
+    sample of it (its shape without the batch dimension, values its datatype holds).
+
+    Raises:
+        InputError: naming the field, e.g. ``field 'pixels' must be a list of 64``.
+    """
+    names = [spec["name"] for spec in signature["inputs"]]
+    if sorted(body) != sorted(names):
+        raise InputError(f"this model takes the fields {names}, got {sorted(body)}")
+    for spec in signature["inputs"]:
+        _check_value(body[spec["name"]], [int(d) for d in spec["shape"][1:]], spec["datatype"],
+                     spec["name"])

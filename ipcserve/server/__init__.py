@@ -8,7 +8,21 @@ The request path never climbs back up here: this package imports :mod:`ipcserve.
 :mod:`ipcserve.engine`, and neither imports it.
 """
 
-from .cli import build_app, create_app, main
-from .lifecycle import serve
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["build_app", "create_app", "main", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported when asked for: `import ipcserve.ray` (this package) must not import Flask.
+    if name == "serve":
+        from .lifecycle import serve
+
+        return serve
+    if name in ("build_app", "create_app", "main"):
+        from . import cli
+
+        return getattr(cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
