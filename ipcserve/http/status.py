@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any
 
 from flask import Response, jsonify, request, send_from_directory
 
@@ -82,12 +83,12 @@ def _files(state: object) -> list[dict[str, str]]:
     return [{"filename": path.name} for path in sorted(STATIC.iterdir()) if path.is_file()]
 
 
-def _json(schema: dict[str, object], description: str = "OK") -> dict[str, object]:
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-_NUMBERS = {"type": "array", "items": {"type": ["number", "null"]}}
-_SERIES = {"type": "object",
+_NUMBERS: dict[str, Any] = {"type": "array", "items": {"type": ["number", "null"]}}
+_SERIES: dict[str, Any] = {"type": "object",
            "required": ["t", "requests", "rate", "p50_ms", "p95_ms", "p99_ms", "batch_mean",
                         "batch_max", "queue_depth"],
            "properties": {"t": {"type": "array", "items": {"type": "number"}},
@@ -97,12 +98,12 @@ _SERIES = {"type": "object",
                           "p50_ms": _NUMBERS, "p95_ms": _NUMBERS, "p99_ms": _NUMBERS,
                           "batch_mean": _NUMBERS, "batch_max": _NUMBERS,
                           "queue_depth": {"type": "array", "items": {"type": "integer"}}}}
-_HISTORY = {"type": "object", "required": ["bucket_seconds", "span_seconds", "now", "models"],
+_HISTORY: dict[str, Any] = {"type": "object", "required": ["bucket_seconds", "span_seconds", "now", "models"],
             "properties": {"bucket_seconds": {"type": "number"},
                            "span_seconds": {"type": "number"}, "now": {"type": "number"},
                            "pid": {"type": "integer"},
                            "models": {"type": "object", "additionalProperties": _SERIES}}}
-_EVENTS = {"type": "object", "required": ["object", "data"],
+_EVENTS: dict[str, Any] = {"type": "object", "required": ["object", "data"],
            "properties": {"object": {"const": "list"}, "pid": {"type": "integer"},
                           "data": {"type": "array", "items": {
                "type": "object", "required": ["id", "time", "kind", "model", "message"],
@@ -110,11 +111,11 @@ _EVENTS = {"type": "object", "required": ["object", "data"],
                               "kind": {"type": "string", "enum": list(events.KINDS)},
                               "model": {"type": ["string", "null"]},
                               "message": {"type": "string"}}}}}}
-_READY = {"type": "object", "required": ["ready", "draining", "models"],
+_READY: dict[str, Any] = {"type": "object", "required": ["ready", "draining", "models"],
           "properties": {"ready": {"type": "boolean"}, "draining": {"type": "boolean"},
                          "models": {"type": "object",
                                     "additionalProperties": {"type": "boolean"}}}}
-_LIMIT = {"name": "limit", "in": "query", "required": False,
+_LIMIT: dict[str, Any] = {"name": "limit", "in": "query", "required": False,
           "description": f"at most this many events (1 to {MAX_LIMIT})",
           "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}}
 

@@ -109,10 +109,13 @@ def sample_schema(tensor: dict[str, Any]) -> dict[str, Any]:
 
 def _check_value(value: Any, dims: list[int], datatype: str, where: str) -> None:
     if dims:
-        wanted = f"a list of {dims[0]}" if dims[0] >= 0 else "a list"
+        what = "lists" if len(dims) > 1 else "booleans" if datatype == "BOOL" else \
+            "numbers" if datatype.startswith("FP") else "integers"
+        count = f"{dims[0]} " if dims[0] >= 0 else ""
         if not isinstance(value, list) or (dims[0] >= 0 and len(value) != dims[0]):
-            raise InputError(f"field {where!r} must be {wanted} (shape {dims}), got "
-                             f"{'a list of ' + str(len(value)) if isinstance(value, list) else type(value).__name__}")
+            got = f"{len(value)}" if isinstance(value, list) else f"a {type(value).__name__}"
+            raise InputError(f"field {where!r} must be a list of {count}{what} ({datatype}, "
+                             f"shape {dims}), got {got}")
         for i, item in enumerate(value):
             _check_value(item, dims[1:], datatype, f"{where}[{i}]")
         return
