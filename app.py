@@ -7,7 +7,7 @@ Every flag also reads an IPCSERVE_* environment variable.
 
 import sys
 
-from ipcserve.cli import main
+from ipcserve.server.cli import main
 
 if __name__ == "__main__":  # required: the spawn start method re-imports this file
     sys.exit(main(["serve", *sys.argv[1:]]))

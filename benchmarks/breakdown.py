@@ -79,9 +79,11 @@ def per_call(fn: Callable[[], Any], n: int) -> float:
 def stages() -> dict[str, float]:
     from flask import Flask, jsonify
 
-    from ipcserve import decode, shm
-    from ipcserve.metrics import Metrics
-    from ipcserve.protocol import Reply, Request
+    from ipcserve.http import decode
+
+    from ipcserve.engine import shm
+    from ipcserve.http.metrics import Metrics
+    from ipcserve.engine.protocol import Reply, Request
 
     from models import Echo
 

@@ -3,7 +3,7 @@
 import os
 
 from ipcserve.adapters.hf import TransformersModel
-from ipcserve.cli import create_app
+from ipcserve.server.cli import create_app
 
 from models import minilm_path
 

@@ -123,7 +123,7 @@ def serve_litserve(model: str, port: int) -> None:
 
 
 def ipcserve_app(model: str, batch_wait: float = 0.0) -> Any:
-    from ipcserve.cli import create_app
+    from ipcserve.server.cli import create_app
     from ipcserve.flask import IPCServe
 
     # max_inflight above the benchmark's 64 connections: wrk reconnects at once when it
@@ -168,7 +168,7 @@ def serve_waitress(app: Any, port: int) -> None:
 def serve_ipcserve(model: str, port: int, batch_wait: float) -> None:
     """The app ``ipcserve serve`` builds, on the server ``ipcserve serve`` configures."""
     from ipcserve.flask import IPCServe
-    from ipcserve.waitress_conf import create_server
+    from ipcserve.server.waitress_conf import create_server
 
     app = ipcserve_app(model, batch_wait)
     server = create_server(app, host="127.0.0.1", port=port)

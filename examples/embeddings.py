@@ -16,7 +16,7 @@ import sys
 from flask import Flask
 
 from ipcserve.adapters.hf import TransformersModel
-from ipcserve.cli import serve
+from ipcserve.server import serve
 from ipcserve.flask import IPCServe
 
 

@@ -67,7 +67,7 @@ def main() -> None:
     from flask import Flask
 
     from ipcserve import MLProcess
-    from ipcserve.cli import serve
+    from ipcserve.server import serve
     from ipcserve.flask import IPCServe
 
     if not MODEL_PATH.exists():

@@ -5,9 +5,9 @@ Importing ipcserve imports neither Flask, torch nor transformers.
 
 from __future__ import annotations
 
-from .channel import CallResult, Stream
-from .config import Config
-from .errors import (
+from .engine.channel import CallResult, Stream
+from .engine.config import Config
+from .engine.errors import (
     ConfigError,
     ConflictError,
     DeadlineError,
@@ -26,7 +26,7 @@ from .errors import (
     WorkerCrashedError,
     WorkerUnavailableError,
 )
-from .mlprocess import MLProcess
+from .engine.mlprocess import MLProcess
 
 __version__ = "0.3.0"
 

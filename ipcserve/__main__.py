@@ -1,6 +1,6 @@
 """``python -m ipcserve serve ...``."""
 
-from ipcserve.cli import main
+from ipcserve.server.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .flask_ext import IPCServe, error_response
+from .http.extension import IPCServe, error_response
 
 __all__ = ["IPCServe", "error_response"]

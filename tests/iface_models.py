@@ -37,3 +37,31 @@ class Echo(MLProcess):
         if text == "break":
             return {"text": text, "count": "not a number"}
         return {"text": text.upper(), "count": count + 1}
+
+
+class Rows(MLProcess):
+    """``--model iface_models:Rows``: a batching tensor model; each row's answer is the
+    number of items in the model call that computed it. A row whose first value is
+    negative makes that call work -value steps of IPCSERVE_TEST_STEP seconds first,
+    writing a "." per step into the file IPCSERVE_TEST_STEPS names (for cancellation)."""
+
+    tensor_signature = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "batch", "datatype": "INT64", "shape": [-1, 1]}]}
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(name="rows", **settings)
+
+    def predict_batch(self, xs: list[Any]) -> list[Any]:
+        import os
+        import time
+
+        rows = [x["x"] if isinstance(x, dict) else x for x in xs]  # native: {"x": row}
+        steps = max(0, int(-min(float(row[0]) for row in rows)))
+        if "IPCSERVE_TEST_STEPS" not in os.environ:
+            steps = 0  # a server that does not test cancellation (a fuzzer's)
+        for _ in range(steps):
+            with open(os.environ["IPCSERVE_TEST_STEPS"], "a") as f:
+                f.write(".")
+            time.sleep(float(os.environ["IPCSERVE_TEST_STEP"]))
+        return [{"batch": [len(xs)]} for _ in xs]

@@ -231,7 +231,7 @@ class Misbehaver(MLProcess):
         if x == "shm-then-exit":  # a segment made by this process, then a crash before the reply
             import numpy as np
 
-            from ipcserve import shm
+            from ipcserve.engine import shm
 
             shm.dumps(np.zeros(1 << 21, dtype=np.uint8), 1)
             os._exit(3)
@@ -450,3 +450,21 @@ class LoadsOnce(Doubler):
         if os.path.exists(self.marker):
             raise RuntimeError("the new weights are broken")
         super().load()
+
+
+class PickyBatcher(Batcher):
+    """A Batcher that rejects a call holding a negative number with an InputError (a 400),
+    as a model validating its whole batch would."""
+
+    def predict_batch(self, xs: list[Any]) -> list[Any]:
+        if any(isinstance(x, int) and x < 0 for x in xs):
+            self.batches.append(list(xs))
+            raise InputError("inputs must be >= 0")
+        return super().predict_batch(xs)
+
+
+class ArrayBatcher(MLProcess):
+    """Doubles arrays in predict_batch (the shared-memory path of a batching model)."""
+
+    def predict_batch(self, xs: list[Any]) -> list[Any]:
+        return [x * 2 for x in xs]

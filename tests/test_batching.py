@@ -1,4 +1,4 @@
-"""``ipcserve.batching``: the pure batch policy. Plain objects, no processes, no I/O.
+"""``ipcserve.engine.batching``: the pure batch policy. Plain objects, no processes, no I/O.
 
 How batches form under real load (with a real ML process) is tested in test_mlprocess.py;
 this file tests only the policy functions.
@@ -6,12 +6,14 @@ this file tests only the policy functions.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 
 import pytest
 
-from ipcserve import batching
-from ipcserve.protocol import Request
+from ipcserve import InputError, ModelError, QueueDeadlineError
+from ipcserve.engine import batching
+from ipcserve.engine.protocol import Request
 
 
 @dataclass
@@ -61,9 +63,85 @@ def test_take_does_not_change_its_input() -> None:
     assert ids(items) == [0, 1, 2]
 
 
-def test_every_request_is_one_item_today() -> None:
+def test_a_call_is_one_item_and_a_batch_request_its_item_count() -> None:
     assert batching.size_of(Request(1, 0.0, (1,), {})) == 1
     assert batching.size_of(Request(2, 0.0, (), {"a": 1, "b": 2})) == 1
+    assert batching.size_of(Request(3, 0.0, (), {}, items=[1, 2, 3])) == 3
+
+
+def sized(*sizes: int) -> list[Pending]:
+    """Pending requests of the given sizes (1: a call; more: a batch request)."""
+    return [Pending(Request(i, 0.0, (i,), {}) if n == 1
+                    else Request(i, 0.0, (), {}, list(range(n)))) for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("sizes, max_items, batch_ids", [
+    ((2, 3, 1), 8, [0, 1, 2]),        # 6 items fit
+    ((3, 5, 1), 8, [0, 1]),           # exactly full; the call waits for the next batch
+    ((3, 6, 1), 8, [0]),              # no room for the 6: it starts the next batch
+    ((1, 20, 1), 8, [0]),             # the oversized request does not join a forming batch ...
+    ((20, 1, 1), 8, [0]),             # ... and goes alone when it comes first
+    ((1, 1, 4), 4, [0, 1]),
+])
+def test_take_counts_items_of_batch_requests(sizes: tuple[int, ...], max_items: int,
+                                             batch_ids: list[int]) -> None:
+    batch, rest = batching.take(sized(*sizes), max_items)
+    assert ids(batch) == batch_ids
+    assert ids(rest) == [i for i in range(len(sizes)) if i not in batch_ids]
+
+
+def test_taking_batch_requests_repeatedly_serves_everything_once_in_order() -> None:
+    rest = sized(3, 1, 64, 2, 2, 1, 5)
+    batches = []
+    while rest:
+        batch, rest = batching.take(rest, 8)
+        batches.append(ids(batch))
+    assert batches == [[0, 1], [2], [3, 4, 5], [6]]
+
+
+def test_items_of_a_call_and_of_a_batch_request() -> None:
+    assert batching.items_of(Request(1, 0.0, (5,), {})) == [5]
+    assert batching.items_of(Request(2, 0.0, (), {"a": 1})) == [{"a": 1}]
+    assert batching.items_of(Request(3, 0.0, (), {}, items=[{"a": 1}, 7])) == [{"a": 1}, 7]
+    with pytest.raises(TypeError):
+        batching.items_of(Request(4, 0.0, (1, 2), {}))
+
+
+# -- one answer per request from its items' outcomes: answer() --------------------------------
+def test_a_call_answers_with_its_one_outcome() -> None:
+    error = InputError("bad")
+    assert batching.answer(Request(1, 0.0, (1,), {}), [(10, None, 4)]) == (10, None, 4)
+    assert batching.answer(Request(1, 0.0, (1,), {}), [(None, error, 1)]) == (None, error, 1)
+
+
+def test_a_batch_request_answers_with_its_results_in_order_and_the_largest_call() -> None:
+    request = Request(1, 0.0, (), {}, items=[1, 2, 3])
+    assert batching.answer(request, [(10, None, 2), (20, None, 2), (30, None, 1)]) == (
+        [10, 20, 30], None, 2)
+
+
+def test_a_batch_request_fails_with_its_first_failing_item_named() -> None:
+    request = Request(1, 0.0, (), {}, items=[1, 2, 3, 4])
+    first = InputError("field 'x' is bad")
+    second = ModelError("ValueError: later", remote_type="ValueError", remote_traceback="tb")
+    value, error, size = batching.answer(
+        request, [(10, None, 4), (20, None, 4), (None, first, 1), (None, second, 1)])
+    assert value is None and size == 4
+    assert type(error) is InputError and error.http_status == 400
+    assert str(error) == "item 2: field 'x' is bad"
+    assert str(first) == "field 'x' is bad"  # the item's own error is left alone
+
+
+def test_a_failed_item_keeps_its_class_and_attributes() -> None:
+    error = ModelError("ValueError: no", remote_type="ValueError", remote_traceback="Traceback ...")
+    error.retry_after = 3.0
+    renamed = batching.failed_item(7, error)
+    assert type(renamed) is ModelError and renamed.message == "item 7: ValueError: no"
+    assert (renamed.remote_type, renamed.remote_traceback, renamed.retry_after) == (
+        "ValueError", "Traceback ...", 3.0)
+    again = pickle.loads(pickle.dumps(renamed))  # it crosses the pipe
+    assert again.message == "item 7: ValueError: no" and again.remote_type == "ValueError"
+    assert batching.failed_item(0, QueueDeadlineError("late")).args == ("item 0: late",)
 
 
 # -- what one call contributes to predict_batch: item_of() ------------------------------------

@@ -353,7 +353,7 @@ def test_deadline_counts_from_when_the_server_received_the_request() -> None:
 
 
 def test_a_request_that_waited_past_its_deadline_gets_503_without_reaching_the_app() -> None:
-    from ipcserve.waitress_conf import RECEIVED_KEY, _ShedStale
+    from ipcserve.server.waitress_conf import RECEIVED_KEY, _ShedStale
 
     calls: list[dict[str, Any]] = []
 
@@ -381,7 +381,7 @@ def test_predict_counts_its_deadline_from_when_the_server_received_it() -> None:
     from flask import Flask
     from models import Doubler
 
-    from ipcserve.flask_ext import IPCServe
+    from ipcserve.http.extension import IPCServe
 
     app = Flask("deadline")
     ext = IPCServe(app)
@@ -402,7 +402,7 @@ def test_predict_counts_its_deadline_from_when_the_server_received_it() -> None:
 
 def test_server_limits_from_the_environment() -> None:
     from ipcserve import ConfigError
-    from ipcserve.waitress_conf import ServerLimits
+    from ipcserve.server.waitress_conf import ServerLimits
 
     assert ServerLimits.from_env({}) == ServerLimits()
     limits = ServerLimits.from_env({"IPCSERVE_HEADER_TIMEOUT": "2.5", "IPCSERVE_CONNECTION_LIMIT": "50"})
@@ -420,14 +420,14 @@ def test_create_server_sizes_threads_from_the_models_and_keeps_waitress_settings
     from flask import Flask
     from models import Doubler
 
-    from ipcserve.flask_ext import IPCServe
-    from ipcserve.waitress_conf import SPARE_THREADS, ServerLimits, create_server
+    from ipcserve.http.extension import IPCServe
+    from ipcserve.server.waitress_conf import SPARE_THREADS, ServerLimits, create_server
 
     app = Flask("sized")
     ipc = IPCServe(app)
     ipc.add_model(Doubler(max_inflight=10, timeout=7.0))  # never started: no process
     ipc.add_model(Doubler(name="other", max_inflight=6, timeout=12.0))
-    with caplog.at_level(logging.INFO, logger="ipcserve.waitress_conf"):
+    with caplog.at_level(logging.INFO, logger="ipcserve.server.waitress_conf"):
         server = create_server(app, port=0, limits=ServerLimits(idle_timeout=4.5))
     try:
         adj = server.adj
@@ -441,7 +441,7 @@ def test_create_server_sizes_threads_from_the_models_and_keeps_waitress_settings
 
 
 def test_connection_limit_fits_the_descriptor_budget() -> None:
-    from ipcserve.waitress_conf import MAX_CONNECTIONS, connection_limit_for
+    from ipcserve.server.waitress_conf import MAX_CONNECTIONS, connection_limit_for
 
     assert connection_limit_for(1024, threads=12) == (1024 - 256 - 24) // 2
     assert connection_limit_for(20_000, threads=68) == (20_000 - 256 - 136) // 2
@@ -469,7 +469,7 @@ def test_odd_paths_get_json_and_never_a_redirect(server: Server, path: str, stat
 def test_url_prefix_root_without_slash_is_not_redirected() -> None:
     from flask import Flask
 
-    from ipcserve.flask_ext import IPCServe
+    from ipcserve.http.extension import IPCServe
 
     app = Flask("prefixed")
     IPCServe(app, url_prefix="/ml")

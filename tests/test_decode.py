@@ -1,4 +1,4 @@
-"""Request bodies to model inputs (ipcserve.decode) and results to JSON (ipcserve.encode).
+"""Request bodies to model inputs (ipcserve.http.decode) and results to JSON (ipcserve.http.encode).
 
 Function-level tests with real inputs: real image files made by Pillow or written byte by
 byte, real JSON text, real threads for the decode memory budget.
@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ipcserve import decode, encode
-from ipcserve.errors import InputError, UnsupportedMediaTypeError
+from ipcserve.http import decode, encode
+from ipcserve.engine.errors import InputError, UnsupportedMediaTypeError
 
 # A complete EPS file: Pillow identifies it as EPS and, on load(), runs Ghostscript on it.
 EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
@@ -225,7 +225,7 @@ def test_threads_decoding_large_images_never_exceed_the_budget() -> None:
 
 
 def test_an_image_bigger_than_the_whole_budget_is_413_before_decoding() -> None:
-    from ipcserve.errors import PayloadTooLargeError
+    from ipcserve.engine.errors import PayloadTooLargeError
 
     data = _noise_png(1000)
     budget = decode.DecodeBudget(1 << 20)
@@ -235,7 +235,7 @@ def test_an_image_bigger_than_the_whole_budget_is_413_before_decoding() -> None:
 
 
 def test_a_full_budget_answers_503_after_its_wait() -> None:
-    from ipcserve.errors import OverloadedError
+    from ipcserve.engine.errors import OverloadedError
 
     budget = decode.DecodeBudget(100, wait=0.05)
     with budget.reserve(80):
@@ -268,7 +268,7 @@ def test_the_server_applies_its_decode_budget() -> None:
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
 def test_every_allowed_format_is_size_checked_from_its_header(fmt: str) -> None:
-    from ipcserve.errors import PayloadTooLargeError
+    from ipcserve.engine.errors import PayloadTooLargeError
 
     rng = np.random.default_rng(1)
     buffer = io.BytesIO()

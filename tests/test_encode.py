@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from ipcserve import encode
+from ipcserve.http import encode
 
 SAME = [
     {"label": 3, "probabilities": [0.1, 0.2, 0.7]},

@@ -56,7 +56,7 @@ def test_init_app_twice_raises() -> None:
         ext.init_app(app)
     with pytest.raises(RuntimeError, match="already registered on this app"):
         IPCServe(app)
-    assert app.extensions["ipcserve"].ext is ext
+    assert app.extensions["ipcserve"].extension is ext
 
 
 def test_init_app_later_registers_state_and_config_defaults() -> None:
@@ -64,7 +64,7 @@ def test_init_app_later_registers_state_and_config_defaults() -> None:
     app = make_app(IPCSERVE_MAX_IMAGE_PIXELS=1000)
     assert "ipcserve" not in app.extensions
     ext.init_app(app)
-    assert app.extensions["ipcserve"].ext is ext
+    assert app.extensions["ipcserve"].extension is ext
     assert app.extensions["ipcserve"].max_pixels == 1000  # setdefault keeps the app's value
     assert app.config["IPCSERVE_API_KEY"] is None
     assert app.config["MAX_CONTENT_LENGTH"] == 16 * 1024 * 1024
@@ -149,7 +149,7 @@ def test_two_apps_with_one_extension_each_keep_their_own_models(doubler: Doubler
     ext_a, ext_b = IPCServe(app_a), IPCServe(app_b, url_prefix="/b")
     ext_a.add_model(doubler)
     ext_b.add_model(Sleeper())  # never started
-    assert app_a.extensions["ipcserve"].ext is ext_a and app_b.extensions["ipcserve"].ext is ext_b
+    assert app_a.extensions["ipcserve"].extension is ext_a and app_b.extensions["ipcserve"].extension is ext_b
     a, b = app_a.test_client(), app_b.test_client()
     auth = {"Authorization": "Bearer b-key"}
     assert [m["name"] for m in a.get("/v1/models").get_json()["data"]] == ["doubler"]

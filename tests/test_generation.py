@@ -30,7 +30,7 @@ from server import Server  # noqa: E402
 from ipcserve import Config, ConfigError, InputError  # noqa: E402
 from ipcserve.adapters.generation import IncrementalDecoder, StopBuffer  # noqa: E402
 from ipcserve.adapters.hf import TransformersModel, infer_task  # noqa: E402
-from ipcserve.cli import build_model  # noqa: E402
+from ipcserve.server.cli import build_model  # noqa: E402
 
 PROMPT = "the cat sat on the mat"
 CHAT = [{"role": "system", "content": "be good"}, {"role": "user", "content": "hello world"}]

@@ -23,7 +23,7 @@ from ipcserve import (
     OverloadedError,
     WorkerUnavailableError,
 )
-from ipcserve.protocol import Shutdown
+from ipcserve.engine.protocol import Shutdown
 
 
 def test_call_returns_the_models_answer_and_per_call_timeout() -> None:
@@ -217,7 +217,7 @@ def test_every_start_method_serves(method: str) -> None:
 def test_in_flight_counts_of_dead_callers_are_forgotten() -> None:
     """A web process killed with calls in flight (a gunicorn worker) must not leave its
     count behind: batches would wait for answers nobody will ask for."""
-    from ipcserve.statusblock import StatusBlock
+    from ipcserve.engine.statusblock import StatusBlock
 
     status = StatusBlock(multiprocessing.get_context("spawn"), 1)
     dead = multiprocessing.get_context("spawn").Process(target=os.getpid)

@@ -320,7 +320,7 @@ def test_real_minilm_embeddings_rank_paraphrases_first() -> None:
 def test_param_error_pickles_with_its_param() -> None:
     import pickle
 
-    from ipcserve.openai_fields import ParamError
+    from ipcserve.http.openai_fields import ParamError
 
     err = pickle.loads(pickle.dumps(ParamError("'n' must be 1", "n", "bad_n")))
     assert (err.message, err.param, err.code, err.http_status) == ("'n' must be 1", "n", "bad_n", 400)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,47 +57,93 @@ def test_api_key_is_a_security_scheme_and_guards_the_document() -> None:
         server.stop()
 
 
-def test_schemathesis_finds_no_server_error_and_no_nonconforming_response(
-        digits: Server) -> None:
-    schemathesis = pytest.importorskip(
-        "schemathesis", reason="schemathesis is installed by the 3.11 CI leg only")
-    from hypothesis import HealthCheck, given, settings
+# Which checks hold where. Everywhere: no 5xx, every status, content type, body and header as
+# documented, schema-violating requests refused, 405 with Allow for undocumented methods.
+# Schema-valid requests accepted (positive_data_acceptance) wherever JSON Schema can say
+# what the route accepts: not the V2 infer routes (a tensor's data must have as many values
+# as its shape says), not the predict routes of models documented only by their predict
+# signature (any value), and for image models an upload is accepted or refused as not an
+# image (no schema can say "a decodable picture").
+SCHEMATHESIS_CONFIG = """
+[checks]
+enabled = true
+use_after_free.enabled = false
+ensure_resource_availability.enabled = false
+ignored_auth.enabled = false
+object_level_authorization.enabled = false
 
-    from schemathesis.checks import CHECKS, not_a_server_error
-    from schemathesis.specs.openapi.checks import (
-        content_type_conformance,
-        response_schema_conformance,
-        status_code_conformance,
-    )
+[[operations]]
+include-path-regex = "^/v1/models/(fakechat|fakeembedder)/predict$|^/v2/models/[^/]+/infer$"
+checks.positive_data_acceptance.enabled = false
 
-    schema = schemathesis.openapi.from_url(digits.url + "/openapi.json")
-    # What the issue asks: no 5xx, and every response (status, type, body) matches the document.
-    checks = [not_a_server_error, response_schema_conformance, status_code_conformance,
-              content_type_conformance]
-    excluded = [c for c in CHECKS.get_all() if c not in checks]
-    failures: list[str] = []
-    tested = 0
-    for result in schema.get_all_operations():
-        operation = result.ok()
+[[operations]]
+include-path-regex = "^/predict$|^/v1/models/digits/predict$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "415"]
+"""
 
-        @settings(max_examples=8, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy())
-        def check(case: Any) -> None:
-            try:
-                case.call_and_validate(base_url=digits.url, timeout=30, checks=checks,
-                                       excluded_checks=excluded)
-            except Exception as exc:  # collect, so that one run reports every operation
-                failures.append(f"{operation.label}: {str(exc)[:500]}")
-                raise
 
-        try:
-            check()
-        except Exception:  # noqa: S110 - recorded in failures
-            pass
-        tested += 1
-    assert tested >= 10
-    assert not failures, "\n\n".join(failures[:5])
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_schemathesis_finds_no_server_error_and_no_nonconforming_response(tmp_path: Any) -> None:
+    pytest.importorskip("schemathesis", reason="schemathesis has no wheel for this Python")
+    import re
+    import subprocess
+    import sys
+
+    server = Server("--model", "digits", "--model", "models:FakeChat", "--model",
+                    "models:FakeEmbedder", "--model", "iface_models:Rows")
+    try:
+        document = requests.get(server.url + "/openapi.json", timeout=30).json()
+        # Every operation but the document's own (schemathesis does not test its source).
+        operations = sum(len(item) for path, item in document["paths"].items()
+                         if path != "/openapi.json")
+        assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/metrics",
+                "/v2/models/rows/infer"} <= set(document["paths"])
+        config = tmp_path / "schemathesis.toml"
+        config.write_text(SCHEMATHESIS_CONFIG)
+        # The real CLI: every phase that needs no state (examples, coverage, fuzzing), every
+        # failure and every error of generation reported, exit 1 on any.
+        run = subprocess.run(
+            [sys.executable, "-c", "from schemathesis.cli import schemathesis; schemathesis()",
+             "--config-file", str(config), "run", server.url + "/openapi.json",
+             "--phases", "examples,coverage,fuzzing", "--max-examples", "60", "--workers", "1",
+             "--seed", "1", "--suppress-health-check", "all", "--output-sanitize", "false",
+             "--request-timeout", "30"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=540)
+        output = run.stdout + run.stderr
+        assert run.returncode == 0, output[-20000:]
+        tested = re.search(r"Tested: (\d+)", output)
+        assert tested is not None and int(tested.group(1)) == operations, output[-5000:]
+    finally:
+        assert server.stop() == 0, server.output
+
+
+def test_the_document_lists_every_registered_route() -> None:
+    from flask import Flask
+    from iface_models import Rows
+    from models import Doubler, FakeChat
+
+    from ipcserve.adapters.digits import DigitsClassifier
+    from ipcserve.flask import IPCServe
+    from ipcserve.http.openapi import openapi_document
+
+    app = Flask("every-route")
+    ext = IPCServe(app, url_prefix="/ml")
+    for ml, kind in ((DigitsClassifier(), "image"), (Doubler(), "json"), (FakeChat(), "json"),
+                     (Rows(), "json")):
+        ext.add_model(ml, kind)
+    with app.test_request_context():
+        paths = set(openapi_document()["paths"])
+    rules = [rule.rule for rule in app.url_map.iter_rules() if rule.endpoint.startswith("ipcserve.")]
+    assert len(rules) >= 20
+    for rule in rules:
+        pattern = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", "[^/]+", rule)
+        assert any(re.fullmatch(pattern, path) for path in paths), rule
+    models = {"digits", "doubler", "fakechat", "rows"}
+    assert {p.split("/")[4] for p in paths if re.fullmatch(r"/ml/v1/models/[^/]+/predict", p)} == models
+    # V2 lists the models with a tensor signature.
+    assert {p.split("/")[4] for p in paths if re.fullmatch(r"/ml/v2/models/[^/]+", p)} == {
+        "digits", "rows"}
 
 
 def test_docs_page_renders_the_document_in_chromium(digits: Server, tmp_path: Any) -> None:

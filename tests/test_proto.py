@@ -40,8 +40,8 @@ def url() -> Iterator[str]:
     from flask import Flask
     from iface_models import Echo
 
-    from ipcserve.flask_ext import IPCServe
-    from ipcserve.waitress_conf import create_server
+    from ipcserve.http.extension import IPCServe
+    from ipcserve.server.waitress_conf import create_server
 
     request_class, response_class = _messages()
     app = Flask("proto")
@@ -83,7 +83,7 @@ def test_requests_that_break_the_message_get_400(url: str, body: dict, words: st
 
 def test_answer_that_breaks_the_response_message_is_a_logged_500(
         url: str, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.ERROR, logger="ipcserve.schemas"):
+    with caplog.at_level(logging.ERROR, logger="ipcserve.http.schemas"):
         answer = requests.post(url + "/v1/models/echo/predict", json={"text": "break"},
                                timeout=30)
     assert answer.status_code == 500

@@ -15,8 +15,8 @@ import types
 import pytest
 
 import ipcserve
-from ipcserve import errors
-from ipcserve.protocol import Attached, Cancel, Reply, Request, Shutdown
+from ipcserve.engine import errors
+from ipcserve.engine.protocol import Attached, Cancel, Reply, Request, Shutdown
 
 EXPECTED_ALL = [
     "CallResult",
@@ -54,7 +54,7 @@ def test_all_is_exactly_the_expected_list() -> None:
 
 def test_every_public_name_in_the_package_is_exported() -> None:
     # httpx's tests/test_exported_members.py, minus submodules (importing ipcserve imports
-    # ipcserve.config etc., which binds them as attributes) and the ``annotations`` name that
+    # ipcserve.engine.config etc., which binds them as attributes) and the ``annotations`` name that
     # ``from __future__ import annotations`` binds (a compiler directive, not API).
     public = sorted(name for name, value in vars(ipcserve).items()
                     if not name.startswith("_")

@@ -13,6 +13,7 @@ import pytest
 from conftest import wait_until
 
 from ipcserve import ConfigError
+from ipcserve.flask import IPCServe
 from ipcserve.ray import IPCServeReplica, parse_args
 
 
@@ -101,13 +102,39 @@ def test_replica_health_autoscaling_stats_and_shutdown() -> None:
         # One crash opens the circuit (threshold 1) and the restart is 30 s away: the
         # replica reports itself unhealthy so that Ray replaces it.
         assert client.post("/predict", json={"x": "exit"}).status_code == 502
-        wait_until(lambda: replica.flask_app.extensions["ipcserve"].ext.endpoints[
+        wait_until(lambda: IPCServe.of(replica.flask_app).endpoints[
             "doubler"].ml.status.get("circuit_open"), timeout=10, what="the circuit opening")
         with pytest.raises(RuntimeError, match="circuit breaker is open; replace this replica"):
             replica.check_health()
     finally:
         asyncio.run(replica.shutdown())  # Serve's shutdown hook: drains, stops the ML process
-    assert replica.flask_app.extensions["ipcserve"].ext.draining.is_set()
+    assert IPCServe.of(replica.flask_app).draining.is_set()
+
+
+@pytest.mark.timeout(60)
+def test_replica_health_agrees_with_readyz_during_a_drain_delay() -> None:
+    import threading
+
+    replica = IPCServeReplica(model="digits")
+    ext = IPCServe.of(replica.flask_app)
+    client: Any = replica.flask_app.test_client()
+    drain = threading.Thread(target=ext.drain, kwargs={"grace": 5, "delay": 30})
+    try:
+        replica.check_health()
+        assert client.get("/readyz").status_code == 200
+        drain.start()  # /readyz turns 503 at once; requests are still served for 30 s
+        wait_until(ext.unready.is_set, what="the drain to begin")
+        probes = [client.get(p).status_code for p in ("/readyz", "/v2/health/ready",
+                                                      "/v2/models/digits/ready")]
+        assert probes == [503, 503, 503]
+        with pytest.raises(RuntimeError, match="draining"):
+            replica.check_health()
+        assert client.post("/predict", json={"pixels": [0.0] * 64}).status_code == 200
+    finally:
+        ext.drain(grace=0)  # cuts the delay short
+        if drain.ident is not None:
+            drain.join(10)
+        asyncio.run(replica.shutdown())
 
 
 def test_the_serve_config_example_is_valid() -> None:

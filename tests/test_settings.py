@@ -12,8 +12,8 @@ from flask import Flask
 from models import Blocker, Doubler
 
 from ipcserve import Config, ConfigError
-from ipcserve.cli import _parser, resolve
-from ipcserve.config import SETTINGS, settings_of
+from ipcserve.server.cli import _parser, resolve
+from ipcserve.engine.config import SETTINGS, settings_of
 from ipcserve.flask import IPCServe
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"

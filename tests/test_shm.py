@@ -12,7 +12,7 @@ from conftest import spawn_events
 from models import ArrayModel
 
 from ipcserve import DeadlineError, ResultDeadlineError, WorkerCrashedError
-from ipcserve import shm
+from ipcserve.engine import shm
 
 
 def segments() -> set[str]:

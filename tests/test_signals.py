@@ -32,7 +32,7 @@ def test_sighup_reloads_and_drops_no_request() -> None:
         assert [r.status_code for r in responses] == [200, 200]
         wait_until(lambda: "SIGHUP reload done" in server.output, timeout=30, what="the reload")
         after = requests.get(f"{server.url}/v1/models/sleeper", timeout=5).json()
-        assert (before["generation"], after["generation"]) == (1, 2)
+        assert (before["revision"], after["revision"]) == (1, 2)
         old_pids = {w["pid"] for w in before["status"]["workers"]}
         new_pids = {w["pid"] for w in after["status"]["workers"]}
         assert old_pids and new_pids and not old_pids & new_pids
@@ -72,9 +72,9 @@ def test_a_normal_start_and_stop_logs_no_warning() -> None:
     assert requests.get(f"{server.url}/readyz", timeout=5).status_code == 200
     assert server.stop() == 0
     lines = server.output.splitlines()
-    assert any(" INFO ipcserve.cli: serving digits on http://" in line for line in lines), lines
+    assert any(" INFO ipcserve.server.lifecycle: serving digits on http://" in line for line in lines), lines
     assert any("models ready: digits" in line for line in lines), lines
-    assert any(line.endswith("INFO ipcserve.cli: stopped") for line in lines), lines
+    assert any(line.endswith("INFO ipcserve.server.lifecycle: stopped") for line in lines), lines
     noisy = [line for line in lines if " WARNING " in line or " ERROR " in line]
     assert not noisy, noisy
     assert not any("ipcserve: ipcserve:" in line for line in lines)

@@ -238,8 +238,8 @@ def test_try_it_answers_for_every_kind_of_model(server: Server, driver: Any, tmp
         "2 vectors of 26 dimensions"
     assert '"object": "list"' in (text(driver, "#result-json") or "")
     assert "/v1/embeddings" in (text(driver, "#curl") or "")
-    # The generation and load time of each model are shown.
-    assert text(driver, '#models tr[data-model="fakechat"] .generation') == "1"
+    # The revision and load time of each model are shown.
+    assert text(driver, '#models tr[data-model="fakechat"] .revision') == "1"
     assert (text(driver, '#models tr[data-model="fakechat"] .loaded') or "").endswith(" s")
 
 
@@ -283,12 +283,12 @@ def test_the_page_with_an_api_key_and_the_reload_button(driver: Any) -> None:
         assert "Authorization: Bearer $IPCSERVE_API_KEY" in (text(driver, "#curl") or "")
         assert KEY not in (text(driver, "#curl") or ""), "the key itself is never shown"
         # Reload: the button POSTs to the reload URL /v1/models lists, with the key.
-        assert text(driver, '#models tr[data-model="doubler"] .generation') == "1"
+        assert text(driver, '#models tr[data-model="doubler"] .revision') == "1"
         js(driver, "document.querySelector('#models tr[data-model=\"doubler\"] button.reload').click()")
-        wait_for(driver, lambda d: "generation 2 serving" in (text(d, "#reload-note") or ""), "the reload")
+        wait_for(driver, lambda d: "revision 2 serving" in (text(d, "#reload-note") or ""), "the reload")
         wait_for(driver, lambda d: text(d, '#events tr[data-kind="reloaded"] .message'), "the reload event")
-        wait_for(driver, lambda d: text(d, '#models tr[data-model="doubler"] .generation') == "2",
-                 "the new generation in the table")
+        wait_for(driver, lambda d: text(d, '#models tr[data-model="doubler"] .revision') == "2",
+                 "the new revision in the table")
         reload_marker = ' line.marker[data-kind="reloaded"]'
         wait_for(driver, lambda d: drawn(d, chart("doubler", "requests") + reload_marker),
                  "the reload marked on the chart")

@@ -13,10 +13,10 @@ import requests
 from conftest import wait_until
 from server import Server
 
-from ipcserve import events
-from ipcserve.events import MAX_EVENTS, EventLog
+from ipcserve.engine import events
+from ipcserve.engine.events import MAX_EVENTS, EventLog
 from ipcserve.flask import IPCServe
-from ipcserve.history import OUTCOMES, History
+from ipcserve.http.history import OUTCOMES, History
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -138,15 +138,15 @@ def test_a_hang_is_a_504_in_the_history_and_a_watchdog_kill_in_the_log(doubler: 
     wait_until(lambda: _ready(doubler), what="readiness after the restart")
 
 
-def test_a_reload_is_logged_with_its_generation(doubler: Server) -> None:
+def test_a_reload_is_logged_with_its_revision(doubler: Server) -> None:
     wait_until(lambda: _ready(doubler), what="readiness")
     r = requests.post(f"{doubler.url}/v1/models/doubler/reload", timeout=60)
     assert r.status_code == 200, r.text
-    generation = r.json()["generation"]
+    revision = r.json()["revision"]
     newest = _events(doubler, limit=1)
     assert len(newest) == 1 and newest[0]["kind"] == "reloaded", newest
-    assert newest[0]["generation"] == generation
-    assert f"generation {generation} serving" in newest[0]["message"]
+    assert newest[0]["revision"] == revision
+    assert f"revision {revision} serving" in newest[0]["message"]
 
 
 def test_crashes_in_a_row_open_the_circuit_and_say_so() -> None:
@@ -220,7 +220,7 @@ def test_a_failed_reload_and_a_drain_are_logged_in_process(tmp_path: Any) -> Non
         assert r.status_code == 500 and r.get_json()["type"] == "ReloadError", r.get_json()
         failed = client.get("/v1/events?limit=1").get_json()["data"][0]
         assert failed["kind"] == "reload-failed" and failed["model"] == "once", failed
-        assert "generation 1 keeps serving" in failed["message"]
+        assert "revision 1 keeps serving" in failed["message"]
         assert "the new weights are broken" in failed["message"]
     finally:
         assert ext.drain(grace=5)

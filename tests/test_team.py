@@ -84,7 +84,7 @@ def test_three_models_from_one_toml_file(tmp_path: Path) -> None:
         assert sorted(models) == ["digits", "double", "nap"]
         assert models["digits"]["kind"] == "image" and models["double"]["kind"] == "json"
         assert len(models["double"]["status"]["workers"]) == 2  # its own engine setting
-        assert all(m["generation"] == 1 and m["load_seconds"] is not None for m in models.values())
+        assert all(m["revision"] == 1 and m["load_seconds"] is not None for m in models.values())
         # Every model answers at its own URL; the default one at /predict too.
         digits = requests.post(f"{server.url}/v1/models/digits/predict",
                                json={"pixels": [0.0] * 64}, timeout=10)
@@ -185,7 +185,7 @@ def test_reload_under_load_drops_nothing_and_serves_only_new_code_after(tmp_path
             reload = requests.post(f"{server.url}/v1/models/versioned/reload", timeout=60)
             reloaded_at = time.monotonic()
             assert reload.status_code == 200, reload.text
-            assert reload.json()["generation"] == 2 and reload.json()["drained"] is True
+            assert reload.json()["revision"] == 2 and reload.json()["drained"] is True
             seen = len(answers)
             wait_until(lambda: len(answers) >= seen + 200, timeout=30, what="traffic on version 2")
             stop.set()
@@ -213,19 +213,19 @@ def test_a_failing_reload_keeps_the_old_version_serving(tmp_path: Path) -> None:
         assert failed.status_code == 500
         assert failed.json()["type"] == "ReloadError"
         assert "v2.bin is corrupt" in failed.json()["error"]
-        assert "generation 1 keeps serving" in failed.json()["error"]
+        assert "revision 1 keeps serving" in failed.json()["error"]
         assert requests.post(predict_url, json={"x": 3}, timeout=10).json() == {"version": 1, "x": 3}
         model = models_of(server)["versioned"]
-        assert model["generation"] == 1 and model["last_reload"]["ok"] is False
+        assert model["revision"] == 1 and model["last_reload"]["ok"] is False
         assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
         # Fixed: the next reload goes through.
         write_versioned(tmp_path, 3)
-        assert requests.post(reload_url, timeout=60).json()["generation"] == 2
+        assert requests.post(reload_url, timeout=60).json()["revision"] == 2
         assert requests.post(predict_url, json={"x": 3}, timeout=10).json() == {"version": 3, "x": 3}
     finally:
         code = server.stop()
     assert code == 0, server.output
-    assert "reload failed, generation 1 keeps serving" in server.output
+    assert "reload failed, revision 1 keeps serving" in server.output
     assert "v2.bin is corrupt" in server.output
 
 
@@ -238,7 +238,7 @@ def test_reload_needs_the_api_key_and_names_unknown_models(tmp_path: Path) -> No
         missing = requests.post(f"{server.url}/v1/models/nope/reload", headers=auth, timeout=10)
         assert missing.status_code == 404 and "doubler" in missing.json()["error"]
         done = requests.post(f"{server.url}/v1/models/doubler/reload", headers=auth, timeout=60)
-        assert done.status_code == 200 and done.json()["generation"] == 2
+        assert done.status_code == 200 and done.json()["revision"] == 2
     finally:
         assert server.stop() == 0, server.output
 
@@ -314,7 +314,7 @@ def test_sighup_reloads_every_model_of_a_config_file(tmp_path: Path) -> None:
         server.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "SIGHUP reload done" in server.output, timeout=60, what="the reload")
         models = models_of(server)
-        assert models["versioned"]["generation"] == 2 and models["double"]["generation"] == 2
+        assert models["versioned"]["revision"] == 2 and models["double"]["revision"] == 2
         assert requests.post(f"{server.url}/v1/models/versioned/predict", json={"x": 0},
                              timeout=10).json()["version"] == 2
     finally:
@@ -337,9 +337,9 @@ def test_reloads_leak_no_file_descriptors_or_threads() -> None:
     try:
         traffic()
         fds, threads = counts()
-        for generation in range(2, 6):
+        for revision in range(2, 6):
             reply = requests.post(f"{server.url}/v1/models/doubler/reload", timeout=60)
-            assert reply.json()["generation"] == generation
+            assert reply.json()["revision"] == revision
             traffic()
         # Each version's pipes and supervisor threads go with it (a little slack for
         # connections the clients still hold open).

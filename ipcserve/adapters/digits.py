@@ -23,8 +23,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InputError
-from ..mlprocess import MLProcess
+from ..engine.errors import InputError
+from ..engine.mlprocess import MLProcess
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy
@@ -182,10 +182,15 @@ class DigitsClassifier(MLProcess):
         **settings: MLProcess settings (``name`` defaults to "digits").
     """
 
+    #: V2 metadata: an ONNX Runtime model (its tensor signature is read from ``path``).
+    tensor_platform = "onnxruntime_onnx"
+    #: Image uploads become the 64 features in the web process (``kind="image"``).
+    image_preprocess = staticmethod(image_to_pixels)
+
     def __init__(self, path: str | Path | None = None, num_threads: int = 1, **settings: Any) -> None:
         settings.setdefault("name", "digits")
         super().__init__(**settings)
-        self.path = path
+        self.path = Path(path) if path is not None else DIGITS_ONNX_PATH
         self.num_threads = num_threads
         self.model: DigitsModel | None = None
 

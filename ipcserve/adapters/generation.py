@@ -28,7 +28,7 @@ import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from ..errors import InputError
+from ..engine.errors import InputError
 
 __all__ = ["IncrementalDecoder", "Sampling", "StopBuffer", "TextGenerator", "read_request"]
 

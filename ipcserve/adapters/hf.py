@@ -44,8 +44,8 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, InputError
-from ..mlprocess import MLProcess
+from ..engine.errors import ConfigError, InputError
+from ..engine.mlprocess import MLProcess
 from .generation import TextGenerator
 from .pytorch import check_device, default_name, resolve_device, set_torch_threads
 

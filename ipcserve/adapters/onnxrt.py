@@ -24,8 +24,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, InputError
-from ..mlprocess import MLProcess
+from ..engine.errors import ConfigError, InputError
+from ..engine.mlprocess import MLProcess
 from .pytorch import check_device, default_name
 
 if TYPE_CHECKING:
@@ -88,6 +88,9 @@ class OnnxModel(MLProcess):
     Raises:
         ConfigError: the file does not exist or an argument is invalid.
     """
+
+    #: V2 metadata: the platform name Triton gives ONNX Runtime models.
+    tensor_platform = "onnxruntime_onnx"
 
     def __init__(self, path: str | os.PathLike[str], *, providers: Sequence[Any] | None = None,
                  device: str = "auto", intra_op_num_threads: int | None = None,

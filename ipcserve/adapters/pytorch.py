@@ -24,8 +24,8 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, InputError
-from ..mlprocess import MLProcess
+from ..engine.errors import ConfigError, InputError
+from ..engine.mlprocess import MLProcess
 
 if TYPE_CHECKING:
     import numpy as np
@@ -183,6 +183,9 @@ class TorchModel(MLProcess):
     Raises:
         ConfigError: an argument is invalid or the factory cannot be pickled.
     """
+
+    #: V2 metadata: the platform name Triton gives torch models.
+    tensor_platform = "pytorch_libtorch"
 
     def __init__(self, model: Callable[[], Any] | str | os.PathLike[str], *,
                  device: str = "cpu", num_threads: int | None = None,

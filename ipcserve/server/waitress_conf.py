@@ -48,9 +48,10 @@ from waitress.parser import HTTPRequestParser
 from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
-from .config import read_settings
-from .errors import ConfigError
-from .flask_ext import RECEIVED_KEY
+from ..engine.config import read_settings
+from ..engine.errors import ConfigError
+from ..http.extension import IPCServe
+from ..http.serving import RECEIVED_KEY
 
 __all__ = ["RECEIVED_KEY", "SPARE_THREADS", "ServerLimits", "create_server", "handler_threads"]
 
@@ -145,8 +146,6 @@ def connection_limit_for(nofile: int, threads: int) -> int:
 
 
 def _models(app: Any) -> list[Any]:
-    from .flask_ext import IPCServe
-
     try:
         ext = IPCServe.of(app)
     except RuntimeError:  # a WSGI app without ipcserve
@@ -164,8 +163,6 @@ def handler_threads(app: Any) -> int:
 
 def _closing(app: Any) -> Callable[[], bool] | None:
     """True once the app's drain began (IPCServe.unready), for Connection: close."""
-    from .flask_ext import IPCServe
-
     try:
         unready: Callable[[], bool] = IPCServe.of(app).unready.is_set
     except RuntimeError:  # a WSGI app without ipcserve

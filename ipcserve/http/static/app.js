@@ -64,7 +64,7 @@ function renderModels(list) {
       .map(([k, c]) => k.replace("_", ", ") + ": " + c).join("\n");
     cell(row, "p50", lat ? lat.p50_ms + " ms" : "-");
     cell(row, "p95", lat ? lat.p95_ms + " ms" : "-");
-    cell(row, "generation", m.generation ?? "-");
+    cell(row, "revision", m.revision ?? "-");
     const loaded = cell(row, "loaded", m.load_seconds == null ? "-" : m.load_seconds + " s");
     if (m.loaded_at) loaded.title = "loaded at " + new Date(m.loaded_at * 1000).toLocaleString();
     const actions = cell(row, "actions", "");
@@ -99,7 +99,7 @@ async function reloadModel(m) {
     let body = null;
     try { body = await r.json(); } catch { /* not JSON */ }
     note.textContent = r.ok
-      ? m.name + ": generation " + body.generation + " serving (loaded in " + body.load_seconds + " s)."
+      ? m.name + ": revision " + body.revision + " serving (loaded in " + body.load_seconds + " s)."
       : m.name + " not reloaded: HTTP " + r.status + " " + errorText(body);
     note.className = "note " + (r.ok ? "" : "bad");
   } catch (err) {

@@ -246,6 +246,42 @@ class MLProcess:
             return admission.call(args, kwargs or {}, timeout=timeout, deadline=deadline,
                                   cancel_if=cancel_if)
 
+    def call_batch(self, items: list[Any], *, timeout: float | None = None,
+                   deadline: float | None = None,
+                   cancel_if: Callable[[], bool] | None = None) -> CallResult:
+        """Run several inputs as one request: one admission, one round trip, one result per
+        item, in order (e.g. the rows of one Open Inference Protocol request).
+
+        An item is what ``predict_batch`` receives for one call: ``ml.call_batch([a, b])``
+        answers as ``[ml(a), ml(b)]`` would. A batching model (one that overrides
+        ``predict_batch``) gets the items together with the other calls waiting, in
+        ``predict_batch`` calls of at most ``max_batch_size`` items: more items than that
+        make several consecutive calls. Any other model runs ``predict(item)`` for each item,
+        in order; a streaming ``predict`` cannot answer a batch request (``ModelError``).
+
+        If an item fails, the request fails with that item's error (the first failing
+        item's), of the same class, its message prefixed with ``"item <i>: "`` (``i`` counts
+        from 0); items after it may not be computed. As with batched calls, a
+        ``predict_batch`` call that raises is retried item by item, so only the bad item
+        fails. Deadlines and ``cancel_if`` cover the whole request, as for :meth:`call`.
+
+        Args:
+            items: a non-empty list of inputs.
+            timeout / deadline / cancel_if: as for :meth:`call`.
+
+        Returns:
+            a :class:`~ipcserve.channel.CallResult` whose ``value`` is the list of results;
+            ``batch_size`` is the size of the largest model call that answered it.
+
+        Raises:
+            InputError: ``items`` is not a non-empty list (nothing is sent), an item cannot
+                be pickled, or the model rejected an item.
+            the other errors of :meth:`call`.
+        """
+        with self.admit() as admission:
+            return admission.call_batch(items, timeout=timeout, deadline=deadline,
+                                        cancel_if=cancel_if)
+
     def stream(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
                timeout: float | None = None, deadline: float | None = None,
                idle_timeout: float | None = None,
@@ -466,7 +502,16 @@ class MLProcess:
 
     @property
     def started(self) -> bool:
+        """True from the end of a successful :meth:`start` until :meth:`shutdown`."""
         return self._ipc is not None
+
+    @property
+    def owner_pid(self) -> int | None:
+        """The pid of the process that started this MLProcess (its ML processes are that
+        process's children; only it can stop or replace them), or None when not started.
+        A web process forked after start() (a gunicorn worker) sees its master's pid."""
+        runtime = self._ipc
+        return None if runtime is None else runtime.owner_pid
 
     @property
     def ready(self) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import InputError
+from ..engine.errors import InputError
 
 __all__ = ["ParamError", "chat", "completion", "embedding"]
 
@@ -42,13 +42,18 @@ class ParamError(InputError):
         return (type(self), (self.message, self.param, self.code), self.__dict__)
 
 
+def _equal(a: Any, b: Any) -> bool:
+    """JSON equality: ``false`` is not ``0`` and ``1`` is not ``true`` (Python says they are)."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
 def _check_names(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
     for name, value in body.items():
         if name in allowed or name in _IGNORED:
             continue
         if name not in _OFF:
             raise ParamError(f"unrecognized request argument {name!r}", name)
-        if value not in _OFF[name]:
+        if not any(_equal(value, off) for off in _OFF[name]):
             raise ParamError(f"{name!r} is not supported by this server; leave it out", name,
                              "unsupported_parameter")
 
@@ -57,6 +62,8 @@ def _field(body: dict[str, Any], name: str, kind: Any, low: float = -math.inf,
            high: float = math.inf) -> Any:
     """``body[name]`` if it is None or a ``kind`` (int or float) within [low, high]."""
     value = body.get(name)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one kind of number: 16.0 is the integer 16
     if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
                               or not low <= value <= high):
         bounds = (f" from {low:g} to {high:g}" if high < math.inf
@@ -68,7 +75,7 @@ def _field(body: dict[str, Any], name: str, kind: Any, low: float = -math.inf,
 
 def _sampling(body: dict[str, Any], max_tokens_field: str) -> dict[str, Any]:
     """The model's keyword arguments for the sampling fields the request set."""
-    if body.get("n") not in (None, 1):
+    if body.get("n") is not None and not _equal(body["n"], 1):
         raise ParamError(f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str) and not (
@@ -84,14 +91,14 @@ def _sampling(body: dict[str, Any], max_tokens_field: str) -> dict[str, Any]:
 def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
     """(stream, include_usage) from ``stream`` and ``stream_options``."""
     stream, options = body.get("stream"), body.get("stream_options")
-    if stream not in (None, True, False):
+    if stream is not None and not isinstance(stream, bool):
         raise ParamError(f"'stream' must be true or false, got {stream!r}", "stream")
     if options is None:
         return bool(stream), False
     if not stream:
         raise ParamError("'stream_options' is only allowed with 'stream': true", "stream_options")
     usage = options.get("include_usage", False) if isinstance(options, dict) else None
-    if not isinstance(usage, bool):
+    if not isinstance(usage, bool) or set(options) - {"include_usage"}:
         raise ParamError("'stream_options' must be {\"include_usage\": true|false}", "stream_options")
     return True, usage
 
@@ -127,6 +134,7 @@ def chat(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
         ParamError: a field is invalid, unknown or unsupported.
     """
     _check_names(body, ("messages", "max_completion_tokens", *_SAMPLING))
+    _field(body, "max_tokens", int, 1)  # checked even when the newer name wins
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return ({"messages": _messages(body.get("messages")), **_sampling(body, field)},
             *_streaming(body))
@@ -160,8 +168,83 @@ def embedding(body: dict[str, Any]) -> tuple[list[str], str]:
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise ParamError("'input' must be a string or a non-empty list of strings (token "
                          "arrays are not supported)", "input")
-    encoding = body.get("encoding_format") or "float"
+    encoding = body.get("encoding_format")
+    encoding = "float" if encoding is None else encoding
     if encoding not in ("float", "base64"):
         raise ParamError(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}",
                          "encoding_format")
     return texts, encoding
+
+
+# -- the same fields as JSON Schema, for the OpenAPI document ----------------------------
+def _model_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
+    """The ``model`` field: one of the models that serve the route; where none does, any
+    name but the models that cannot (a name that is no model here is a 404)."""
+    if serving:
+        return {"type": "string", "enum": serving}
+    schema: dict[str, Any] = {"type": "string", "minLength": 1,
+                              "description": "no model of this server serves this route"}
+    if others:
+        schema["not"] = {"enum": others}
+    return schema
+
+
+_NUMBER = ["number", "null"]
+_STOP = {"anyOf": [{"type": "string"},
+                   {"type": "array", "items": {"type": "string", "minLength": 1}},
+                   {"type": "null"}]}
+_SAMPLING_SCHEMA: dict[str, Any] = {
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "temperature": {"type": _NUMBER, "minimum": 0, "maximum": 2},
+    "top_p": {"type": _NUMBER, "minimum": 0, "maximum": 1},
+    "stop": _STOP, "seed": {"type": ["integer", "null"]}, "n": {"enum": [1, None]},
+    "stream": {"type": ["boolean", "null"]},
+    "stream_options": {"type": ["object", "null"], "additionalProperties": False,
+                       "properties": {"include_usage": {"type": "boolean"}}},
+}
+
+
+def _fields_schema(required: list[str], fields: dict[str, Any]) -> dict[str, Any]:
+    properties = {**fields, **{name: {} for name in _IGNORED},
+                  **{name: {"enum": list(values)} for name, values in _OFF.items()}}
+    schema: dict[str, Any] = {"type": "object", "required": required, "properties": properties,
+                              "additionalProperties": False}
+    if "stream_options" in fields:  # only with "stream": true, as OpenAI says
+        schema["if"] = {"required": ["stream_options"],
+                        "properties": {"stream_options": {"type": "object"}}}
+        schema["then"] = {"required": ["stream"], "properties": {"stream": {"const": True}}}
+    return schema
+
+
+_TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
+    "type": {"const": "text"}, "text": {"type": "string"}}}
+
+
+def chat_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
+    """The JSON Schema of a chat completion request that :func:`chat` accepts."""
+    message = {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": list(_ROLES)},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}
+    return _fields_schema(["model", "messages"], {
+        "model": _model_schema(serving, others),
+        "messages": {"type": "array", "minItems": 1, "items": message},
+        "max_completion_tokens": _SAMPLING_SCHEMA["max_tokens"], **_SAMPLING_SCHEMA})
+
+
+def completion_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
+    """The JSON Schema of a completion request that :func:`completion` accepts."""
+    prompt = {"anyOf": [{"type": "string"},
+                        {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                         "maxItems": 1}]}
+    return _fields_schema(["model", "prompt"], {
+        "model": _model_schema(serving, others), "prompt": prompt, **_SAMPLING_SCHEMA})
+
+
+def embedding_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
+    """The JSON Schema of an embeddings request that :func:`embedding` accepts."""
+    texts = {"anyOf": [{"type": "string"},
+                       {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+    schema = _fields_schema(["model", "input"], {
+        "model": _model_schema(serving, others), "input": texts,
+        "encoding_format": {"enum": ["float", "base64", None]}})
+    return schema

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import InputError, OverloadedError, PayloadTooLargeError, UnsupportedMediaTypeError
+from ..engine.errors import InputError, OverloadedError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 __all__ = [
     "ALLOWED_IMAGE_FORMATS",

@@ -68,10 +68,13 @@ class CallResult:
     """The answer to one call, with where its time went.
 
     Attributes:
-        value: what ``predict`` (or ``predict_batch``, for this item) returned.
+        value: what ``predict`` (or ``predict_batch``, for this item) returned; for a batch
+            request, the list of its items' results, in order.
         queue_wait: seconds the request waited in the ML process before its batch started.
-        inference_time: seconds the model call that answered it took.
-        batch_size: items in that model call.
+        inference_time: seconds the model call that answered it took (for a batch request,
+            all of its model calls).
+        batch_size: items in that model call (for a batch request, in the largest of its
+            model calls).
     """
 
     value: Any
@@ -139,6 +142,24 @@ class Admission:
             raise RuntimeError("this admission was released; admit() again")
         return self._caller._call(args, kwargs, self._caller._deadline(timeout, deadline),
                                   cancel_if)
+
+    def call_batch(self, items: list[Any], *, timeout: float | None = None,
+                   deadline: float | None = None,
+                   cancel_if: Callable[[], bool] | None = None) -> CallResult:
+        """Run one batch request in the ML process (its value: one result per item); see
+        :meth:`MLProcess.call_batch`.
+
+        Raises:
+            InputError: ``items`` is not a non-empty list (nothing is sent); and the errors
+                of :meth:`call`.
+        """
+        if self._released:
+            raise RuntimeError("this admission was released; admit() again")
+        if not isinstance(items, list) or not items:
+            got = "an empty list" if isinstance(items, list) else type(items).__name__
+            raise InputError(f"a batch request needs a non-empty list of items, got {got}")
+        return self._caller._call((), {}, self._caller._deadline(timeout, deadline), cancel_if,
+                                  items)
 
     def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], *,
                timeout: float | None = None, deadline: float | None = None,
@@ -313,8 +334,9 @@ class Caller:
 
     # -- the call ----------------------------------------------------------------------
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float,
-              cancel_if: Callable[[], bool] | None = None) -> CallResult:
-        channel, request, message = self._open(args, kwargs, deadline, cancel_if)
+              cancel_if: Callable[[], bool] | None = None,
+              items: list[Any] | None = None) -> CallResult:
+        channel, request, message = self._open(args, kwargs, deadline, cancel_if, items)
         if isinstance(message, Reply):
             return _result(message)
         # A streaming model called for one answer: the answer is the list of its items.
@@ -333,9 +355,10 @@ class Caller:
         return message
 
     def _open(self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float,
-              cancel_if: Callable[[], bool] | None) -> tuple[_Channel, Request, Any]:
-        """Send one request; its channel, the request and the first message about it
-        (a Reply, a StreamItem or a StreamEnd)."""
+              cancel_if: Callable[[], bool] | None,
+              items: list[Any] | None = None) -> tuple[_Channel, Request, Any]:
+        """Send one request (a batch request when ``items`` is given); its channel, the
+        request and the first message about it (a Reply, a StreamItem or a StreamEnd)."""
         if deadline <= time.monotonic():
             raise QueueDeadlineError("the request's deadline passed before it was sent to "
                                      "the ML process; it was not computed")
@@ -354,7 +377,7 @@ class Caller:
             self._discard(channel)
             channel = self._channel()
         while True:
-            request = Request(next(channel.ids), deadline, args, kwargs)
+            request = Request(next(channel.ids), deadline, args, kwargs, items)
             try:
                 data = channel.mailbox.dumps(request, self._config.shm_threshold, request.id)
             except Exception as exc:
@@ -370,7 +393,7 @@ class Caller:
                     # again, through the new channel's own shared memory).
                     self._discard(channel)
                     channel = self._channel()
-                    request = Request(next(channel.ids), deadline, args, kwargs)
+                    request = Request(next(channel.ids), deadline, args, kwargs, items)
                     channel.conn.send_bytes(channel.mailbox.dumps(
                         request, self._config.shm_threshold, request.id))
                 message = self._wait(channel, request, deadline, cancel_if)

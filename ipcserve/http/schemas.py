@@ -1,4 +1,4 @@
-"""Protobuf messages as request and response schemas.
+"""Request and response schemas: protobuf messages, and a function's parameters.
 
 ``add_model(ml, schema=MyRequest, response_schema=MyResponse)`` with generated protobuf
 message classes (``protoc --python_out``, or built at run time with ``descriptor_pb2`` and
@@ -7,16 +7,22 @@ message classes (``protoc --python_out``, or built at run time with ``descriptor
 400 naming the field); the model's answer is parsed into ``MyResponse`` before it is sent,
 and an answer that does not fit is a 500 (logged; the client gets no partial answer).
 The model receives the JSON fields the client sent, as for a JSON Schema.
+
+A model without a schema is documented by its ``predict`` signature
+(:func:`signature_schema`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from .errors import InputError, ModelError
+from ..engine.errors import InputError, ModelError
 
-__all__ = ["check_response", "is_message_class", "json_schema_of_message", "validate_request"]
+__all__ = ["check_response", "is_message_class", "json_schema_of_message", "signature_schema",
+           "validate_request"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +107,23 @@ def json_schema_of_message(message_class: Any, _depth: int = 0) -> dict[str, Any
         properties[field.json_name] = schema
     return {"type": "object", "title": descriptor.full_name, "properties": properties,
             "additionalProperties": False}
+
+
+def signature_schema(function: Callable[..., Any]) -> dict[str, Any]:
+    """The JSON Schema of a JSON body that calls ``function`` with keyword arguments: one
+    property per parameter (any value), those without a default required."""
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    for p in parameters:
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            properties[p.name] = {}
+            if p.default is p.empty:
+                required.append(p.name)
+    result: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        result["required"] = required
+    return result

@@ -8,6 +8,11 @@ gets exactly one :class:`~ipcserve.protocol.Reply`, unless its caller cancelled 
 nobody waits for any of that call's requests. A model exception (``SystemExit`` included) or
 an unpicklable result fails that request only; the process lives on.
 
+A batch request (``Request.items``) counts as its items everywhere: in a batch, in the
+served and cancelled counters, in the time per item. Its items join the other pending items
+in ``predict_batch`` calls of at most ``max_batch_size``; a model that does not batch
+answers it with ``predict(item)`` per item, in order, in one round trip.
+
 The ML process leads its own process group, so whatever the model starts (a tokenizer
 server, a subprocess) is killed with it: by the supervisor when the process dies, and by
 the process itself when its parent is gone.
@@ -17,6 +22,7 @@ Never imports Flask or waitress.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import selectors
@@ -222,7 +228,12 @@ class _Loop:
         if message is None:
             self._drop(conn)
         elif isinstance(message, Request):
-            self.pending.append(_Pending(conn, message, now))
+            if message.items is not None and (not isinstance(message.items, list)
+                                              or not message.items):
+                send(conn, Reply(message.id, error=InputError(
+                    "a batch request needs a non-empty list of items")))
+            else:
+                self.pending.append(_Pending(conn, message, now))
         elif isinstance(message, Cancel):
             queued = [p for p in self.pending if p.conn is conn and p.request.id == message.id]
             for item in queued:
@@ -237,8 +248,18 @@ class _Loop:
 
     def _cancel_queued(self, item: _Pending, reason: str) -> None:
         self.pending.remove(item)
-        self.status.count_cancelled(self.slot, "queued", reason, self.item_time)
+        self._count_cancelled(item, "queued", reason)
         logger.debug("request %s cancelled while queued (%s)", item.request.id, reason)
+
+    def _count_cancelled(self, item: _Pending, stage: str, reason: str,
+                         saved: float | None = None) -> None:
+        """Count a cancelled request as its items; ``saved``: the model seconds it saved
+        (default: the time per item, times its items)."""
+        size = batching.size_of(item.request)
+        if saved is None:
+            saved = self.item_time * size
+        for index in range(size):
+            self.status.count_cancelled(self.slot, stage, reason, saved if index == 0 else 0.0)
 
     def poll_once(self, timeout: float) -> None:
         reader = self.queue._reader
@@ -276,7 +297,7 @@ class _Loop:
             live: list[_Pending] = []
             for item in self.pending:
                 if item.request.deadline <= now:
-                    self.status.count_cancelled(self.slot, "queued", "deadline", self.item_time)
+                    self._count_cancelled(item, "queued", "deadline")
                     send(item.conn, Reply(item.request.id, error=QueueDeadlineError(
                         "the request's deadline passed while it was queued; it was not computed")))
                 else:
@@ -298,34 +319,40 @@ class _Loop:
         """Read whatever arrived during the last batch, so the next one forms naturally."""
         self.poll_once(0)
 
-    def _finish(self, items: list[_Pending], results: list[tuple[Any, IPCServeError | None]],
+    def _finish(self, items: list[_Pending], answers: list[batching.Outcome],
                 started: float, cancelled: dict[int, str] | None = None) -> None:
+        """Reply to each of ``items`` with its answer (value, error, model call size)."""
         elapsed = time.monotonic() - started
-        self.item_time = 0.8 * self.item_time + 0.2 * elapsed / max(1, len(items))
-        for item, (value, error) in zip(items, results):
+        size = sum(batching.size_of(item.request) for item in items)
+        self.item_time = 0.8 * self.item_time + 0.2 * elapsed / max(1, size)
+        for item, (value, error, batch_size) in zip(items, answers):
             if cancelled and id(item) in cancelled:
                 continue  # nobody waits for it: its result is discarded
             send(item.conn, Reply(item.request.id, value=value, error=error,
                                    queue_wait=max(0.0, started - item.arrived),
-                                   inference_time=elapsed, batch_size=len(items)),
+                                   inference_time=elapsed, batch_size=batch_size),
                   self.config.shm_threshold, self.mailboxes.get(item.conn))
         self.status.set_busy(self.slot, 0.0)
-        self.status.add_served(self.slot, len(items))
+        self.status.add_served(self.slot, size)
         self.status.beat(self.slot)
 
     def _interrupted(self, items: list[_Pending], cancelled: dict[int, str], started: float) -> None:
         """The model call was interrupted: nobody waited for any of ``items``."""
         elapsed = time.monotonic() - started
-        saved = max(0.0, self.item_time * len(items) - elapsed)
+        size = sum(batching.size_of(item.request) for item in items)
+        saved = max(0.0, self.item_time * size - elapsed)
         for index, item in enumerate(items):
             reason = cancelled.get(id(item), "deadline")
-            self.status.count_cancelled(self.slot, "running", reason, saved if index == 0 else 0.0)
+            self._count_cancelled(item, "running", reason, saved if index == 0 else 0.0)
         logger.info("model call of %d request(s) interrupted after %.3fs: nobody waits for it",
                     len(items), elapsed)
         self.status.set_busy(self.slot, 0.0)
         self.status.beat(self.slot)
 
     def _run_single(self, item: _Pending) -> None:
+        if item.request.items is not None:
+            self._run_items(item)
+            return
         started = time.monotonic()
         self.status.set_busy(self.slot, started)
         request = item.request
@@ -348,51 +375,155 @@ class _Loop:
             self.status.set_busy(self.slot, 0.0)
             self.streams.add(item, result[0])  # items go out as the serving loop advances it
             return
-        self._finish([item], [result], started, cancelled)
+        self._finish([item], [(*result, 1)], started, cancelled)
+
+    def _run_items(self, item: _Pending) -> None:
+        """A batch request to a model that does not batch: ``predict(x)`` for each item, in
+        order, under one cancel watch; the first failing item ends it (nobody needs the
+        rest: the request fails)."""
+        started = time.monotonic()
+        self.status.set_busy(self.slot, started)
+        request = item.request
+        assert request.items is not None
+        outcomes: list[batching.Outcome] = []
+        cancelled: dict[int, str] = {}
+        self.watch.begin([item])
+        try:
+            try:
+                for x in request.items:
+                    if outcomes:
+                        self._between_calls()
+                    outcomes.append(self._predict_item(request, x))
+                    if outcomes[-1][1] is not None:
+                        break
+            finally:
+                cancelled = self.watch.end()
+        except Cancelled:  # (end() is idempotent: the signal may land inside it)
+            self._interrupted([item], cancelled or self.watch.end(), started)
+            return
+        self._finish([item], [batching.answer(request, outcomes)], started, cancelled)
+
+    def _predict_item(self, request: Request, x: Any) -> batching.Outcome:
+        """``predict(x)`` for one item of a batch request; Cancelled passes through."""
+        try:
+            value = self.model.predict(x)
+        except Cancelled:
+            raise
+        except TypeError as exc:
+            call = Request(request.id, request.deadline, (x,), {})
+            return None, signature_error(self.model.predict, call) or model_error(exc), 1
+        except BaseException as exc:  # SystemExit from a model fails the request, not us
+            return None, model_error(exc), 1
+        if is_stream(value):
+            close = getattr(value, "close", None)
+            try:
+                if callable(close):
+                    close()  # a generator: its finally blocks run now
+            except Cancelled:
+                raise
+            except BaseException as exc:
+                logger.debug("closing a stream made for a batch request raised %r", exc)
+            return None, ModelError("a streaming model cannot answer a batch request: predict "
+                                    "returned an iterator; stream each item on its own "
+                                    "instead"), 1
+        return value, None, 1
 
     def _run_batch(self, items: list[_Pending]) -> None:
         good: list[_Pending] = []
         xs: list[Any] = []
+        owners: list[int] = []  # for each of xs, its request's index in good
         for item in items:
             try:
-                xs.append(batching.item_of(item.request.args, item.request.kwargs))
-                good.append(item)
+                its = batching.items_of(item.request)
             except TypeError as exc:
                 send(item.conn, Reply(item.request.id, error=InputError(str(exc))))
+                continue
+            owners.extend([len(good)] * len(its))
+            xs.extend(its)
+            good.append(item)
         if not good:
             return
         items = good
         started = time.monotonic()
         self.status.set_busy(self.slot, started)
-        results: list[tuple[Any, IPCServeError | None]]
         cancelled: dict[int, str] = {}
         self.watch.begin(items)
         try:
             try:
-                outputs = self.model.predict_batch(xs)
+                outcomes = self._compute(xs, owners)
             finally:
                 cancelled = self.watch.end()
-            if len(outputs) != len(xs):
-                raise ModelError(f"predict_batch returned {len(outputs)} results for "
-                                 f"{len(xs)} inputs")
-            results = [(out, None) for out in outputs]
-        except Cancelled:
+        except Cancelled:  # (end() is idempotent: the signal may land inside it)
             self._interrupted(items, cancelled or self.watch.end(), started)
             return
+        sizes = [batching.size_of(item.request) for item in items]  # each one's span of xs
+        answers = [batching.answer(item.request, outcomes[end - size:end])
+                   for item, size, end in zip(items, sizes, itertools.accumulate(sizes))]
+        self._finish(items, answers, started, cancelled)
+
+    def _compute(self, xs: list[Any], owners: list[int]) -> list[batching.Outcome]:
+        """Every item's outcome, from ``predict_batch`` calls of at most ``max_batch_size``
+        items (only a batch request bigger than that makes several). Items of a request
+        that already failed are skipped (outcome ``(None, None, 0)``). Cancelled passes
+        through."""
+        outcomes: list[batching.Outcome] = [(None, None, 0)] * len(xs)
+        failed: set[int] = set()  # owners with a failed item
+        limit = self.config.max_batch_size
+        position = 0
+        while position < len(xs):
+            if position:
+                self._between_calls()
+            chunk: list[int] = []
+            while position < len(xs) and len(chunk) < limit:
+                if owners[position] not in failed:
+                    chunk.append(position)
+                position += 1
+            if not chunk:
+                continue
+            batch = [xs[p] for p in chunk]
+            try:
+                outputs = self.model.predict_batch(batch)
+                if len(outputs) != len(batch):
+                    raise ModelError(f"predict_batch returned {len(outputs)} results for "
+                                     f"{len(batch)} inputs")
+            except Cancelled:
+                raise
+            except BaseException as exc:  # SystemExit from a model fails the request, not us
+                if len(chunk) > 1:
+                    # One poison input must not fail its batchmates: retry each alone.
+                    logger.info("batch of %d failed (%r); retrying items one by one",
+                                len(chunk), exc)
+                for p in chunk:
+                    if owners[p] in failed:
+                        continue
+                    outcomes[p] = self._predict_alone(xs[p]) if len(chunk) > 1 else (
+                        None, model_error(exc), 1)
+                    if outcomes[p][1] is not None:
+                        failed.add(owners[p])
+                continue
+            for p, output in zip(chunk, outputs):
+                outcomes[p] = (output, None, len(chunk))
+        return outcomes
+
+    def _between_calls(self) -> None:
+        """Between two model calls of one batch request: each call that returned is progress
+        (the watchdog kills a process that shows none for ``hang_timeout``, however long the
+        request), and a model that opted out of interruption still stops here."""
+        self.status.beat(self.slot)
+        if self.watch.cancelled():
+            raise Cancelled("nobody waits for the rest of this batch request")
+
+    def _predict_alone(self, x: Any) -> batching.Outcome:
+        """``predict_batch([x])`` for an item whose batch failed; Cancelled passes through."""
+        try:
+            outputs = self.model.predict_batch([x])
+            if len(outputs) != 1:
+                raise ModelError(f"predict_batch returned {len(outputs)} results for 1 input")
+            return outputs[0], None, 1
+        except Cancelled:
+            raise
         except BaseException as exc:
-            if len(xs) == 1:
-                results = [(None, model_error(exc))]
-            else:
-                # One poison input must not fail its batchmates: retry each alone.
-                logger.info("batch of %d failed (%r); retrying items one by one", len(xs), exc)
-                results = []
-                for x in xs:
-                    try:
-                        outs = self.model.predict_batch([x])
-                        results.append((outs[0], None))
-                    except BaseException as item_exc:
-                        results.append((None, model_error(item_exc)))
-        self._finish(items, results, started, cancelled)
+            return None, model_error(exc), 1
 
     # -- lifecycle -------------------------------------------------------------------
     def serve(self) -> None:

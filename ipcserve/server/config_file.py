@@ -33,9 +33,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from .cache import CacheSettings
-from .config import Config, Setting, settings_of
-from .errors import ConfigError
+from ..http.cache import CacheSettings
+from ..engine.config import Config, Setting, settings_of
+from ..engine.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

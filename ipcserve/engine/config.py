@@ -161,7 +161,8 @@ class Setting:
         layer: ``engine`` (a :class:`Config` field), ``http`` (``app.config``, read by the
             Flask extension) or ``server`` (``ipcserve serve`` only).
         default: the value when nothing sets it.
-        help: one line for ``--help`` and the docs.
+        help: one line for ``--help`` and the docs; ``{open_routes}`` in it stands for the
+            routes that need no API key (filled in by the CLI from the route registry).
         convert: turns the text of an env var or flag into the value.
         choices: the allowed values, if only a few are.
     """
@@ -218,8 +219,10 @@ _MIB = 1024 * 1024
 #: Every setting, in the order of docs/configuration.md.
 SETTINGS: tuple[Setting, ...] = _ENGINE + (
     # -- http: the Flask extension, from app.config (and the server's flags) --
+    # {open_routes} is filled in from the route registry where the help is shown
+    # (ipcserve.http.routes: the routes registered as open).
     Setting("api_key", "http", None,
-            "require 'Authorization: Bearer KEY' on every route but /healthz, /readyz and /",
+            "require 'Authorization: Bearer KEY' on every route but {open_routes}",
             _optional_str),
     Setting("max_content_length", "http", 16 * _MIB,
             "largest request body in bytes (413 past it)", int),

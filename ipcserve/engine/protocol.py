@@ -57,19 +57,23 @@ class Attached:
 
 @dataclasses.dataclass
 class Request:
-    """Pipe message, caller to ML: one call.
+    """Pipe message, caller to ML: one call, or one batch request.
 
     Attributes:
         id: unique per channel; the reply carries it back.
         deadline: ``time.monotonic()`` value (system-wide on one host) after which the
             ML process skips the request without computing it.
-        args / kwargs: the call's arguments.
+        args / kwargs: the call's arguments (empty for a batch request).
+        items: None for one call; for a batch request, its items (a non-empty list), each
+            what ``predict_batch`` receives for one call (``batching.item_of``). The one
+            Reply's value is then a list with one result per item, in order.
     """
 
     id: int
     deadline: float
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    items: list[Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

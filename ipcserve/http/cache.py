@@ -21,7 +21,7 @@ import json
 import math
 from typing import Any
 
-from .errors import ConfigError
+from ..engine.errors import ConfigError
 
 __all__ = ["CacheSettings", "ResponseCache"]
 

@@ -1,0 +1,332 @@
+"""The OpenAI API under ``/v1``, so that the ``openai`` client (``base_url=http://host:port/v1``)
+and tools built on it talk to ipcserve models.
+
+A model's role is its ``task`` attribute: ``"text-generation"`` serves
+``POST /v1/chat/completions`` and ``POST /v1/completions``; ``"feature-extraction"`` serves
+``POST /v1/embeddings``. ``GET /v1/models`` (:mod:`.native`) lists every model.
+
+The contract with a text-generation model: ``predict(messages=[{"role", "content"}, ...] or
+prompt="...", max_tokens=, temperature=, top_p=, stop=, seed=)`` returns a generator of
+``{"text": "<delta>"}`` items and one final ``{"text": "", "finish_reason": "stop"|"length",
+"usage": {"prompt_tokens": int, "completion_tokens": int}}``. Only the fields the request set
+are passed, so the model's own defaults apply. An embedding model is called with
+``texts=[str, ...], with_usage=True`` and returns ``{"vectors": [[float, ...]], "prompt_tokens": int}``.
+
+The request lifecycle (deadline from arrival, admission, cancellation when the client
+leaves, metrics) is the serving core's (:func:`.serving.exchange`); request fields are
+checked in :mod:`.openai_fields`. Errors use OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, jsonify, request
+
+from ..engine.channel import Stream
+from ..engine.errors import (
+    DeadlineError,
+    IPCServeError,
+    ModelError,
+    NotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+    RequestCancelledError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+    WorkerUnavailableError,
+)
+from . import decode, openai_fields
+from .openai_fields import ParamError
+from .routes import Route, Surface
+from .serving import Endpoint, Exchange, Failure, exchange, served
+
+__all__ = ["EMBEDDING", "GENERATION", "OPENAI_ERRORS", "ROUTES", "error_body"]
+
+GENERATION = "text-generation"
+EMBEDDING = "feature-extraction"
+
+_ERROR_CODES: tuple[tuple[type[IPCServeError], str], ...] = (
+    (UnauthorizedError, "invalid_api_key"), (NotFoundError, "model_not_found"),
+    (PayloadTooLargeError, "request_too_large"), (UnsupportedMediaTypeError, "unsupported_media_type"),
+    (OverloadedError, "overloaded"), (WorkerUnavailableError, "model_unavailable"),
+    (DeadlineError, "timeout"), (RequestCancelledError, "cancelled"), (ModelError, "model_error"))
+
+
+def error_body(failure: Failure) -> dict[str, Any]:
+    """OpenAI's error object for a failure (never a traceback)."""
+    error = failure.error
+    param, code = getattr(error, "param", None), getattr(error, "code", None)
+    if isinstance(error, IPCServeError):
+        if code is None:
+            code = next((c for cls, c in _ERROR_CODES if isinstance(error, cls)), None)
+        if isinstance(error, NotFoundError) and param is None:
+            param = "model"
+    elif failure.status == 413:
+        code = "request_too_large"
+    else:
+        param = code = None  # a Werkzeug error's "code" is its status, not OpenAI's code
+    kind = "server_error" if failure.status >= 500 else "invalid_request_error"
+    return {"error": {"message": failure.message, "type": kind, "param": param, "code": code}}
+
+
+_NULLABLE_TEXT = {"type": ["string", "null"]}
+#: OpenAI's error shape.
+OPENAI_ERRORS = Surface("openai", error_body, {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type"],
+                             "properties": {"message": {"type": "string"},
+                                            "type": {"type": "string"},
+                                            "param": _NULLABLE_TEXT, "code": _NULLABLE_TEXT}}}},
+    "OpenAIError")
+
+
+# -- request fields -------------------------------------------------------------------
+def _endpoint(body: dict[str, Any], role: str, route: str) -> Endpoint:
+    models = served().models
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise ParamError("'model' is required: the name of a served model (GET /v1/models "
+                         f"lists them: {', '.join(models.endpoints)})", "model")
+    endpoint = models.get(name)
+    task = getattr(endpoint.ml, "task", None)
+    if task != role:
+        raise ParamError(f"model {name!r} is a {task or 'plain'} model; {route} needs a "
+                         f"{role} model", "model", "model_not_supported")
+    return endpoint
+
+
+def _body() -> dict[str, Any]:
+    return decode.parse_json_object(request.get_data(cache=False))
+
+
+# -- text generation ------------------------------------------------------------------
+def _chat() -> Response:
+    body = _body()
+    endpoint = _endpoint(body, GENERATION, "/v1/chat/completions")
+    with exchange(endpoint) as ex:
+        return _generate(ex, *openai_fields.chat(body), chat=True)
+
+
+def _completions() -> Response:
+    body = _body()
+    endpoint = _endpoint(body, GENERATION, "/v1/completions")
+    with exchange(endpoint) as ex:
+        return _generate(ex, *openai_fields.completion(body), chat=False)
+
+
+def _pieces(stream: Stream) -> Iterator[dict[str, Any]]:
+    """The model's items, checked against the contract; a model that does not stream may
+    answer with the whole list at once."""
+    for item in stream:
+        for piece in item if isinstance(item, list) and not stream.streaming else [item]:
+            if not isinstance(piece, dict) or not isinstance(piece.get("text"), str):
+                raise ModelError("the text-generation model must yield {'text': str} items, got "
+                                 f"{type(piece).__name__}")
+            yield piece
+
+
+def _usage(final: dict[str, Any] | None, pieces: int) -> dict[str, int]:
+    usage = final.get("usage") if final else None
+    if not isinstance(usage, dict):  # a model that does not count: what we can tell
+        usage = {"prompt_tokens": 0, "completion_tokens": pieces}
+    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+class _Reply:
+    """OpenAI's response objects for one chat or completion request."""
+
+    def __init__(self, model: str, chat: bool) -> None:
+        self.chat = chat
+        self.head = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+                     "object": "chat.completion" if chat else "text_completion",
+                     "created": int(time.time()), "model": model, "system_fingerprint": None}
+
+    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        else:
+            choice["text"] = text
+        return {**self.head, "choices": [choice], "usage": usage}
+
+    def chunk(self, text: str | None, finish: str | None = None, role: bool = False,
+              usage: Any = ..., choices: bool = True) -> bytes:
+        body: dict[str, Any] = {**self.head, "choices": []}
+        if self.chat:
+            body["object"] = "chat.completion.chunk"
+        if choices:
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+            if self.chat:
+                choice["delta"] = ({"role": "assistant"} if role else {}) | (
+                    {} if text is None else {"content": text})
+            else:
+                choice["text"] = text or ""
+            body["choices"] = [choice]
+        if usage is not ...:
+            body["usage"] = usage
+        return sse(body)
+
+
+def sse(value: Any) -> bytes:
+    """One server-sent event carrying ``value`` as JSON."""
+    return f"data: {json.dumps(value, separators=(',', ':'))}\n\n".encode()
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def _generate(ex: Exchange, kwargs: dict[str, Any], wants_stream: bool, include_usage: bool,
+              chat: bool) -> Response:
+    reply = _Reply(ex.endpoint.name, chat)
+    ex.admit()
+    pieces = _pieces(ex.stream((), kwargs))
+    if not wants_stream:
+        texts, final = [], None
+        for piece in pieces:
+            texts.append(piece["text"])
+            final = piece if "finish_reason" in piece else final
+        finish = str(final["finish_reason"]) if final else "stop"
+        return jsonify(reply.whole("".join(texts), finish, _usage(final, len(texts))))
+    # The first piece is awaited here, so an error before any token gets its status.
+    first = next(pieces, None)
+    return Response(ex.body(_events(ex, reply, pieces, first, include_usage)),
+                    mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _events(ex: Exchange, reply: _Reply, pieces: Iterator[dict[str, Any]],
+            first: dict[str, Any] | None, include_usage: bool) -> Iterator[bytes]:
+    """The SSE body: a chunk per piece as the model makes it, a chunk with finish_reason,
+    the usage chunk if asked for, then ``[DONE]``; an error mid-stream is an ``error`` event
+    before ``[DONE]``."""
+    usage_field: Any = None if include_usage else ...  # OpenAI: null on every chunk but the last
+    try:
+        if reply.chat:  # OpenAI's first chat chunk says who speaks
+            yield reply.chunk("", role=True, usage=usage_field)
+        piece, final, count = first, None, 0
+        while piece is not None:
+            count += 1
+            if piece["text"]:
+                yield reply.chunk(piece["text"], usage=usage_field)
+            if "finish_reason" in piece:
+                final = piece
+            piece = next(pieces, None)
+        finish = str(final["finish_reason"]) if final else "stop"
+        yield reply.chunk(None, finish, usage=usage_field)
+        if include_usage:
+            yield reply.chunk(None, usage=_usage(final, count), choices=False)
+    except IPCServeError as exc:
+        yield sse(error_body(ex.failed(exc)))
+    yield _DONE
+
+
+# -- embeddings -----------------------------------------------------------------------
+def _embeddings() -> Response:
+    body = _body()
+    endpoint = _endpoint(body, EMBEDDING, "/v1/embeddings")
+    with exchange(endpoint) as ex:
+        texts, encoding = openai_fields.embedding(body)
+        ex.admit()
+        value = ex.call((), {"texts": texts, "with_usage": True}).value
+        vectors = value.get("vectors") if isinstance(value, dict) else None
+        if not isinstance(vectors, list) or len(vectors) != len(texts):
+            raise ModelError("the embedding model must return {'vectors': [one per text], "
+                             "'prompt_tokens': int}")
+        tokens = int(value.get("prompt_tokens", 0))
+        data = [{"object": "embedding", "index": i, "embedding": _encode(v, encoding)}
+                for i, v in enumerate(vectors)]
+        return jsonify({"object": "list", "data": data, "model": endpoint.name,
+                        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _encode(vector: Any, encoding: str) -> Any:
+    import numpy as np
+
+    array = np.asarray(vector, dtype="<f4")
+    if array.ndim != 1:
+        raise ModelError(f"an embedding must be a flat list of numbers, got shape {array.shape}")
+    if encoding == "base64":  # little-endian float32, as OpenAI sends it
+        return base64.b64encode(array.tobytes()).decode("ascii")
+    return [float(x) for x in vector]
+
+
+# -- the OpenAPI rows ------------------------------------------------------------------
+def _request(role: str, schema_of: Any) -> Any:
+    def request_body(state: Any, params: dict[str, str]) -> dict[str, Any]:
+        models = state.models.endpoints
+        serving = [n for n, e in models.items() if getattr(e.ml, "task", None) == role]
+        others = [n for n in models if n not in serving]
+        return {"required": True, "content": {"application/json": {"schema": schema_of(
+            serving, others)}}}
+
+    return request_body
+
+
+#: One server-sent event: a chunk of the answer as JSON text, or "[DONE]".
+_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+_USAGE = {"type": "object", "required": ["prompt_tokens", "total_tokens"], "properties": {
+    "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+    "total_tokens": {"type": "integer"}}}
+
+
+def _completion_object(chat: bool) -> dict[str, Any]:
+    choice: dict[str, Any] = {"type": "object", "required": ["index", "finish_reason"],
+                              "properties": {"index": {"type": "integer"},
+                                             "finish_reason": {"type": "string"}}}
+    if chat:
+        choice["required"].append("message")
+        choice["properties"]["message"] = {
+            "type": "object", "required": ["role", "content"],
+            "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}
+    else:
+        choice["required"].append("text")
+        choice["properties"]["text"] = {"type": "string"}
+    return {"description": "the whole answer (JSON), or its chunks as server-sent events "
+                           "when 'stream' is true",
+            "content": {"application/json": {"schema": {
+                "type": "object", "required": ["id", "object", "created", "model", "choices",
+                                               "usage"],
+                "properties": {"id": {"type": "string"},
+                               "object": {"const": "chat.completion" if chat
+                                          else "text_completion"},
+                               "created": {"type": "integer"}, "model": {"type": "string"},
+                               "choices": {"type": "array", "items": choice},
+                               "usage": _USAGE}}},
+                        "text/event-stream": {"schema": _EVENT}}}
+
+
+_EMBEDDINGS = {"description": "one embedding per input", "content": {"application/json": {
+    "schema": {"type": "object", "required": ["object", "data", "model", "usage"],
+               "properties": {"object": {"const": "list"}, "model": {"type": "string"},
+                              "usage": _USAGE,
+                              "data": {"type": "array", "items": {
+                                  "type": "object", "required": ["object", "index", "embedding"],
+                                  "properties": {"object": {"const": "embedding"},
+                                                 "index": {"type": "integer"},
+                                                 "embedding": {"anyOf": [
+                                                     {"type": "array",
+                                                      "items": {"type": "number"}},
+                                                     {"type": "string"}]}}}}}}}}}
+_ERRORS = (400, 404, 413, 429, 499, 500, 502, 503, 504)
+
+ROUTES = [
+    Route("/v1/chat/completions", "chat", _chat, OPENAI_ERRORS, ("POST",), tag="openai",
+          summary="a chat completion (OpenAI API)", ok=_completion_object(chat=True),
+          errors=_ERRORS, request=_request(GENERATION, openai_fields.chat_schema)),
+    Route("/v1/completions", "completions", _completions, OPENAI_ERRORS, ("POST",),
+          tag="openai", summary="a text completion (OpenAI API)",
+          ok=_completion_object(chat=False), errors=_ERRORS,
+          request=_request(GENERATION, openai_fields.completion_schema)),
+    Route("/v1/embeddings", "embeddings", _embeddings, OPENAI_ERRORS, ("POST",), tag="openai",
+          summary="embeddings (OpenAI API)", ok=_EMBEDDINGS, errors=_ERRORS,
+          request=_request(EMBEDDING, openai_fields.embedding_schema)),
+]

@@ -1,0 +1,115 @@
+"""Reloading a model: a new version swapped in without failing a request.
+
+One module, whoever asks: ``POST /v1/models/<name>/reload`` (:mod:`.native`),
+:meth:`IPCServe.reload <ipcserve.http.extension.IPCServe.reload>` and SIGHUP (the server
+calls :func:`reload_all`).
+
+1. New ML processes start beside the old ones and load the model: its weights, and its
+   code too under the spawn and forkserver start methods (fork copies this process's
+   modules as they are). Requests go on to the old version meanwhile.
+2. Once every new process is ready, requests go to the new version (one attribute swap);
+   the model's cached answers are forgotten (the revision is in the key).
+3. The old version stops admitting (a request that raced the swap is admitted by the new
+   one, :meth:`Endpoint.admit <.serving.Endpoint.admit>`), answers what it holds within
+   ``grace`` seconds (default: its ``shutdown_grace``), and its processes stop.
+
+Memory holds both versions during the load. A load that fails, times out or is interrupted
+by a drain leaves the old version serving, unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from ..engine import events
+from ..engine.errors import ConflictError, IPCServeError, ReloadError, WorkerUnavailableError
+from .serving import Models
+
+__all__ = ["reload", "reload_all"]
+
+logger = logging.getLogger(__name__)
+
+
+def reload(models: Models, name: str, grace: float | None = None) -> dict[str, Any]:
+    """Replace model ``name`` by a fresh copy of itself without failing a request.
+
+    Returns:
+        ``{"model", "revision", "previous_revision", "load_seconds", "drained"}``.
+
+    Raises:
+        NotFoundError: no such model.
+        ConflictError: a reload of it is already running; it is still loading its first
+            version; or this web process did not start it (a gunicorn worker).
+        ReloadError: the new version failed to load (the old one keeps serving).
+        WorkerUnavailableError: the server is draining.
+    """
+    endpoint = models.get(name)
+    if not endpoint.reloading.acquire(blocking=False):
+        raise ConflictError(f"a reload of model {name!r} is already running")
+    try:
+        if models.unready.is_set() or models.draining.is_set():
+            raise WorkerUnavailableError("the server is shutting down")
+        old = endpoint.ml
+        if old.owner_pid is None:
+            raise ConflictError(f"model {name!r} is not started yet (still loading its first "
+                                "version?); reload it once it serves")
+        if old.owner_pid != os.getpid():
+            raise ConflictError(
+                f"model {name!r} was started by process {old.owner_pid}, not this web "
+                "process (a gunicorn worker?); restart the server to load a new version")
+        new = old.fresh()
+        previous = endpoint.revision
+        logger.info("model %s: reloading (revision %d -> %d)", name, previous, previous + 1)
+        try:
+            new.start()
+        except Exception as exc:
+            new.shutdown(grace=0)
+            endpoint.last_reload = {"at": time.time(), "ok": False, "error": str(exc),
+                                    "revision": previous}
+            events.record("reload-failed", name, f"reload failed, revision {previous} keeps "
+                          f"serving: {exc}", revision=previous)
+            cause = getattr(exc, "remote_traceback", None)
+            logger.error("model %s: reload failed, revision %d keeps serving: %s%s",
+                         name, previous, exc, f"\n{cause}" if cause else "")
+            raise ReloadError(f"model {name!r}: the new version failed to load ({exc}); "
+                              f"revision {previous} keeps serving") from None
+        if models.unready.is_set() or models.draining.is_set():  # a drain began meanwhile
+            new.shutdown(grace=0)
+            raise WorkerUnavailableError("the server is shutting down")
+        endpoint.ml = new
+        endpoint.revision = previous + 1
+        if endpoint.cache is not None:
+            endpoint.cache.clear()
+        drained = old.shutdown(grace=grace)
+        loaded = new.load_seconds or 0.0
+        endpoint.last_reload = {"at": time.time(), "ok": True, "error": None,
+                                "revision": endpoint.revision}
+        events.record("reloaded", name, f"reloaded: revision {endpoint.revision} serving "
+                      f"(loaded in {loaded:.2f}s), revision {previous} stopped",
+                      revision=endpoint.revision)
+        logger.info("model %s: revision %d serving (loaded in %.2fs); revision %d stopped",
+                    name, endpoint.revision, loaded, previous)
+        return {"model": name, "revision": endpoint.revision, "previous_revision": previous,
+                "load_seconds": round(loaded, 3), "drained": drained}
+    finally:
+        endpoint.reloading.release()
+
+
+def reload_all(models: Models, grace: float | None = None) -> dict[str, Any]:
+    """:func:`reload` every model, one after the other (SIGHUP). A model whose reload
+    fails keeps its old version; the others are reloaded all the same.
+
+    Returns:
+        ``{name: reload()'s answer, or the error body}``.
+    """
+    results: dict[str, Any] = {}
+    for name in list(models.endpoints):
+        try:
+            results[name] = reload(models, name, grace)
+        except IPCServeError as exc:
+            logger.error("model %s: not reloaded: %s", name, exc)
+            results[name] = exc.to_dict()
+    return results

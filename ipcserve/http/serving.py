@@ -1,0 +1,483 @@
+"""The serving core: one request lifecycle under every HTTP surface.
+
+Every route that runs a model (native predict, the OpenAI routes, V2 infer) goes through
+:func:`exchange`, which keeps the promises of DESIGN.md §3 in one place::
+
+    surface view ──► exchange(endpoint) ──► draining? 503 at once (never admitted)
+                         │  deadline = arrival (environ[RECEIVED_KEY]) + the model's timeout
+                         ├─ admit()          place among the calls in flight, or shed (503/429)
+                         ├─ call() / call_batch() / stream()   with cancel_if = client gone
+                         ├─ the surface formats the answer (a stream: body() owns the rest)
+                         └─ finish: release, metrics + history, recent latency, once
+
+A surface only parses its protocol's request and shapes its answer and error body; what an
+error means (status, Retry-After, log level) is decided once, by :func:`failure_of`.
+Readiness is computed once, by :meth:`Models.readiness`, for ``/readyz``, the V2 health
+routes and Ray Serve's health check.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from ..engine.channel import Admission, CallResult, Stream
+from ..engine.errors import (
+    ConfigError,
+    DeadlineError,
+    IPCServeError,
+    ModelError,
+    NotFoundError,
+    OverloadedError,
+    ReloadError,
+    RequestCancelledError,
+    WorkerCrashedError,
+    WorkerUnavailableError,
+)
+from ..engine.mlprocess import MLProcess
+from .cache import CacheSettings, ResponseCache
+from .decode import DecodeBudget
+from .metrics import Metrics
+
+__all__ = ["DISCONNECTED_KEY", "KINDS", "RECEIVED_KEY", "Endpoint", "Exchange", "Failure",
+           "Models", "Readiness", "Served", "check_api_key", "error_response", "exchange",
+           "failure_of", "served"]
+
+logger = logging.getLogger(__name__)
+
+# Set by ipcserve's waitress integration: time.monotonic() when the whole request had
+# arrived. A request's deadline counts from then, not from when a thread picked it up.
+RECEIVED_KEY = "ipcserve.received"
+# waitress (with channel_request_lookahead > 0) puts a callable here that says whether the
+# client has gone; a waiting request checks it and cancels its work in the ML process.
+DISCONNECTED_KEY = "waitress.client_disconnected"
+
+#: How a model's native route takes its input.
+KINDS = ("json", "image")
+
+
+class Endpoint:
+    """One served model: the version serving now, and what the HTTP layer keeps about it.
+
+    Args:
+        ml: the MLProcess.
+        kind: "json" or "image" (:data:`KINDS`).
+        schema: JSON Schema dict, pydantic model or protobuf message class for JSON bodies.
+        preprocess: image models: ``preprocess(PIL.Image)`` makes the model's input.
+        response_schema: a protobuf message class the (non-streamed) answer must parse as.
+        cache: the response cache's settings, or None for no cache.
+    """
+
+    def __init__(self, ml: MLProcess, kind: str = "json", *, schema: Any = None,
+                 preprocess: Callable[[Any], Any] | None = None, response_schema: Any = None,
+                 cache: CacheSettings | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        # The version serving now; a reload swaps in the next one (one attribute write, so a
+        # request reads either the old or the new, never a mix).
+        self.ml = ml
+        self.name = ml.name
+        self.kind = kind
+        self.schema = schema
+        self.preprocess = preprocess
+        self.response_schema = response_schema
+        self.cache_settings = cache
+        self.cache: ResponseCache | None = None  # made by the extension once it has the app
+        #: 1 at start, +1 per successful reload (not the ML processes' own ``generation``,
+        #: which counts restarts of one slot).
+        self.revision = 1
+        self.reloading = threading.Lock()  # one reload of this model at a time
+        self.last_reload: dict[str, Any] | None = None
+        self.recent: collections.deque[float] = collections.deque(maxlen=200)
+        self.created = int(time.time())  # OpenAI's "created" of the model entry
+
+    def admit(self) -> tuple[MLProcess, Admission]:
+        """A place among the calls in flight of the version serving now, and that version.
+
+        A request that read the old version just before a reload swapped it out, and found
+        it no longer admitting, is admitted by the new one: a reload never refuses anyone.
+
+        Raises:
+            OverloadedError / WorkerUnavailableError: as ``MLProcess.admit``.
+        """
+        while True:
+            ml = self.ml
+            try:
+                return ml, ml.admit()
+            except WorkerUnavailableError:
+                if self.ml is ml:
+                    raise
+
+    def latency(self) -> dict[str, Any] | None:
+        """p50/p95 of the last successful requests in milliseconds, or None before any."""
+        ordered = sorted(self.recent)
+        if not ordered:
+            return None
+        return {"p50_ms": round(statistics.median(ordered) * 1000, 2),
+                "p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))] * 1000, 2),
+                "samples": len(ordered)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Readiness:
+    """Whether this server should get traffic, computed once for every probe.
+
+    Attributes:
+        draining: a drain began (``/readyz`` turns 503 before anything is refused).
+        models: each model's readiness (every ML process loaded, heartbeating, not draining).
+        broken: models whose circuit breaker is open (crashed past their restart budget).
+    """
+
+    draining: bool
+    models: dict[str, bool]
+    broken: tuple[str, ...] = ()
+
+    @property
+    def ready(self) -> bool:
+        """Every model ready and not draining: ``/readyz`` and ``/v2/health/ready`` say 200."""
+        return bool(self.models) and all(self.models.values()) and not self.draining
+
+    @property
+    def healthy(self) -> bool:
+        """Not draining and no circuit open: a replica worth keeping (Ray Serve). Looser than
+        :attr:`ready`: an ML process restarting after one crash is ipcserve's to handle."""
+        return not self.draining and not self.broken
+
+    def model_ready(self, name: str) -> bool:
+        """One model ready, and the server not draining (``/v2/models/<name>/ready``)."""
+        return bool(self.models.get(name)) and not self.draining
+
+
+class Models:
+    """The served models and the state of the whole server that every surface reads."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[str, Endpoint] = {}
+        self.default: str | None = None
+        # Set when a drain begins, before its delay: readiness turns 503 and responses close
+        # their connections, while requests are still admitted and answered.
+        self.unready = threading.Event()
+        # Set once new requests are refused (503 at once).
+        self.draining = threading.Event()
+
+    def get(self, name: str | None = None) -> Endpoint:
+        """Model ``name`` (None: the default one).
+
+        Raises:
+            NotFoundError: no such model; the message lists the models.
+        """
+        if name is None:
+            name = self.default
+            if name is None:
+                raise NotFoundError("no model is served here")
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            raise NotFoundError(f"no model named {name!r}; models: "
+                                f"{', '.join(sorted(self.endpoints)) or 'none'}")
+        return endpoint
+
+    def readiness(self) -> Readiness:
+        draining = self.unready.is_set() or self.draining.is_set()
+        broken = []
+        models = {}
+        for name, endpoint in self.endpoints.items():
+            ml = endpoint.ml
+            models[name] = bool(ml.ready)
+            if not models[name] and ml.status.get("circuit_open"):
+                broken.append(name)
+        return Readiness(draining, models, tuple(broken))
+
+    @property
+    def inflight(self) -> int:
+        """Requests admitted and not yet answered, over every model (this web process)."""
+        return sum(endpoint.ml.inflight for endpoint in self.endpoints.values())
+
+
+def check_api_key(key: Any) -> bytes | None:
+    """The API key as the UTF-8 bytes to compare, or None for no key.
+
+    Raises:
+        ConfigError: a key that no client could send or that would disable checks by
+            accident: empty, blank, with surrounding spaces or control characters.
+    """
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise ConfigError(f"IPCSERVE_API_KEY must be a string, got {type(key).__name__}")
+    if not key.strip():
+        raise ConfigError("the API key is empty; leave IPCSERVE_API_KEY / --api-key unset to "
+                          "serve without one")
+    if key != key.strip():
+        raise ConfigError("the API key starts or ends with whitespace, which HTTP clients "
+                          "strip; remove it")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        raise ConfigError("the API key contains control characters, which cannot be sent "
+                          "in an HTTP header")
+    return key.encode("utf-8")
+
+
+class Served:
+    """Per-app state, in ``app.extensions["ipcserve"]``: the models, the settings read from
+    ``app.config``, the metrics and the route registry (``routes``, by Flask endpoint).
+
+    Args:
+        models: the served models (shared with the extension).
+        config: the app's config, with every ``http`` setting parsed.
+        extension: the ``IPCServe`` that owns this state (:meth:`IPCServe.of` returns it).
+    """
+
+    def __init__(self, models: Models, config: Any, extension: Any) -> None:
+        self.models = models
+        self.extension = extension
+        self.api_key = check_api_key(config["IPCSERVE_API_KEY"])
+        self.max_pixels = int(config["IPCSERVE_MAX_IMAGE_PIXELS"])
+        # One budget per app: decoded images held at once, across its threads.
+        self.decode_budget = DecodeBudget(int(config["IPCSERVE_DECODE_MEMORY_BUDGET"]))
+        self.metrics = Metrics(lambda: {n: e.ml for n, e in models.endpoints.items()})
+        self.shed_status = int(config["IPCSERVE_SHED_STATUS"])
+        if self.shed_status not in (503, 429):
+            raise ConfigError(f"IPCSERVE_SHED_STATUS must be 503 or 429, got {self.shed_status}")
+        self.routes: dict[str, Any] = {}  # Flask endpoint name -> routes.Route
+        self.url_prefix = ""
+
+
+def served(app: Flask | None = None) -> Served:
+    """The ipcserve state of ``app`` (default: the app handling this request).
+
+    Raises:
+        RuntimeError: ipcserve is not registered on the app.
+    """
+    target = current_app if app is None else app
+    state = getattr(target, "extensions", {}).get("ipcserve")
+    if not isinstance(state, Served):
+        raise RuntimeError("this app has no IPCServe; call IPCServe(app) or init_app(app) "
+                           "on the Flask app you serve")
+    return state
+
+
+# -- what an error means -------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """What an error means over HTTP, whatever the surface shapes its body like.
+
+    Attributes:
+        status: the HTTP status.
+        message: a sentence for the client (never a traceback).
+        type: the error's name (``InputError``, ``NotFound``, ``InternalServerError``).
+        retry_after: the Retry-After header's seconds (503 and 429), else None.
+        level: the logging level a request that ended so is logged at.
+        headers: other headers the answer must carry (``Allow`` on a 405).
+        error: the exception itself.
+    """
+
+    status: int
+    message: str
+    type: str
+    retry_after: int | None
+    level: int
+    headers: tuple[tuple[str, str], ...]
+    error: BaseException
+
+
+# Most specific first. Refusals the client can act on (bad input, shed, unavailable) are
+# counted in the metrics and logged at DEBUG; what an operator should see is logged higher.
+_LEVELS: tuple[tuple[type[BaseException], int], ...] = (
+    (ModelError, logging.ERROR), (ReloadError, logging.ERROR),
+    (WorkerCrashedError, logging.WARNING), (DeadlineError, logging.INFO),
+    (RequestCancelledError, logging.INFO))
+
+
+def failure_of(error: BaseException, shed_status: int = 503) -> Failure:
+    """The one mapping from an exception to its HTTP meaning.
+
+    Args:
+        error: an ipcserve error, a Werkzeug ``HTTPException`` or anything else (an
+            unexpected error: 500, its message never shown).
+        shed_status: the status of a request shed by overload (503 or 429).
+    """
+    headers: tuple[tuple[str, str], ...] = ()
+    if isinstance(error, IPCServeError):
+        status = shed_status if isinstance(error, OverloadedError) else error.http_status
+        message, kind = error.message, type(error).__name__
+        level = next((lvl for cls, lvl in _LEVELS if isinstance(error, cls)), logging.DEBUG)
+    elif isinstance(error, HTTPException):
+        status = error.code or 500
+        message = error.description or ""
+        kind = "PayloadTooLargeError" if status == 413 else (error.name or "HTTPError").replace(" ", "")
+        level = logging.DEBUG
+        allow = dict(error.get_headers()).get("Allow")
+        if allow:
+            headers = (("Allow", allow),)
+    else:
+        status, kind, level = 500, "InternalServerError", logging.ERROR
+        message = "the server hit an unexpected error; see its log"
+    retry_after = None
+    if status in (503, 429):
+        retry_after = max(1, math.ceil(getattr(error, "retry_after", None) or 1))
+    return Failure(status, message, kind, retry_after, level, headers, error)
+
+
+def error_response(failure: Failure, body: Any) -> Response:
+    """``body`` as the JSON answer to ``failure``, with its status and headers."""
+    response = jsonify(body)
+    response.status_code = failure.status
+    if failure.retry_after is not None:
+        response.headers["Retry-After"] = str(failure.retry_after)
+    for name, value in failure.headers:
+        response.headers[name] = value
+    return response
+
+
+# -- the lifecycle ---------------------------------------------------------------------
+class Exchange:
+    """One model request on its way through the core; made by :func:`exchange`.
+
+    A surface calls :meth:`admit` once it has checked what is cheap to check (before
+    decoding what is expensive), then one of :meth:`call`, :meth:`call_batch` or
+    :meth:`stream`. A streamed answer hands the rest of the lifecycle to :meth:`body`.
+    """
+
+    def __init__(self, state: Served, endpoint: Endpoint) -> None:
+        self.state = state
+        self.endpoint = endpoint
+        self.started = time.perf_counter()
+        self.received: float = request.environ.get(RECEIVED_KEY) or time.monotonic()
+        self.cancel_if: Callable[[], bool] | None = request.environ.get(DISCONNECTED_KEY)
+        self.deadline: float | None = None
+        self.status = 500
+        self.stats: CallResult | None = None  # timings of the model call that answered
+        self.handed_off = False
+        self._admission: Admission | None = None
+        self._stream: Stream | None = None
+        self._failed = False
+        self._finished = False
+
+    def admit(self) -> MLProcess:
+        """Take a place among the model's calls in flight; the deadline starts counting from
+        the request's arrival. Returns the version of the model that admitted it.
+
+        Raises:
+            OverloadedError: shed (``max_inflight`` calls in flight).
+            WorkerUnavailableError: loading, restarting, draining or circuit open.
+        """
+        ml, self._admission = self.endpoint.admit()
+        self.deadline = self.received + ml.config.timeout
+        return ml
+
+    def _admitted(self) -> Admission:
+        if self._admission is None:
+            raise RuntimeError("admit() before calling the model")
+        return self._admission
+
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallResult:
+        """Run one model call (the errors of ``MLProcess.call``)."""
+        self.stats = self._admitted().call(args, kwargs, deadline=self.deadline,
+                                           cancel_if=self.cancel_if)
+        return self.stats
+
+    def call_batch(self, items: list[Any]) -> CallResult:
+        """Run several items as one request (``MLProcess.call_batch``)."""
+        self.stats = self._admitted().call_batch(items, deadline=self.deadline,
+                                                 cancel_if=self.cancel_if)
+        return self.stats
+
+    def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Stream:
+        """The model's items as it makes them (``MLProcess.stream``); closed by the core."""
+        self._stream = self._admitted().stream(args, kwargs, deadline=self.deadline,
+                                               cancel_if=self.cancel_if)
+        return self._stream
+
+    def failed(self, error: BaseException) -> Failure:
+        """Record that this request ends with ``error``: its status, the shed counter, and
+        one log line at the level the error deserves (unexpected errors are logged, with
+        their traceback, by the surface's error handler instead)."""
+        failure = failure_of(error, self.state.shed_status)
+        self.status, self._failed = failure.status, True
+        name = self.endpoint.name
+        if isinstance(error, OverloadedError):
+            self.state.metrics.shed.labels(name).inc()
+        if isinstance(error, (IPCServeError, HTTPException)):
+            cause = getattr(error, "remote_traceback", "")
+            logger.log(failure.level, "model %s: %d %s: %s%s", name, failure.status, failure.type,
+                       failure.message, f"\n{cause}" if cause else "")
+        return failure
+
+    def body(self, frames: Iterable[bytes]) -> Iterator[bytes]:
+        """The body of a streamed answer: ``frames`` as they come, then the end of the
+        lifecycle. It runs after the view returned; when the client leaves, the server closes
+        it (status 499) and the rest of the stream is cancelled in the ML process."""
+        self.handed_off = True
+        self.status = 200
+        return self._body(iter(frames))
+
+    def _body(self, frames: Iterator[bytes]) -> Iterator[bytes]:
+        try:
+            yield from frames
+        except GeneratorExit:
+            if not self._failed:
+                self.status = 499  # nginx's "client closed request"
+            raise
+        except Exception:
+            self.status = 500
+            logger.exception("model %s: the streamed answer failed", self.endpoint.name)
+            raise
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        """Close the stream, release the admission, count the request once."""
+        if self._finished:
+            return
+        self._finished = True
+        stream = self._stream
+        if stream is not None:
+            stream.close()  # before its end: cancels the rest in the ML process
+            if self.stats is None and self.status == 200 and stream.streaming is False:
+                self.stats = stream.result
+        if self._admission is not None:
+            self._admission.release()
+        elapsed = time.perf_counter() - self.started
+        endpoint = self.endpoint
+        self.state.metrics.observe(endpoint.name, self.status, elapsed, self.stats,
+                                   endpoint.ml.inflight)
+        if self.status == 200:
+            endpoint.recent.append(elapsed)
+
+
+@contextlib.contextmanager
+def exchange(endpoint: Endpoint) -> Iterator[Exchange]:
+    """The lifecycle of one request to ``endpoint``: use inside a view, as
+    ``with exchange(endpoint) as ex: ...``. A draining server refuses at once; leaving the
+    block normally answers 200, an exception answers (through the surface's error handler)
+    with what :func:`failure_of` says; either way the request is counted once, unless a
+    streamed :meth:`Exchange.body` took over.
+
+    Raises:
+        WorkerUnavailableError: the server is draining.
+    """
+    state = served()
+    current = Exchange(state, endpoint)
+    try:
+        if state.models.draining.is_set():
+            raise WorkerUnavailableError("the server is shutting down")
+        yield current
+        if not current.handed_off:
+            current.status = 200
+    except BaseException as error:
+        current.failed(error)
+        current.handed_off = False  # the body made for the answer will never be sent
+        raise
+    finally:
+        if not current.handed_off:
+            current.finish()
