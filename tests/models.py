@@ -167,6 +167,13 @@ class ArrayModel(MLProcess):
         return x * scale
 
 
+class StubbornArrayModel(ArrayModel):
+    """ArrayModel whose calls are never interrupted: a call its caller gave up on still
+    answers, late (for the late-reply tests)."""
+
+    interruptible = False
+
+
 class Spinner(MLProcess):
     """CPU-bound, single-threaded work; answers with its pid and worker index."""
 
