@@ -432,10 +432,17 @@ class Caller:
         return any(other != slot and not status.busy_since(other) and status.state(other) is State.READY
                    for other in range(status.workers))
 
-    def _crashed(self, channel: _Channel) -> WorkerCrashedError | WorkerUnavailableError:
+    def _crashed(self, channel: _Channel) -> WorkerCrashedError:
+        """The error of a call whose ML process ended with it in flight: 502 whether the
+        process crashed or was stopped after the grace of a shutdown or reload (the call
+        reached it and may have been computed in part; 503 is only for calls no ML process
+        took, which a balancer may send elsewhere)."""
         self._discard(channel)
-        if self._status.draining:
-            return WorkerUnavailableError(f"model {self._name!r} is shutting down")
+        if self._status.stopping:
+            return WorkerCrashedError(
+                f"model {self._name!r} was stopped (a reload or a shutdown, after its grace "
+                "period) while this request was in flight; it may have been computed in part. "
+                "Retry if a second run does no harm")
         slot = channel.slot if channel.slot is not None else 0
         # EOF can reach us before the supervisor has reaped the process: give it a moment
         # to record the exit code (it bumps the generation after writing the code).
@@ -534,6 +541,10 @@ class Caller:
                 error = self._unavailable(admitting=False)
                 if error is not None:
                     self._discard(channel)
+                    if status.stopping:  # admitted, then the model stopped: say so
+                        error = WorkerUnavailableError(
+                            f"model {self._name!r} was stopped before an ML process took this "
+                            "request; it was not computed, retry shortly")
                     raise error
                 if self._lost_unattached(channel):
                     return None

@@ -43,7 +43,7 @@ from .errors import (
     IPCServeError,
     ModelError,
     QueueDeadlineError,
-    WorkerUnavailableError,
+    WorkerCrashedError,
 )
 from .protocol import Attach, Attached, Cancel, Reply, Request, Shutdown
 from .runtime import Plumbing, ServedModel
@@ -565,7 +565,11 @@ class _Loop:
         # Drain: answer whatever is already readable, then exit.
         self.poll_once(0)
         self.run_pending()
-        self.streams.close_all(WorkerUnavailableError("the ML process is shutting down"))
+        # Only a stop past its grace (or a second signal) finds a stream still running: it
+        # was admitted and computed in part, so 502 as for a crash, never a resendable 503.
+        self.streams.close_all(WorkerCrashedError(
+            "the model was stopped (a reload or a shutdown, after its grace period) while "
+            "this stream was in flight"))
         self.watch.stop()
         for conn in self.conns:
             conn.close()
