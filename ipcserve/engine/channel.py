@@ -61,6 +61,9 @@ logger = logging.getLogger(__name__)
 # How long a caller that saw its ML process die waits for the supervisor to record the
 # exit code, so the error can say "killed by signal 9" rather than "not yet known".
 _EXITCODE_WAIT = 0.5
+# Channels one call may lose in a row because the ML process could not take them (their
+# pipe end failed to arrive) before it answers WorkerUnavailableError instead of looping.
+_HANDOVER_TRIES = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +89,10 @@ class CallResult:
 class _Channel:
     """One thread's persistent pipe to whichever ML process took its other end."""
 
-    __slots__ = ("conn", "poller", "pid", "slot", "generation", "ids", "crashes_at_attach", "mailbox")
+    __slots__ = ("conn", "poller", "pid", "slot", "generation", "ids", "crashes_at_attach",
+                 "handovers_at_attach", "handover_failed", "mailbox")
 
-    def __init__(self, conn: Connection, crashes: int) -> None:
+    def __init__(self, conn: Connection, crashes: int, handovers: int = 0) -> None:
         self.conn = conn
         # A poll object made once: Connection.poll() builds a new selector on every call.
         self.poller = select.poll()
@@ -100,6 +104,10 @@ class _Channel:
         # ML-process deaths seen when the Attach was queued: a death after that may have
         # taken our pipe end with it (see Caller._wait).
         self.crashes_at_attach = crashes
+        # Queue messages the ML processes could not decode, as of the Attach: a new one may
+        # have been ours (a failed fd transfer), so we send again (see Caller._wait).
+        self.handovers_at_attach = handovers
+        self.handover_failed = False  # set when _wait gave this channel up for that reason
         self.mailbox = shm.Mailbox()  # large arrays, both ways, through reused shared memory
 
     def unread(self) -> bool:
@@ -227,12 +235,13 @@ class Caller:
             return channel
         mine, theirs = self._ctx.Pipe(duplex=True)
         crashes = self._status.crashes
+        handovers = self._status.handovers_failed
         try:
             self._queue.put(Attach(theirs, f"{os.getpid()}-{next(self._channel_ids)}"))
         finally:
             # Pickling dup'ed the end; keep no copy, or we would never see EOF from it.
             theirs.close()
-        channel = _Channel(mine, crashes)
+        channel = _Channel(mine, crashes, handovers)
         self._local.channel = channel
         return channel
 
@@ -376,6 +385,7 @@ class Caller:
             # through the shared queue, where the idle process is waiting to take it.
             self._discard(channel)
             channel = self._channel()
+        lost_handovers = 0  # fresh channels in a row that no ML process could take
         while True:
             request = Request(next(channel.ids), deadline, args, kwargs, items)
             try:
@@ -404,8 +414,15 @@ class Caller:
                     channel.mailbox.abandon()
             if message is not None:
                 return channel, request, message
-            # Our channel was lost with an ML process before any process read it: send the
-            # request again on a fresh channel (it was never computed).
+            # Our channel was lost with an ML process before any process read it, or the
+            # ML process could not take it: send the request again on a fresh channel (it
+            # was never computed), a bounded number of times for a failed hand-over.
+            lost_handovers = lost_handovers + 1 if channel.handover_failed else 0
+            if lost_handovers >= _HANDOVER_TRIES:
+                raise WorkerUnavailableError(
+                    f"model {self._name!r}: the ML process could not take this request's "
+                    f"channel {lost_handovers} times in a row (the pipe hand-over failed; see "
+                    "the server log); it was not computed, retry shortly")
             channel = self._channel()
 
     def _should_move(self, slot: int) -> bool:
@@ -415,10 +432,17 @@ class Caller:
         return any(other != slot and not status.busy_since(other) and status.state(other) is State.READY
                    for other in range(status.workers))
 
-    def _crashed(self, channel: _Channel) -> WorkerCrashedError | WorkerUnavailableError:
+    def _crashed(self, channel: _Channel) -> WorkerCrashedError:
+        """The error of a call whose ML process ended with it in flight: 502 whether the
+        process crashed or was stopped after the grace of a shutdown or reload (the call
+        reached it and may have been computed in part; 503 is only for calls no ML process
+        took, which a balancer may send elsewhere)."""
         self._discard(channel)
-        if self._status.draining:
-            return WorkerUnavailableError(f"model {self._name!r} is shutting down")
+        if self._status.stopping:
+            return WorkerCrashedError(
+                f"model {self._name!r} was stopped (a reload or a shutdown, after its grace "
+                "period) while this request was in flight; it may have been computed in part. "
+                "Retry if a second run does no harm")
         slot = channel.slot if channel.slot is not None else 0
         # EOF can reach us before the supervisor has reaped the process: give it a moment
         # to record the exit code (it bumps the generation after writing the code).
@@ -433,6 +457,32 @@ class Caller:
         if self._status.circuit_open:
             error.retry_after = max(1.0, self._status.next_start - time.monotonic())
         return error
+
+    def _lost_unattached(self, channel: _Channel, patience: float = 0.0) -> bool:
+        """Whether a channel no ML process attached may be lost, so its request (never read)
+        is to be sent again on a fresh channel; if so the channel is closed. Lost when, since
+        its Attach was queued, an ML process took a queue message it could not decode (a
+        failed fd transfer: if it was ours, no process will ever serve the channel) or an ML
+        process died (it may have taken our end with it). If our end is still queued, the
+        process that takes it later finds our side closed and drops it.
+
+        ``patience``: seconds to wait for either count to change (after an EOF: the ML
+        process or the supervisor counts it just after our end was closed)."""
+        status = self._status
+        give_up = time.monotonic() + patience
+        tick: threading.Event | None = None  # made only to wait (this runs every poll slice)
+        while True:
+            if status.handovers_failed != channel.handovers_at_attach:
+                channel.handover_failed = True  # bounded by the caller (_HANDOVER_TRIES)
+                break
+            if status.crashes != channel.crashes_at_attach:
+                break
+            if time.monotonic() >= give_up:
+                return False
+            tick = tick or threading.Event()
+            tick.wait(0.005)
+        self._discard(channel)
+        return True
 
     def _cancel(self, channel: _Channel, request: Request, reason: str) -> None:
         """Tell the ML process nobody waits for ``request``; the channel stays usable (a
@@ -473,6 +523,10 @@ class Caller:
                 readable = channel.poller.poll(min(remaining, slice_) * 1000.0)
                 data = conn.recv_bytes() if readable else None
             except (EOFError, OSError):
+                # EOF before any Attached: no ML process read our request (a process sends
+                # Attached before it reads a channel). Our end was lost on its way to one.
+                if channel.slot is None and self._lost_unattached(channel, _EXITCODE_WAIT):
+                    return None
                 raise self._crashed(channel) from None
             if data is None:
                 if channel.slot is not None:
@@ -487,9 +541,12 @@ class Caller:
                 error = self._unavailable(admitting=False)
                 if error is not None:
                     self._discard(channel)
+                    if status.stopping:  # admitted, then the model stopped: say so
+                        error = WorkerUnavailableError(
+                            f"model {self._name!r} was stopped before an ML process took this "
+                            "request; it was not computed, retry shortly")
                     raise error
-                if status.crashes != channel.crashes_at_attach:
-                    self._discard(channel)
+                if self._lost_unattached(channel):
                     return None
                 continue
             try:

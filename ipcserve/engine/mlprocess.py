@@ -515,11 +515,14 @@ class MLProcess:
 
     @property
     def ready(self) -> bool:
-        """True when every ML process is loaded and heartbeating and none is draining."""
+        """True when every ML process is loaded and heartbeating, none is draining, and the
+        supervisor thread that restarts and watches them works (its last tick completed)."""
         runtime = self._ipc
-        if runtime is None or runtime.status.draining or runtime.status.circuit_open:
+        if runtime is None:
             return False
         status = runtime.status
+        if status.draining or status.circuit_open or status.supervisor_failing:
+            return False
         now = time.monotonic()
         limit = max(3 * self.config.heartbeat_interval, 1.0)
         return all(
@@ -529,7 +532,9 @@ class MLProcess:
     @property
     def status(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: per-process pid, generation, state, heartbeat age,
-        in-flight count, restarts; crash and hang counters; circuit and draining flags."""
+        in-flight count, restarts; crash and hang counters; circuit and draining flags;
+        failed channel hand-overs; the supervisor thread's failures and whether it is failing
+        now."""
         runtime = self._ipc
         if runtime is None:
             return {"name": self.name, "started": False, "ready": False, "loading": self._loading}

@@ -8,8 +8,9 @@ memory. Single aligned 8-byte stores are atomic on the platforms we support, and
 field has a single writer, so no lock is taken on the hot path.
 
 Writers: the ML process writes ``heartbeat``, ``busy_since``, ``served``, the cancellation
-counters and ``state=READY``; each calling (web) process writes its own caller field; the
-supervisor writes everything else.
+counters, its count of queue messages it could not decode (failed channel hand-overs) and
+``state=READY``; each calling (web) process writes its own caller field; the supervisor
+writes everything else (its own failures and ``stopping`` included).
 
 Caller fields: every process that calls the model claims one ``(pid, in flight)`` pair
 (under a lock, once per process) and stores its count of admitted calls there. The ML
@@ -42,12 +43,20 @@ _PID, _GENERATION, _STATE, _HEARTBEAT, _BUSY_SINCE, _SERVED, _EXITCODE, _RESTART
 _CANCELLED = {("queued", "disconnect"): 8, ("queued", "deadline"): 9,
               ("running", "disconnect"): 10, ("running", "deadline"): 11}
 _SAVED = 12  # estimated seconds of model time saved by cancelling
-_SLOT = 13
+# Queue messages this slot's ML processes took and could not decode (a channel whose pipe
+# end did not arrive): a caller waiting on an unattached channel that sees the sum change
+# sends its request again at once, instead of waiting out its deadline (issue 24).
+_UNDECODABLE = 13
+_SLOT = 14
 CANCEL_STAGES = ("queued", "running")
 CANCEL_REASONS = ("disconnect", "deadline")
 # Shared fields after the slots.
 _CRASHES, _CONSECUTIVE, _HANGS_KILLED, _CIRCUIT_OPEN, _NEXT_START, _DRAINING, _BACKOFF = range(7)
-_COMMON = 7
+# The supervisor thread's failures (total, and > 0 while its last tick failed: the model is
+# then not ready, because nobody restarts or watches its processes), and whether stop()
+# began: a call cut off after that was stopped, not crashed.
+_SUPERVISOR_FAILURES, _SUPERVISOR_FAILING, _STOPPING = range(7, 10)
+_COMMON = 10
 _NO_EXITCODE = -1000.0
 CALLER_FIELDS = 64  # web processes that can report their in-flight count (gunicorn workers)
 
@@ -158,6 +167,17 @@ class StatusBlock:
         if saved > 0:
             self._set(slot, _SAVED, self._get(slot, _SAVED) + saved)
 
+    def count_undecodable(self, slot: int) -> None:
+        """ML process: it took a queue message off the shared queue that it could not decode
+        (a channel whose pipe end failed to arrive); that message is lost."""
+        self._set(slot, _UNDECODABLE, self._get(slot, _UNDECODABLE) + 1)
+
+    @property
+    def handovers_failed(self) -> int:
+        """Queue messages that ML processes took and could not decode, over every slot."""
+        array, workers = self._array, self.workers
+        return int(sum(array[s * _SLOT + _UNDECODABLE] for s in range(workers)))
+
     def cancelled(self) -> dict[tuple[str, str], int]:
         """Cancellations over every slot, by ``(stage, reason)``."""
         return {key: sum(int(self._get(s, field)) for s in range(self.workers))
@@ -219,6 +239,35 @@ class StatusBlock:
 
     def set_draining(self, draining: bool) -> None:
         self._set_common(_DRAINING, float(draining))
+
+    @property
+    def stopping(self) -> bool:
+        """The supervisor's stop() began: the ML processes are being stopped (after the
+        drain's grace, or at once)."""
+        return bool(self._common(_STOPPING))
+
+    def set_stopping(self) -> None:
+        self._set_common(_STOPPING, 1.0)
+
+    @property
+    def supervisor_failures(self) -> int:
+        """Ticks of the supervisor thread that raised, in total."""
+        return int(self._common(_SUPERVISOR_FAILURES))
+
+    @property
+    def supervisor_failing(self) -> bool:
+        """The supervisor thread's last tick raised: restarts and the watchdog are not
+        running, so the model must not say it is ready."""
+        return bool(self._common(_SUPERVISOR_FAILING))
+
+    def record_supervisor_failure(self) -> None:
+        """Supervisor: a tick raised; the model is not ready until one completes."""
+        self._set_common(_SUPERVISOR_FAILURES, self.supervisor_failures + 1)
+        self._set_common(_SUPERVISOR_FAILING, 1.0)
+
+    def supervisor_recovered(self) -> None:
+        """Supervisor: a tick completed after failures."""
+        self._set_common(_SUPERVISOR_FAILING, 0.0)
 
     # -- callers' in-flight counts ----------------------------------------------------------
     def _caller_base(self) -> int:
@@ -318,4 +367,7 @@ class StatusBlock:
             "circuit_open": self.circuit_open,
             "restart_backoff": round(self.backoff, 3),
             "draining": self.draining,
+            "handovers_failed": self.handovers_failed,
+            "supervisor_failures": self.supervisor_failures,
+            "supervisor_failing": self.supervisor_failing,
         }

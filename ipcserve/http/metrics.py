@@ -46,6 +46,14 @@ class _StatusCollector:
             "ipcserve_cancel_saved_seconds",
             "Estimated model time saved by cancelling (queued: never computed; running: interrupted)",
             labels=["model"])
+        handovers = CounterMetricFamily(
+            "ipcserve_channel_handovers_failed",
+            "New channels an ML process took off the queue and could not decode (their callers "
+            "sent again on a fresh channel)", labels=["model"])
+        supervisor = CounterMetricFamily(
+            "ipcserve_supervisor_failures",
+            "Supervisor ticks that raised (the model is not ready until one completes)",
+            labels=["model"])
         for name, ml in self._models().items():
             status = ml.status
             workers = status.get("workers", [])
@@ -59,7 +67,10 @@ class _StatusCollector:
                 stage, _, reason = key.partition("_")
                 cancelled.add_metric([name, reason, stage], count)
             saved.add_metric([name], status.get("cancel_saved_seconds", 0.0))
-        yield from (restarts, crashes, hangs, depth, ready, circuit, cancelled, saved)
+            handovers.add_metric([name], status.get("handovers_failed", 0))
+            supervisor.add_metric([name], status.get("supervisor_failures", 0))
+        yield from (restarts, crashes, hangs, depth, ready, circuit, cancelled, saved, handovers,
+                    supervisor)
 
 
 class Metrics:

@@ -30,6 +30,7 @@ function modelState(s) {
   if (!s.started) return "stopped";
   if (s.draining) return "draining";
   if (s.circuit_open) return "circuit open";
+  if (s.supervisor_failing) return "supervisor failing";  // not ready: nothing restarts crashes
   const states = [...new Set((s.workers || []).map((w) => w.state))];
   return states.join(", ") || "unknown";
 }
