@@ -136,7 +136,8 @@ class Readiness:
     Attributes:
         draining: a drain began (``/readyz`` turns 503 before anything is refused).
         models: each model's readiness (every ML process loaded, heartbeating, not draining).
-        broken: models whose circuit breaker is open (crashed past their restart budget).
+        broken: models ipcserve cannot repair itself now: the circuit breaker is open
+            (crashed past the restart budget), or the supervisor thread is failing.
     """
 
     draining: bool
@@ -194,8 +195,12 @@ class Models:
         for name, endpoint in self.endpoints.items():
             ml = endpoint.ml
             models[name] = bool(ml.ready)
-            if not models[name] and ml.status.get("circuit_open"):
-                broken.append(name)
+            if not models[name]:
+                status = ml.status
+                # Past what ipcserve repairs itself: restarts exhausted (circuit open), or
+                # the supervisor that restarts and watches the ML processes failing.
+                if status.get("circuit_open") or status.get("supervisor_failing"):
+                    broken.append(name)
         return Readiness(draining, models, tuple(broken))
 
     @property
