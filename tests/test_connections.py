@@ -490,3 +490,57 @@ def test_server_level_errors_are_json(server: Server, request_bytes: bytes, stat
     got, headers, body = raw_request(server, request_bytes)
     assert got == status, (headers, body)
     assert json_error(got, headers, body)["type"] == error_type
+
+
+# -- D. one length per request (RFC 9112 section 6.1) --------------------------------------
+
+def _chunked(body: bytes) -> bytes:
+    return f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+
+
+def _pixels() -> bytes:
+    return json.dumps({"pixels": [0.0] * 64}).encode()
+
+
+def _recv_eof(sock: socket.socket, timeout: float) -> bytes:
+    """What the server sends until it closes ``sock`` (bounded by ``timeout``)."""
+    sock.settimeout(timeout)
+    rest = b""
+    while chunk := sock.recv(65536):
+        rest += chunk
+    return rest
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_a_request_with_two_lengths_gets_400_and_its_connection_closed(server: Server,
+                                                                       version: str) -> None:
+    # A proxy in front that frames by Content-Length would see one request where waitress
+    # (by the chunked body) sees another one: request smuggling. Content-Length: 5 frames
+    # "0\r\n\r\n", the end of an empty chunked body; the chunked framing reads the pixels.
+    body = _chunked(_pixels())
+    with socket.create_connection(address(server), timeout=10) as sock:
+        sock.sendall(f"POST /predict HTTP/{version}\r\nHost: x\r\nConnection: keep-alive\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 5\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode() + body)
+        status, headers, error = read_response(sock)
+        assert status == 400, (headers, error)
+        assert "Content-Length and Transfer-Encoding" in json_error(status, headers, error)["error"]
+        assert headers.get("connection", "").lower() == "close"
+        # Closed after the answer: whatever else was sent on it is never read as a request.
+        assert _recv_eof(sock, CLOSE_BOUND) == b""
+
+
+def test_one_length_either_way_still_works_on_one_keep_alive_connection(server: Server) -> None:
+    pixels = _pixels()
+    with socket.create_connection(address(server), timeout=10) as sock:
+        for _ in range(2):
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(pixels))
+            status, _, body = read_response(sock)
+            assert status == 200 and 0 <= json.loads(body)["label"] <= 9, body
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(pixels)}\r\n\r\n".encode() + pixels)
+            status, _, body = read_response(sock)
+            assert status == 200 and 0 <= json.loads(body)["label"] <= 9, body
+        sock.setblocking(True)  # is_open() peeks without waiting (a timeout would wait)
+        assert is_open(sock)

@@ -17,13 +17,19 @@ defaults it changes what a crowd of idle, slow or excess clients can do to every
   (:data:`RECEIVED_KEY`), the ``time.monotonic()`` at which waitress had read all of it;
   the predict route counts its deadline from there, and a request that waited in waitress's
   queue longer than its whole deadline is answered 503 without reaching the app;
+* **one length per request**: a request with both ``Content-Length`` and
+  ``Transfer-Encoding`` (request smuggling behind a proxy that reads the other one) gets 400
+  and its connection is closed (RFC 9112 section 6.1); waitress alone answers it from the
+  chunked body and keeps the connection;
 * **JSON everywhere**: waitress's own protocol errors (400, 413, 431, 501, 500) are JSON like
   ipcserve's, not ``text/plain``.
 
 Waitress internals this relies on (waitress 3.0; pinned by ``tests/test_connections.py``):
 ``HTTPChannel.parser_class`` / ``task_class`` / ``error_task_class`` are the classes the
 channel instantiates (``channel.py``); the channel creates its parser when the first bytes of
-a request arrive and keeps the unfinished one in ``channel.request``; ``BaseWSGIServer``
+a request arrive and keeps the unfinished one in ``channel.request``;
+``HTTPRequestParser.received`` turns a ``ParsingError`` raised by ``parse_header`` into a 400
+(``parser.py``), and an error answer closes the connection (``ErrorTask``); ``BaseWSGIServer``
 calls ``maintenance(now)`` from ``readable()`` at most every ``cleanup_interval`` seconds and
 the poll loop wakes at least every ``asyncore_loop_timeout`` (``server.py``); setting
 ``channel.will_close`` makes the loop close the channel (``HTTPChannel.writable``).
@@ -44,7 +50,7 @@ from typing import Any
 
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
-from waitress.parser import HTTPRequestParser
+from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
@@ -258,6 +264,15 @@ class _Request(HTTPRequestParser):  # type: ignore[misc]
         # HTTPChannel.received() makes the parser when the first bytes of a request arrive.
         self.started = time.monotonic()
 
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        # HTTP/1.1's Transfer-Encoding is popped from the headers by waitress (it de-chunks the
+        # body); HTTP/1.0's stays there. Either way, two lengths are one too many.
+        headers = self.headers
+        if "CONTENT_LENGTH" in headers and (self.chunked or "TRANSFER_ENCODING" in headers):
+            raise ParsingError("it has both Content-Length and Transfer-Encoding, which a proxy "
+                               "in front may read differently (request smuggling); send one")
+
     def received(self, data: bytes) -> int:
         consumed: int = super().received(data)
         if self.headers_finished and self.headers_at is None:
@@ -310,6 +325,10 @@ class _JSONErrorTask(ErrorTask):  # type: ignore[misc]
 
     def execute(self) -> None:
         error = self.request.error
+        # The connection closes after an error answer: say so whatever the request asked
+        # (waitress would add "Connection: Keep-Alive" beside "close" for an HTTP/1.0
+        # keep-alive request).
+        self.request.headers["CONNECTION"] = "close"
         body = _error_body(error.code, error.reason, str(error.body))
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
