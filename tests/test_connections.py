@@ -12,6 +12,7 @@ import http.client
 import json
 import logging
 import math
+import re
 import resource
 import select
 import selectors
@@ -23,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 from server import Server
 
 pytestmark = pytest.mark.timeout(120)
@@ -375,6 +377,73 @@ def test_a_request_that_waited_past_its_deadline_gets_503_without_reaching_the_a
     assert json_error(503, headers, body)["type"] == "OverloadedError"
     assert b"".join(shed({RECEIVED_KEY: time.monotonic()}, start_response)) == b"ok"
     assert b"".join(shed({}, start_response)) == b"ok" and len(calls) == 2
+
+
+_REFUSED_LINE = re.compile(r"refused (\d+) request\(s\) that waited longer than their deadline")
+
+
+@pytest.mark.slow
+def test_requests_refused_before_flask_are_counted_and_their_log_count_is_kept() -> None:
+    # One thread for 24 clients of a model that takes 0.3 s: a few are answered, the rest
+    # wait in waitress's queue past their 1 s deadline and are refused before Flask.
+    timeout = 1.0
+    server = Server("--model", "models:Sleeper", "--timeout", str(timeout), "--threads", "1")
+    try:
+        results = hammer(server, 24, seconds=0.3)
+        metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+        history = requests.get(f"{server.url}/v1/history", timeout=10).json()
+    finally:
+        code = server.stop()
+    assert code == 0, server.output
+    summary = sorted((status, round(elapsed, 2)) for status, elapsed, _, _ in results)
+    stale = [r for r in results if r[0] == 503]
+    assert {r[0] for r in results} <= {200, 503, 504}, summary
+    assert len(stale) >= 2, summary  # else the log count below could not tell anything
+    for status, elapsed, headers, body in stale:
+        assert int(headers["retry-after"]) >= 1
+        error = json_error(status, headers, body)
+        assert error["type"] == "OverloadedError" and "longer than its deadline" in error["error"]
+        assert elapsed <= timeout + DEADLINE_MARGIN, summary
+    # In /metrics: as sheds with their reason, and as the model's 503s (/predict is sleeper's).
+    assert f'ipcserve_shed_total{{model="sleeper",reason="queue_deadline"}} {len(stale)}.0' \
+        in metrics, metrics
+    assert 'reason="inflight"' not in metrics
+    assert f'ipcserve_requests_total{{model="sleeper",status="503"}} {len(stale)}.0' in metrics
+    # On the status page's history.
+    assert sum(history["models"]["sleeper"]["requests"]["503"]) == len(stale)
+    # The warning is rate-limited (one line per 10 s); its lines add up to every refusal,
+    # the last ones written when the server stopped.
+    logged = [int(m.group(1)) for m in _REFUSED_LINE.finditer(server.output)]
+    assert sum(logged) == len(stale), (logged, summary)
+    assert server.output.index("SIGTERM received") < server.output.rindex("refused")
+
+
+def test_a_stale_request_counts_under_the_model_its_url_names(caplog: pytest.LogCaptureFixture) -> None:
+    from flask import Flask
+    from models import Doubler
+
+    from ipcserve.http.extension import IPCServe
+    from ipcserve.server.waitress_conf import RECEIVED_KEY, _ShedStale
+
+    app = Flask("stale")
+    ipc = IPCServe(app)
+    ipc.add_model(Doubler())  # never started: a refused request never reaches it
+    ipc.add_model(Doubler(name="other"))
+    shed = _ShedStale(app, queue_timeout=5.0)
+    late = time.monotonic() - 6.0
+    for path in ("/predict", "/v1/models/other/predict", "/v2/models/other/infer",
+                 "/v1/chat/completions", "/nowhere", "/v1/models/ghost/predict"):
+        environ = {RECEIVED_KEY: late, "REQUEST_METHOD": "POST", "PATH_INFO": path,
+                   "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
+        b"".join(shed(environ, lambda status, headers: None))
+    metrics = app.extensions["ipcserve"].metrics.exposition()[0].decode()
+    for model, count in (("doubler", 1), ("other", 2), ("", 3)):
+        assert f'ipcserve_shed_total{{model="{model}",reason="queue_deadline"}} {count}.0' \
+            in metrics, metrics
+    shed.flush_logs()
+    shed.flush_logs()  # nothing left the second time
+    # The first refusal is logged at once; the 5 after it within 10 s, when flushed.
+    assert [r.getMessage().split()[1] for r in caplog.records] == ["1", "5"]
 
 
 def test_predict_counts_its_deadline_from_when_the_server_received_it() -> None:
