@@ -96,6 +96,10 @@ class Metrics:
         self.cache = Counter("ipcserve_cache_requests", "Cached models' requests by cache result "
                              "(hit: answered from the cache; miss: computed)",
                              ["model", "result"], registry=self.registry)
+        self.cache_errors = Counter("ipcserve_cache_errors", "Response cache backend errors by "
+                                    "operation (get, set, clear); a failed get is neither a hit "
+                                    "nor a miss: the model answers",
+                                    ["model", "op"], registry=self.registry)
         self.registry.register(_StatusCollector(models))
         # The last 15 minutes of each model, for the status page (GET /v1/history).
         self.history = History()
@@ -153,6 +157,10 @@ class Metrics:
     def cache_result(self, model: str, hit: bool) -> None:
         """Record one request to a cached model: answered from the cache, or not."""
         self.cache.labels(model, "hit" if hit else "miss").inc()
+
+    def cache_error(self, model: str, op: str) -> None:
+        """Record one failed operation (``get``, ``set``, ``clear``) of a model's cache backend."""
+        self.cache_errors.labels(model, op).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

@@ -424,9 +424,9 @@ class _Server(TcpWSGIServer):  # type: ignore[misc]
 
 def flush_logs(server: Any) -> None:
     """Log what the rate-limited warnings still hold back (call it when the server stopped):
-    connections closed for slowness, requests refused for waiting past their deadline. A
-    line per 10 s at most is written while they happen; without this the count since the
-    last line would be lost."""
+    connections closed for slowness, requests refused for waiting past their deadline, the
+    models' response cache errors. A line per 10 s at most is written while they happen;
+    without this the count since the last line would be lost."""
     servers = [server] if isinstance(server, _Server) else \
         [s for s in getattr(server, "map", {}).values() if isinstance(s, _Server)]
     for one in servers:
@@ -504,7 +504,12 @@ class _ShedStale:
         return name if name in state.models.endpoints else ""
 
     def flush_logs(self) -> None:
-        """Log the refusals the rate-limited line still holds."""
+        """Log the refusals the rate-limited line still holds, and the errors the app's
+        response caches still hold."""
         with self._lock:
             if self._shed:
                 self._log_shed()
+        if self._state is not None:
+            for endpoint in list(self._state.models.endpoints.values()):
+                if endpoint.cache is not None:
+                    endpoint.cache.flush_log()
