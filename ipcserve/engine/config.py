@@ -143,6 +143,17 @@ def _seconds(text: str) -> float:
 _seconds.__name__ = "a number of seconds >= 0"
 
 
+def _positive_seconds(text: str) -> float:
+    """A number of seconds > 0."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(text)
+    return value
+
+
+_positive_seconds.__name__ = "a number of seconds > 0"
+
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -234,6 +245,9 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
     Setting("shed_status", "http", 503,
             "status of a request shed by max_inflight: 503 or 429 (Retry-After either way)",
             int),
+    Setting("cache_timeout", "http", 0.25,
+            "seconds a response cache backend on the network (Redis) may take per operation "
+            "before the model answers instead", _positive_seconds),
     # -- server: ipcserve serve / python app.py --
     Setting("host", "server", "127.0.0.1",
             "address to bind; another one without an API key logs a warning", str),

@@ -13,10 +13,18 @@ from typing import Any
 
 from .history import History
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "SHED_INFLIGHT", "SHED_QUEUE_DEADLINE"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# Why a request was shed: the ``reason`` label of ipcserve_shed_total. A new way of shedding
+# adds its own reason here (and a row in docs/http.md's metrics table).
+#: ``max_inflight`` calls were in flight (the serving core's admission).
+SHED_INFLIGHT = "inflight"
+#: The request waited in the HTTP server's queue past its deadline, and was answered before
+#: it reached Flask (:mod:`ipcserve.server.waitress_conf`).
+SHED_QUEUE_DEADLINE = "queue_deadline"
 
 
 class _StatusCollector:
@@ -92,11 +100,17 @@ class Metrics:
                                    ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("ipcserve_batch_size", "Per request: items in the model call that answered it", ["model"],
                                     buckets=_BATCH_BUCKETS, registry=self.registry)
-        self.shed = Counter("ipcserve_shed", "Requests refused at once because of overload",
-                            ["model"], registry=self.registry)
+        self.shed = Counter("ipcserve_shed", "Requests refused at once because of overload, by "
+                            "reason (inflight: max_inflight calls in flight; queue_deadline: "
+                            "waited in the server's queue past the deadline)",
+                            ["model", "reason"], registry=self.registry)
         self.cache = Counter("ipcserve_cache_requests", "Cached models' requests by cache result "
                              "(hit: answered from the cache; miss: computed)",
                              ["model", "result"], registry=self.registry)
+        self.cache_errors = Counter("ipcserve_cache_errors", "Response cache backend errors by "
+                                    "operation (get, set, clear); a failed get is neither a hit "
+                                    "nor a miss: the model answers",
+                                    ["model", "op"], registry=self.registry)
         self.registry.register(_StatusCollector(models))
         # The last 15 minutes of each model, for the status page (GET /v1/history).
         self.history = History()
@@ -131,9 +145,33 @@ class Metrics:
             batch_size.observe(batch)
         self.history.record(model, status, seconds, batch, queue_depth)
 
+    def shed_request(self, model: str, reason: str, seconds: float | None = None,
+                     status: int = 503) -> None:
+        """Record one request refused because of overload.
+
+        Args:
+            model: the model it was for; ``""`` when its URL names none.
+            reason: why (:data:`SHED_INFLIGHT`, :data:`SHED_QUEUE_DEADLINE`, ...).
+            seconds: for a request refused before it reached the serving core (which counts
+                the others once they finish): its time in the server. It is then also
+                counted as a request of ``model`` with ``status``, in the latency and the
+                history, like a request the core shed.
+            status: the status it was answered with (with ``seconds`` only).
+        """
+        self.shed.labels(model, reason).inc()
+        if seconds is not None and model:
+            requests, latency, *_ = self._of(model, status)
+            requests.inc()
+            latency.observe(seconds)
+            self.history.record(model, status, seconds)
+
     def cache_result(self, model: str, hit: bool) -> None:
         """Record one request to a cached model: answered from the cache, or not."""
         self.cache.labels(model, "hit" if hit else "miss").inc()
+
+    def cache_error(self, model: str, op: str) -> None:
+        """Record one failed operation (``get``, ``set``, ``clear``) of a model's cache backend."""
+        self.cache_errors.labels(model, op).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

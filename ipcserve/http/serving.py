@@ -48,7 +48,7 @@ from ..engine.errors import (
 from ..engine.mlprocess import MLProcess
 from .cache import CacheSettings, ResponseCache
 from .decode import DecodeBudget
-from .metrics import Metrics
+from .metrics import SHED_INFLIGHT, Metrics
 
 __all__ = ["DISCONNECTED_KEY", "KINDS", "RECEIVED_KEY", "Endpoint", "Exchange", "Failure",
            "Models", "Readiness", "Served", "check_api_key", "error_response", "exchange",
@@ -411,7 +411,7 @@ class Exchange:
         self.status, self._failed = failure.status, True
         name = self.endpoint.name
         if isinstance(error, OverloadedError):
-            self.state.metrics.shed.labels(name).inc()
+            self.state.metrics.shed_request(name, SHED_INFLIGHT)
         if isinstance(error, (IPCServeError, HTTPException)):
             cause = getattr(error, "remote_traceback", "")
             logger.log(failure.level, "model %s: %d %s: %s%s", name, failure.status, failure.type,

@@ -160,6 +160,8 @@ class ServerLifecycle:
                 signal.signal(sig, handler)
             server.close()
             server.task_dispatcher.shutdown(timeout=1.0)
+            # No handler thread runs now: log the counts the rate-limited warnings still hold.
+            waitress_conf.flush_logs(server)
             self.extension.drain(grace=0)  # no-op after a drain; stops models after a failed load
             self._watcher.join(5.0)
         if self.exit_code == 0:
