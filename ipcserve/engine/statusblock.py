@@ -11,6 +11,11 @@ Writers: the ML process writes ``heartbeat``, ``busy_since``, ``served``, the ca
 counters and ``state=READY``; each calling (web) process writes its own caller field; the
 supervisor writes everything else.
 
+Pace fields (after the caller fields, two per slot): the moving averages of seconds per
+batch and requests per batch that the slot's ML process keeps of its own batches (their
+single writer), for admission's estimate (:mod:`ipcserve.engine.admission`). A restarted
+process keeps its predecessor's: it runs the same model.
+
 Caller fields: every process that calls the model claims one ``(pid, in flight)`` pair
 (under a lock, once per process) and stores its count of admitted calls there. The ML
 processes read their sum to tell requests known to be on their way (admitted, not yet
@@ -23,6 +28,9 @@ import enum
 import os
 import time
 from typing import Any
+
+from . import admission
+from .admission import Pace
 
 __all__ = ["State", "StatusBlock"]
 
@@ -50,6 +58,11 @@ _CRASHES, _CONSECUTIVE, _HANGS_KILLED, _CIRCUIT_OPEN, _NEXT_START, _DRAINING, _B
 _COMMON = 7
 _NO_EXITCODE = -1000.0
 CALLER_FIELDS = 64  # web processes that can report their in-flight count (gunicorn workers)
+# Pace fields per slot, after the caller fields: seconds per batch, requests per batch.
+_PACE_FIELDS = 2
+# Each new batch weighs 1/5 in the moving averages: steady enough not to follow one odd
+# batch, quick enough to follow a change of load within a few batches.
+_PACE_WEIGHT = 0.2
 
 
 def _alive(pid: int) -> bool:
@@ -67,7 +80,8 @@ class StatusBlock:
 
     def __init__(self, ctx: Any, workers: int) -> None:
         self.workers = workers
-        self._array = ctx.RawArray("d", workers * _SLOT + _COMMON + 2 * CALLER_FIELDS)
+        self._array = ctx.RawArray("d", workers * _SLOT + _COMMON + 2 * CALLER_FIELDS
+                                   + _PACE_FIELDS * workers)
         for slot in range(workers):
             self._set(slot, _EXITCODE, _NO_EXITCODE)
 
@@ -279,6 +293,39 @@ class StatusBlock:
         array = self._array
         return int(sum(array[base + 1:base + 2 * CALLER_FIELDS:2]))
 
+    # -- pace: what recent batches took, for admission's estimate ---------------------------
+    def _pace_base(self, slot: int) -> int:
+        return self._caller_base() + 2 * CALLER_FIELDS + _PACE_FIELDS * slot
+
+    def record_batch(self, slot: int, seconds: float, requests: int) -> None:
+        """ML process: it answered ``requests`` requests in one batch that took ``seconds``
+        (its model calls for them). The first batch is taken as it is, not averaged with 0."""
+        base = self._pace_base(slot)
+        old_seconds, old_requests = self._array[base], self._array[base + 1]
+        if old_seconds > 0:
+            seconds = old_seconds + _PACE_WEIGHT * (seconds - old_seconds)
+            requests = old_requests + _PACE_WEIGHT * (requests - old_requests)
+        # Requests first: a reader that sees the new seconds sees a batch size as recent.
+        self._array[base + 1] = float(requests)
+        self._array[base] = max(float(seconds), 1e-9)  # > 0 marks "timed"
+
+    def pace(self, slot: int) -> Pace:
+        """The moving averages of ``slot``'s batches (0, 0: none timed yet)."""
+        base = self._pace_base(slot)
+        return Pace(float(self._array[base]), float(self._array[base + 1]))
+
+    def paces(self) -> list[Pace]:
+        """The pace of every ML process that is ready (those take calls off the queue)."""
+        ready = State.READY
+        return [self.pace(s) for s in range(self.workers)
+                if self._array[s * _SLOT + _STATE] == ready]
+
+    def estimated_wait(self) -> float | None:
+        """Seconds until a call admitted now would be answered (admission's estimate, without
+        its margin), or None before any batch was timed."""
+        found = admission.estimate(self.callers_inflight(), self.paces())
+        return None if found is None else found.wait
+
     # -- summaries -----------------------------------------------------------------------
     def all_stopped(self) -> bool:
         """No ML process is running, starting or about to restart."""
@@ -296,6 +343,7 @@ class StatusBlock:
         workers = []
         for slot in range(self.workers):
             busy = self.busy_since(slot)
+            pace = self.pace(slot)
             workers.append({
                 "slot": slot,
                 "pid": self.pid(slot) or None,
@@ -306,7 +354,10 @@ class StatusBlock:
                 "served": self.served(slot),
                 "restarts": self.restarts(slot),
                 "last_exitcode": self.exitcode(slot),
+                "batch_seconds": round(pace.seconds, 6),
+                "batch_requests": round(pace.requests, 3),
             })
+        wait = self.estimated_wait()
         return {
             "workers": workers,
             "cancelled": {f"{stage}_{reason}": count
@@ -318,4 +369,5 @@ class StatusBlock:
             "circuit_open": self.circuit_open,
             "restart_backoff": round(self.backoff, 3),
             "draining": self.draining,
+            "estimated_wait": None if wait is None else round(wait, 6),
         }
