@@ -46,6 +46,12 @@ class _StatusCollector:
             "ipcserve_cancel_saved_seconds",
             "Estimated model time saved by cancelling (queued: never computed; running: interrupted)",
             labels=["model"])
+        # Admission's estimate (engine/admission.py), without its margin: absent until a
+        # batch was timed.
+        estimated_wait = GaugeMetricFamily(
+            "ipcserve_estimated_wait_seconds",
+            "Estimated seconds until a request admitted now would be answered",
+            labels=["model"])
         for name, ml in self._models().items():
             status = ml.status
             workers = status.get("workers", [])
@@ -59,7 +65,10 @@ class _StatusCollector:
                 stage, _, reason = key.partition("_")
                 cancelled.add_metric([name, reason, stage], count)
             saved.add_metric([name], status.get("cancel_saved_seconds", 0.0))
+            if status.get("estimated_wait") is not None:
+                estimated_wait.add_metric([name], status["estimated_wait"])
         yield from (restarts, crashes, hangs, depth, ready, circuit, cancelled, saved)
+        yield estimated_wait
 
 
 class Metrics:
@@ -82,7 +91,7 @@ class Metrics:
         self.batch_size = Histogram("ipcserve_batch_size", "Per request: items in the model call that answered it", ["model"],
                                     buckets=_BATCH_BUCKETS, registry=self.registry)
         self.shed = Counter("ipcserve_shed", "Requests refused at once because of overload",
-                            ["model"], registry=self.registry)
+                            ["model", "reason"], registry=self.registry)
         self.cache = Counter("ipcserve_cache_requests", "Cached models' requests by cache result "
                              "(hit: answered from the cache; miss: computed)",
                              ["model", "result"], registry=self.registry)
