@@ -22,7 +22,7 @@ import pytest
 from models import Sleeper
 from server import Server
 
-from ipcserve import Config, ConfigError, OverloadedError
+from ipcserve import Config, ConfigError, MLProcess, OverloadedError
 from ipcserve.engine import admission
 from ipcserve.engine.admission import Gate, Pace
 from ipcserve.engine.statusblock import State, StatusBlock
@@ -52,6 +52,19 @@ def test_a_batching_model_answers_several_calls_per_batch() -> None:
     # 21 calls ahead + this one, 8 per batch: 3 batches.
     found = admission.estimate(21, [Pace(0.5, 8.0)])
     assert found is not None and found.rounds == 3 and found.wait == pytest.approx(1.5)
+
+
+def test_a_longer_queue_fills_bigger_batches_than_the_recent_ones() -> None:
+    # A batching model that has only seen lone calls (quiet traffic) takes up to 8 per batch:
+    # a burst of 40 is 5 batches, not 40.
+    found = admission.estimate(39, [Pace(0.5, 1.0, 8.0)])
+    assert found is not None and found.rounds == 5 and found.wait == pytest.approx(2.5)
+    # A short queue fills a batch only as far as it goes (5 requests, in one batch).
+    short = admission.estimate(4, [Pace(0.5, 1.0, 8.0)])
+    assert short is not None and short.rounds == 1 and short.requests == 5
+    # Each of two processes fills its own batches from its share of the queue.
+    two = admission.estimate(39, [Pace(0.5, 1.0, 8.0), Pace(0.5, 1.0, 8.0)])
+    assert two is not None and two.rounds == 3
 
 
 def test_several_processes_share_the_queue() -> None:
@@ -147,10 +160,10 @@ def test_the_status_block_keeps_a_moving_average_per_ready_process() -> None:
     status.set_state(1, State.READY)
     assert status.paces() == [Pace(0.0, 0.0), Pace(0.0, 0.0)]
     status.record_batch(0, 0.5, 1)  # the first batch is taken as it is, not averaged with 0
-    assert status.paces()[0] == Pace(0.5, 1.0)
-    status.record_batch(0, 1.0, 6)
-    seconds, requests = status.paces()[0]
-    assert seconds == pytest.approx(0.6) and requests == pytest.approx(2.0)
+    assert status.paces()[0] == Pace(0.5, 1.0, 1.0)
+    status.record_batch(0, 1.0, 6, capacity=8)
+    seconds, requests, capacity = status.paces()[0]
+    assert seconds == pytest.approx(0.6) and requests == pytest.approx(2.0) and capacity == 8
     status.set_state(1, State.RESTARTING)
     assert len(status.paces()) == 1  # a process that is not ready takes nothing off the queue
     snap = status.snapshot()
@@ -193,6 +206,44 @@ def test_calls_that_cannot_finish_in_time_are_refused_at_once_and_the_rest_answe
         assert isinstance(error, OverloadedError) and error.reason == "estimate"
         assert elapsed < 0.5, kinds
     assert max(elapsed for _, elapsed, _ in answered) < timeout, kinds
+
+
+class BatchSleeper(MLProcess):
+    """A batching model whose every batch takes ``seconds``, however many items it has."""
+
+    def predict_batch(self, xs: list[Any]) -> list[Any]:
+        time.sleep(max(float(x) for x in xs))
+        return [len(xs)] * len(xs)
+
+
+@pytest.mark.timeout(60)
+def test_a_batching_model_is_not_refused_what_full_batches_answer_in_time() -> None:
+    # 24 calls at 0.25 s per batch of up to 8: 4 batches or so, well within 3 s. Counted as
+    # the lone calls the model saw before the burst, they would be 24 batches, 6 s: refused.
+    timeout, seconds, clients = 3.0, 0.25, 24
+    with BatchSleeper(timeout=timeout, max_batch_size=8) as ml:
+        ml(seconds)  # timed once, alone: recent batches of 1
+        barrier = threading.Barrier(clients, timeout=30)
+        outcomes: list[tuple[str, float]] = []
+
+        def client() -> None:
+            barrier.wait()
+            started = time.monotonic()
+            try:
+                ml(seconds)
+                outcomes.append(("ok", time.monotonic() - started))
+            except Exception as exc:
+                outcomes.append((type(exc).__name__, time.monotonic() - started))
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        batches = ml.status["workers"][0]["batch_requests"]
+    summary = sorted((kind, round(elapsed, 2)) for kind, elapsed in outcomes)
+    assert [kind for kind, _ in outcomes] == ["ok"] * clients, summary
+    assert batches > 1, batches  # the averages have seen the fuller batches since
 
 
 # -- the real server under a burst ------------------------------------------------------------------

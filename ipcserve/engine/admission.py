@@ -7,18 +7,27 @@ Pure policy: plain numbers in, a verdict out; no I/O, and the clock is injected.
   counts in the status block), this process's included;
 * one :class:`Pace` per ML process that is ready: the recent seconds per batch (a model
   call, or the calls that answered one batch request) and requests per batch, moving
-  averages the ML process keeps of its own batches (each new batch weighs 1/5).
+  averages the ML process keeps of its own batches (each new batch weighs 1/5), and the
+  most requests a batch can take (``max_batch_size`` for a model that batches, else 1).
 
-The estimate::
+The estimate (``share``: this call's part of the queue, ``(ahead + 1) / processes``)::
 
-    capacity = requests per batch × ML processes ready     (averaged over those timed)
-    rounds   = ceil((ahead + 1) / capacity)                 batches until this call's is done
-    wait     = rounds × seconds per batch
+    batch  = max(recent requests per batch, min(most per batch, share))
+    rounds = ceil((ahead + 1) / (batch × ML processes ready))   batches until this call's is done
+    wait   = rounds × recent seconds per batch
+
+(averaged over the processes timed). A batching model fills its batches from the queue (with
+``max_batch_wait`` 0 it takes whatever was read), so a longer queue means fuller batches,
+whatever size its recent, quieter batches had; each batch is assumed to take the recent
+seconds per batch. A model whose batch time grows with the batch is under-estimated at the
+start of a burst, until its averages have seen full batches: the estimate errs towards
+admitting there, which is what happened before it existed, rather than refusing calls that
+a full batch would have answered in time.
 
 The margin: a call is refused when ``wait × factor`` is more than the time left to its
 deadline (``estimate_factor``, default 1.25: the estimate may be 25 % short, which covers a
 moving average's noise and the time outside the model). The batch running now counts as a
-whole one, which errs towards admitting less, not more. Never refused:
+whole one. Never refused:
 
 * with no estimate yet (no batch timed: a cold model, or a model that only streams, since a
   stream's items are not one batch's time) or ``factor`` 0 (turned off);
@@ -45,15 +54,18 @@ __all__ = ["Estimate", "Gate", "Pace", "Refusal", "estimate"]
 
 
 class Pace(NamedTuple):
-    """What one ready ML process's recent batches took (0, 0: none timed yet).
+    """What one ready ML process's recent batches took (seconds 0: none timed yet).
 
     Attributes:
         seconds: seconds per batch (moving average).
         requests: requests answered per batch (moving average).
+        capacity: the most requests one batch can take (``max_batch_size`` for a model that
+            batches, 1 for one that does not).
     """
 
     seconds: float
     requests: float
+    capacity: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +77,8 @@ class Estimate:
         ahead: calls in flight before it.
         rounds: batches until its own is done.
         seconds: seconds per batch used (averaged over the timed processes).
-        requests: requests per batch used (the same).
+        requests: requests per batch used: the recent average, or more when the queue
+            would fill bigger batches.
         processes: ML processes ready to take from the queue.
     """
 
@@ -84,12 +97,15 @@ def estimate(ahead: int, paces: Sequence[Pace]) -> Estimate | None:
     timed = [p for p in paces if p.seconds > 0]
     if not timed:
         return None
+    ahead = max(0, ahead)
     seconds = sum(p.seconds for p in timed) / len(timed)
-    requests = max(1.0, sum(p.requests for p in timed) / len(timed))
+    recent = max(1.0, sum(p.requests for p in timed) / len(timed))
+    most = max(recent, sum(p.capacity for p in timed) / len(timed))
     # A process not timed yet (just restarted) takes its share at the others' pace.
-    capacity = requests * len(paces)
-    rounds = max(1, math.ceil((max(0, ahead) + 1) / capacity - 1e-9))
-    return Estimate(rounds * seconds, max(0, ahead), rounds, seconds, requests, len(paces))
+    processes = len(paces)
+    batch = max(recent, min(most, (ahead + 1) / processes))
+    rounds = max(1, math.ceil((ahead + 1) / (batch * processes) - 1e-9))
+    return Estimate(rounds * seconds, ahead, rounds, seconds, batch, processes)
 
 
 @dataclasses.dataclass(frozen=True)

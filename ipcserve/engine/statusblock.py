@@ -11,9 +11,10 @@ Writers: the ML process writes ``heartbeat``, ``busy_since``, ``served``, the ca
 counters and ``state=READY``; each calling (web) process writes its own caller field; the
 supervisor writes everything else.
 
-Pace fields (after the caller fields, two per slot): the moving averages of seconds per
-batch and requests per batch that the slot's ML process keeps of its own batches (their
-single writer), for admission's estimate (:mod:`ipcserve.engine.admission`). A restarted
+Pace fields (after the caller fields, three per slot): the moving averages of seconds per
+batch and requests per batch that the slot's ML process keeps of its own batches, and the
+most requests a batch can take (that process is their single writer), for admission's
+estimate (:mod:`ipcserve.engine.admission`). A restarted
 process keeps its predecessor's: it runs the same model.
 
 Caller fields: every process that calls the model claims one ``(pid, in flight)`` pair
@@ -58,8 +59,9 @@ _CRASHES, _CONSECUTIVE, _HANGS_KILLED, _CIRCUIT_OPEN, _NEXT_START, _DRAINING, _B
 _COMMON = 7
 _NO_EXITCODE = -1000.0
 CALLER_FIELDS = 64  # web processes that can report their in-flight count (gunicorn workers)
-# Pace fields per slot, after the caller fields: seconds per batch, requests per batch.
-_PACE_FIELDS = 2
+# Pace fields per slot, after the caller fields: seconds per batch, requests per batch, the
+# most requests per batch.
+_PACE_FIELDS = 3
 # Each new batch weighs 1/5 in the moving averages: steady enough not to follow one odd
 # batch, quick enough to follow a change of load within a few batches.
 _PACE_WEIGHT = 0.2
@@ -297,10 +299,12 @@ class StatusBlock:
     def _pace_base(self, slot: int) -> int:
         return self._caller_base() + 2 * CALLER_FIELDS + _PACE_FIELDS * slot
 
-    def record_batch(self, slot: int, seconds: float, requests: int) -> None:
+    def record_batch(self, slot: int, seconds: float, requests: int, capacity: int = 1) -> None:
         """ML process: it answered ``requests`` requests in one batch that took ``seconds``
-        (its model calls for them). The first batch is taken as it is, not averaged with 0."""
+        (its model calls for them); a batch can take ``capacity`` requests at most. The first
+        batch is taken as it is, not averaged with 0."""
         base = self._pace_base(slot)
+        self._array[base + 2] = float(capacity)
         old_seconds, old_requests = self._array[base], self._array[base + 1]
         if old_seconds > 0:
             seconds = old_seconds + _PACE_WEIGHT * (seconds - old_seconds)
@@ -312,13 +316,18 @@ class StatusBlock:
     def pace(self, slot: int) -> Pace:
         """The moving averages of ``slot``'s batches (0, 0: none timed yet)."""
         base = self._pace_base(slot)
-        return Pace(float(self._array[base]), float(self._array[base + 1]))
+        return Pace(float(self._array[base]), float(self._array[base + 1]),
+                    max(1.0, float(self._array[base + 2])))
 
     def paces(self) -> list[Pace]:
         """The pace of every ML process that is ready (those take calls off the queue)."""
-        ready = State.READY
-        return [self.pace(s) for s in range(self.workers)
-                if self._array[s * _SLOT + _STATE] == ready]
+        array, ready = self._array, float(State.READY)
+        found = []
+        for slot in range(self.workers):  # a loop over raw values: on every admission
+            if array[slot * _SLOT + _STATE] == ready:
+                base = self._pace_base(slot)
+                found.append(Pace(array[base], array[base + 1], max(1.0, array[base + 2])))
+        return found
 
     def estimated_wait(self) -> float | None:
         """Seconds until a call admitted now would be answered (admission's estimate, without
