@@ -302,20 +302,27 @@ class Caller:
                 raise OverloadedError(
                     f"model {self._name!r} has {self._inflight} requests in flight "
                     f"(max_inflight={self._config.max_inflight}); retry later")
+            # Counted and published before the estimate: an ML process gathering a batch
+            # learns this call is coming as early as without one, and an admission racing in
+            # another web process sees it.
+            self._inflight += 1
+            self._publish_inflight()
             if deadline is not None and self._gate.enabled:
                 # Under the lock: a burst of threads must each see the calls admitted before
                 # it, or all of them would see the same short queue.
-                refusal = self._gate.check(self._ahead(), self._status.paces(), deadline)
-                if refusal is not None:
-                    raise refusal.error(self._name)
-            self._inflight += 1
-            self._publish_inflight()
+                ahead = self._ahead()
+                if ahead:  # nothing ahead is never refused: skip reading the paces
+                    refusal = self._gate.check(ahead, self._status.paces(), deadline)
+                    if refusal is not None:
+                        self._release()  # (the lock is re-entrant)
+                        raise refusal.error(self._name)
         return Admission(self)
 
     def _ahead(self) -> int:
-        """Calls in flight before a new one: every web process's (the status block), at
-        least this process's own (its count is not published when no field was free)."""
-        return max(self._inflight, self._status.callers_inflight())
+        """Calls in flight before the one just counted: every web process's (the status
+        block), at least this process's own (its count is not published when no field was
+        free)."""
+        return max(self._inflight, self._status.callers_inflight()) - 1
 
     def deadline(self, timeout: float | None = None, deadline: float | None = None) -> float:
         """The ``time.monotonic()`` deadline of a call given ``timeout`` seconds from now
