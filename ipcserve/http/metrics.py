@@ -28,6 +28,16 @@ class _StatusCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        # Admission's estimate (engine/admission.py), without its margin; absent until the
+        # model has timed a batch. (Its own loop: the other series are built below.)
+        estimated_wait = GaugeMetricFamily(
+            "ipcserve_estimated_wait_seconds",
+            "Estimated seconds until a request admitted now would be answered", labels=["model"])
+        for name, ml in self._models().items():
+            wait = ml.status.get("estimated_wait")
+            if wait is not None:
+                estimated_wait.add_metric([name], wait)
+        yield estimated_wait
         restarts = CounterMetricFamily("ipcserve_restarts", "ML process restarts", labels=["model"])
         crashes = CounterMetricFamily("ipcserve_crashes", "ML process deaths (crashes and watchdog kills)",
                                       labels=["model"])
@@ -46,12 +56,6 @@ class _StatusCollector:
             "ipcserve_cancel_saved_seconds",
             "Estimated model time saved by cancelling (queued: never computed; running: interrupted)",
             labels=["model"])
-        # Admission's estimate (engine/admission.py), without its margin: absent until a
-        # batch was timed.
-        estimated_wait = GaugeMetricFamily(
-            "ipcserve_estimated_wait_seconds",
-            "Estimated seconds until a request admitted now would be answered",
-            labels=["model"])
         for name, ml in self._models().items():
             status = ml.status
             workers = status.get("workers", [])
@@ -65,10 +69,7 @@ class _StatusCollector:
                 stage, _, reason = key.partition("_")
                 cancelled.add_metric([name, reason, stage], count)
             saved.add_metric([name], status.get("cancel_saved_seconds", 0.0))
-            if status.get("estimated_wait") is not None:
-                estimated_wait.add_metric([name], status["estimated_wait"])
         yield from (restarts, crashes, hangs, depth, ready, circuit, cancelled, saved)
-        yield estimated_wait
 
 
 class Metrics:
