@@ -92,7 +92,8 @@ def test_a_call_that_would_be_answered_after_its_deadline_is_refused_with_why() 
     error = refusal.error("sleepy")
     assert isinstance(error, OverloadedError)
     assert error.reason == "estimate" and error.retry_after == pytest.approx(6.5)
-    assert "~10.5 s" in error.message and "deadline in 5.0 s" in error.message, error.message
+    assert "~10.50 s" in error.message and "~13.12 s with the estimate's margin" in error.message
+    assert "deadline in 5.00 s" in error.message, error.message
     assert "'sleepy'" in error.message and "20 calls ahead" in error.message, error.message
     assert "retry in ~7 s" in error.message, error.message
 
@@ -115,7 +116,7 @@ def test_the_margin_counts_from_now_not_from_the_timeout() -> None:
     assert gate.check(5, [Pace(0.5, 1.0)], deadline) is not None
 
 
-def test_never_refused_when_nothing_is_ahead_even_if_the_model_is_slower_than_the_deadline() -> None:
+def test_never_refused_with_nothing_ahead_even_if_the_model_is_slower_than_the_deadline() -> None:
     clock = _FakeClock()
     gate = Gate(1.25, clock)
     assert gate.check(0, [Pace(30.0, 1.0)], deadline=clock.now + 1.0) is None
@@ -246,8 +247,9 @@ def test_a_batching_model_is_not_refused_what_full_batches_answer_in_time() -> N
     assert batches > 1, batches  # the averages have seen the fuller batches since
 
 
-# -- the real server under a burst ------------------------------------------------------------------
-def _burst(url: str, clients: int, seconds: float) -> list[tuple[int, float, dict[str, str], bytes]]:
+# -- the real server under a burst --------------------------------------------------------------
+def _burst(url: str, clients: int,
+           seconds: float) -> list[tuple[int, float, dict[str, str], bytes]]:
     """``clients`` concurrent POST /predict {"seconds": ...}: (status, elapsed, headers, body)."""
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
@@ -307,13 +309,17 @@ def test_a_burst_on_a_slow_model_is_refused_at_once_not_timed_out() -> None:
         metrics = requests.get(server.url + "/metrics", timeout=10).text
     finally:
         server.stop()
-    summary = sorted((status, round(elapsed, 3)) for status, elapsed, _, _ in results)
     ok = [r for r in results if r[0] == 200]
     refused = [r for r in results if r[0] == 503]
+    # The statuses and times, and the first refusal's reasoning (its estimate).
+    summary = (sorted((status, round(elapsed, 3)) for status, elapsed, _, _ in results),
+               refused and min(refused, key=lambda r: r[1])[3])
     late = [r for r in results if r[0] == 504]
     assert len(ok) + len(refused) + len(late) == clients, summary
-    # The model answers 10 calls in 5 s; with the 1.25 margin 8 fit.
-    assert 5 <= len(ok) <= 10, summary
+    # The model answers 10 calls in 5 s; with the 1.25 margin 8 fit (7 when the timed call
+    # took a little more than 0.5 s; fewer when the burst waited for threads on a loaded
+    # machine: the time left is what counts).
+    assert 4 <= len(ok) <= 10, summary
     assert len(late) <= 1, summary
     for status, _, headers, body in refused:
         error = json.loads(body)

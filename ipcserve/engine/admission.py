@@ -131,11 +131,13 @@ class Refusal:
         per_batch = (f"~{found.seconds:.2f} s per model call" if found.requests < 1.05 else
                      f"~{found.seconds:.2f} s per batch of ~{found.requests:.1f} requests")
         processes = f" on {found.processes} ML processes" if found.processes > 1 else ""
+        margined = found.wait * self.factor
         return OverloadedError(
-            f"model {model!r} would answer this request in ~{found.wait:.1f} s "
-            f"({found.ahead} calls ahead, {per_batch}{processes}), after its deadline in "
-            f"{max(0.0, self.remaining):.1f} s (estimate_factor={self.factor:g}); it was not "
-            f"admitted: retry in ~{max(1, math.ceil(self.retry_after))} s or elsewhere",
+            f"model {model!r} would answer this request in ~{found.wait:.2f} s "
+            f"({found.ahead} calls ahead, {per_batch}{processes}), ~{margined:.2f} s "
+            f"with the estimate's margin (estimate_factor={self.factor:g}): after its deadline "
+            f"in {max(0.0, self.remaining):.2f} s. It was not admitted: retry in "
+            f"~{max(1, math.ceil(self.retry_after))} s, or elsewhere",
             reason="estimate", retry_after=self.retry_after)
 
 
