@@ -16,7 +16,9 @@ sibling, so EOF alone is not a liveness signal.
 
 Admission comes first (:meth:`Caller.admit`): past ``max_inflight`` a call is refused at
 once, before its input is even decoded, and the one in-flight counter here is what
-``shutdown()`` and the HTTP layer's drain wait on.
+``shutdown()`` and the HTTP layer's drain wait on. A call admitted with its deadline is also
+refused at once when the queue ahead of it is too long for it to be answered in time
+(:mod:`ipcserve.engine.admission`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import shm
+from .admission import Gate
 from .errors import (
     InputError,
     ModelError,
@@ -209,6 +212,7 @@ class Caller:
         self._config = plumbing.config
         self._name = plumbing.name
         self._channel_ids = itertools.count(1)
+        self._gate = Gate(self._config.estimate_factor)
         self._reset_after_fork()  # the per-process state: locks, counters, channels
         # A web process forked after start() (gunicorn with preload_app) shares the queue
         # and the status block, but must not inherit this process's locks, counters or
@@ -283,24 +287,60 @@ class Caller:
                 "MLProcess as a context manager?")
         return None
 
-    def admit(self) -> Admission:
+    def admit(self, deadline: float | None = None) -> Admission:
         """Take a place among the calls in flight.
 
+        Args:
+            deadline: the call's ``time.monotonic()`` deadline, if known: a call that the
+                estimate says would be answered after it is refused now rather than
+                timing out later. None: only the ``max_inflight`` cap applies.
+
         Raises:
-            OverloadedError: ``max_inflight`` calls are in flight already.
+            OverloadedError: ``max_inflight`` calls are in flight already (``reason``
+                ``"inflight"``), or the calls ahead would take it past its deadline
+                (``"estimate"``, with ``retry_after`` the estimated time until there is room).
             WorkerUnavailableError: shutting down, stopped, or the circuit is open.
         """
         error = self._unavailable()
         if error is not None:
             raise error
         with self._cond:
+            # The cap first: it is the hard bound, costs one comparison, and under a flood it
+            # refuses without reading the status block.
             if self._inflight >= self._config.max_inflight:
                 raise OverloadedError(
                     f"model {self._name!r} has {self._inflight} requests in flight "
                     f"(max_inflight={self._config.max_inflight}); retry later")
+            # Counted and published before the estimate: an ML process gathering a batch
+            # learns this call is coming as early as without one, and an admission racing in
+            # another web process sees it.
             self._inflight += 1
             self._publish_inflight()
+            if deadline is not None and self._gate.enabled:
+                # Under the lock: a burst of threads must each see the calls admitted before
+                # it, or all of them would see the same short queue.
+                ahead = self._ahead()
+                if ahead:  # nothing ahead is never refused: skip reading the paces
+                    refusal = self._gate.check(ahead, self._status.paces(), deadline)
+                    if refusal is not None:
+                        self._release()  # (the lock is re-entrant)
+                        raise refusal.error(self._name)
         return Admission(self)
+
+    def _ahead(self) -> int:
+        """Calls in flight before the one just counted: every web process's (the status
+        block), at least this process's own (its count is not published when no field was
+        free)."""
+        return max(self._inflight, self._status.callers_inflight()) - 1
+
+    def deadline(self, timeout: float | None = None, deadline: float | None = None) -> float:
+        """The ``time.monotonic()`` deadline of a call given ``timeout`` seconds from now
+        (default ``config.timeout``) or an absolute ``deadline``.
+
+        Raises:
+            InputError: ``timeout`` is not > 0.
+        """
+        return self._deadline(timeout, deadline)
 
     def _publish_inflight(self) -> None:
         """Store this process's in-flight count where the ML processes read it (their

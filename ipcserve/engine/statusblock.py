@@ -12,6 +12,12 @@ counters, its count of queue messages it could not decode (failed channel hand-o
 ``state=READY``; each calling (web) process writes its own caller field; the supervisor
 writes everything else (its own failures and ``stopping`` included).
 
+Pace fields (after the caller fields, three per slot): the moving averages of seconds per
+batch and requests per batch that the slot's ML process keeps of its own batches, and the
+most requests a batch can take (that process is their single writer), for admission's
+estimate (:mod:`ipcserve.engine.admission`). A restarted
+process keeps its predecessor's: it runs the same model.
+
 Caller fields: every process that calls the model claims one ``(pid, in flight)`` pair
 (under a lock, once per process) and stores its count of admitted calls there. The ML
 processes read their sum to tell requests known to be on their way (admitted, not yet
@@ -24,6 +30,9 @@ import enum
 import os
 import time
 from typing import Any
+
+from . import admission
+from .admission import Pace
 
 __all__ = ["State", "StatusBlock"]
 
@@ -59,6 +68,12 @@ _SUPERVISOR_FAILURES, _SUPERVISOR_FAILING, _STOPPING = range(7, 10)
 _COMMON = 10
 _NO_EXITCODE = -1000.0
 CALLER_FIELDS = 64  # web processes that can report their in-flight count (gunicorn workers)
+# Pace fields per slot, after the caller fields: seconds per batch, requests per batch, the
+# most requests per batch.
+_PACE_FIELDS = 3
+# Each new batch weighs 1/5 in the moving averages: steady enough not to follow one odd
+# batch, quick enough to follow a change of load within a few batches.
+_PACE_WEIGHT = 0.2
 
 
 def _alive(pid: int) -> bool:
@@ -76,7 +91,8 @@ class StatusBlock:
 
     def __init__(self, ctx: Any, workers: int) -> None:
         self.workers = workers
-        self._array = ctx.RawArray("d", workers * _SLOT + _COMMON + 2 * CALLER_FIELDS)
+        self._array = ctx.RawArray("d", workers * _SLOT + _COMMON + 2 * CALLER_FIELDS
+                                   + _PACE_FIELDS * workers)
         for slot in range(workers):
             self._set(slot, _EXITCODE, _NO_EXITCODE)
 
@@ -328,6 +344,46 @@ class StatusBlock:
         array = self._array
         return int(sum(array[base + 1:base + 2 * CALLER_FIELDS:2]))
 
+    # -- pace: what recent batches took, for admission's estimate ---------------------------
+    def _pace_base(self, slot: int) -> int:
+        return self._caller_base() + 2 * CALLER_FIELDS + _PACE_FIELDS * slot
+
+    def record_batch(self, slot: int, seconds: float, requests: int, capacity: int = 1) -> None:
+        """ML process: it answered ``requests`` requests in one batch that took ``seconds``
+        (its model calls for them); a batch can take ``capacity`` requests at most. The first
+        batch is taken as it is, not averaged with 0."""
+        base = self._pace_base(slot)
+        self._array[base + 2] = float(capacity)
+        old_seconds, old_requests = self._array[base], self._array[base + 1]
+        if old_seconds > 0:
+            seconds = old_seconds + _PACE_WEIGHT * (seconds - old_seconds)
+            requests = old_requests + _PACE_WEIGHT * (requests - old_requests)
+        # Requests first: a reader that sees the new seconds sees a batch size as recent.
+        self._array[base + 1] = float(requests)
+        self._array[base] = max(float(seconds), 1e-9)  # > 0 marks "timed"
+
+    def pace(self, slot: int) -> Pace:
+        """The moving averages of ``slot``'s batches (0, 0: none timed yet)."""
+        base = self._pace_base(slot)
+        return Pace(float(self._array[base]), float(self._array[base + 1]),
+                    max(1.0, float(self._array[base + 2])))
+
+    def paces(self) -> list[Pace]:
+        """The pace of every ML process that is ready (those take calls off the queue)."""
+        array, ready = self._array, float(State.READY)
+        found = []
+        for slot in range(self.workers):  # a loop over raw values: on every admission
+            if array[slot * _SLOT + _STATE] == ready:
+                base = self._pace_base(slot)
+                found.append(Pace(array[base], array[base + 1], max(1.0, array[base + 2])))
+        return found
+
+    def estimated_wait(self) -> float | None:
+        """Seconds until a call admitted now would be answered (admission's estimate, without
+        its margin), or None before any batch was timed."""
+        found = admission.estimate(self.callers_inflight(), self.paces())
+        return None if found is None else found.wait
+
     # -- summaries -----------------------------------------------------------------------
     def all_stopped(self) -> bool:
         """No ML process is running, starting or about to restart."""
@@ -345,6 +401,7 @@ class StatusBlock:
         workers = []
         for slot in range(self.workers):
             busy = self.busy_since(slot)
+            pace = self.pace(slot)
             workers.append({
                 "slot": slot,
                 "pid": self.pid(slot) or None,
@@ -355,7 +412,10 @@ class StatusBlock:
                 "served": self.served(slot),
                 "restarts": self.restarts(slot),
                 "last_exitcode": self.exitcode(slot),
+                "batch_seconds": round(pace.seconds, 6),
+                "batch_requests": round(pace.requests, 3),
             })
+        wait = self.estimated_wait()
         return {
             "workers": workers,
             "cancelled": {f"{stage}_{reason}": count
@@ -370,4 +430,5 @@ class StatusBlock:
             "handovers_failed": self.handovers_failed,
             "supervisor_failures": self.supervisor_failures,
             "supervisor_failing": self.supervisor_failing,
+            "estimated_wait": None if wait is None else round(wait, 6),
         }

@@ -344,6 +344,10 @@ class _Loop:
         elapsed = time.monotonic() - started
         size = sum(batching.size_of(item.request) for item in items)
         self.item_time = 0.8 * self.item_time + 0.2 * elapsed / max(1, size)
+        # Published for admission's estimate in every web process (seconds and requests per
+        # batch: calls in flight are counted in requests, whatever their items).
+        self.status.record_batch(self.slot, elapsed, len(items),
+                                 self.config.max_batch_size if self.batchable else 1)
         for item, (value, error, batch_size) in zip(items, answers):
             if cancelled and id(item) in cancelled:
                 continue  # nobody waits for it: its result is discarded

@@ -13,7 +13,7 @@ from typing import Any
 
 from .history import History
 
-__all__ = ["Metrics", "SHED_INFLIGHT", "SHED_QUEUE_DEADLINE"]
+__all__ = ["Metrics", "SHED_ESTIMATE", "SHED_INFLIGHT", "SHED_QUEUE_DEADLINE"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -22,6 +22,9 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # adds its own reason here (and a row in docs/http.md's metrics table).
 #: ``max_inflight`` calls were in flight (the serving core's admission).
 SHED_INFLIGHT = "inflight"
+#: The calls ahead of it would have it answered after its deadline (admission by estimate,
+#: :mod:`ipcserve.engine.admission`; ``OverloadedError.reason``).
+SHED_ESTIMATE = "estimate"
 #: The request waited in the HTTP server's queue past its deadline, and was answered before
 #: it reached Flask (:mod:`ipcserve.server.waitress_conf`).
 SHED_QUEUE_DEADLINE = "queue_deadline"
@@ -36,6 +39,16 @@ class _StatusCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        # Admission's estimate (engine/admission.py), without its margin; absent until the
+        # model has timed a batch. (Its own loop: the other series are built below.)
+        estimated_wait = GaugeMetricFamily(
+            "ipcserve_estimated_wait_seconds",
+            "Estimated seconds until a request admitted now would be answered", labels=["model"])
+        for name, ml in self._models().items():
+            wait = ml.status.get("estimated_wait")
+            if wait is not None:
+                estimated_wait.add_metric([name], wait)
+        yield estimated_wait
         restarts = CounterMetricFamily("ipcserve_restarts", "ML process restarts", labels=["model"])
         crashes = CounterMetricFamily("ipcserve_crashes", "ML process deaths (crashes and watchdog kills)",
                                       labels=["model"])
@@ -101,8 +114,9 @@ class Metrics:
         self.batch_size = Histogram("ipcserve_batch_size", "Per request: items in the model call that answered it", ["model"],
                                     buckets=_BATCH_BUCKETS, registry=self.registry)
         self.shed = Counter("ipcserve_shed", "Requests refused at once because of overload, by "
-                            "reason (inflight: max_inflight calls in flight; queue_deadline: "
-                            "waited in the server's queue past the deadline)",
+                            "reason (inflight: max_inflight calls in flight; estimate: it would "
+                            "be answered after its deadline; queue_deadline: waited in the "
+                            "server's queue past the deadline)",
                             ["model", "reason"], registry=self.registry)
         self.cache = Counter("ipcserve_cache_requests", "Cached models' requests by cache result "
                              "(hit: answered from the cache; miss: computed)",
