@@ -16,6 +16,37 @@ from typing import Any
 import pytest
 from server import Server
 
+# -- skips that are not allowed -------------------------------------------------------------
+# CI sets IPCSERVE_ALLOWED_SKIPS to the skip reasons a Python may have ("torch|transformers"
+# where torch is not installed; "" on 3.11, where everything is): a test skipped for any
+# other reason fails the run, so a missing dependency cannot pass as green. Unset (a local
+# run), skips are reported as usual.
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    allowed = os.environ.get("IPCSERVE_ALLOWED_SKIPS")
+    if allowed is None:
+        return
+    words = [w for w in allowed.split("|") if w]
+    unexplained = [s for s in _skipped if not any(w in s.partition(": ")[2] for w in words)]
+    if unexplained:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_sep("=", f"{len(unexplained)} skip(s) not allowed here "
+                                    f"(IPCSERVE_ALLOWED_SKIPS={allowed!r})", red=True)
+            for line in unexplained:
+                reporter.write_line(line)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 # -- a test that runs out of time ------------------------------------------------------------
 # pytest-timeout (timeout_method = signal in setup.cfg) fails a test whose time is up by
 # raising in the main thread. We take over its timer to do first what CPython's

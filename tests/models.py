@@ -167,6 +167,13 @@ class ArrayModel(MLProcess):
         return x * scale
 
 
+class StubbornArrayModel(ArrayModel):
+    """ArrayModel whose calls are never interrupted: a call its caller gave up on still
+    answers, late (for the late-reply tests)."""
+
+    interruptible = False
+
+
 class Spinner(MLProcess):
     """CPU-bound, single-threaded work; answers with its pid and worker index."""
 
@@ -468,3 +475,64 @@ class ArrayBatcher(MLProcess):
 
     def predict_batch(self, xs: list[Any]) -> list[Any]:
         return [x * 2 for x in xs]
+
+
+class HandoverFails(Doubler):
+    """A Doubler whose ML process cannot take its first ``failures`` new channels: unpickling
+    the Attach message raises OSError, as a failed fd transfer does for real. ``fetch``: the
+    pipe end's fd was received and is lost (its caller sees EOF, as when the fds ran out
+    during the transfer); otherwise it is never fetched (the sender's resource sharer keeps
+    it, so no EOF ever comes, as when the connection to the sender failed). Defaults (for
+    ``--model models:HandoverFails``): IPCSERVE_TEST_HANDOVER_FAILURES, else 1; fetched."""
+
+    def __init__(self, failures: int | None = None, fetch: bool = True, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.failures = failures
+        self.fetch = fetch
+
+    def load(self) -> None:  # inside the ML process: its own copy of multiprocessing
+        import multiprocessing.connection as connection
+
+        super().load()
+        left = [self.failures if self.failures is not None
+                else int(os.environ.get("IPCSERVE_TEST_HANDOVER_FAILURES", "1"))]
+        rebuild = connection.rebuild_connection  # what unpickling a sent Connection calls
+
+        def failing_rebuild(df: Any, readable: bool, writable: bool) -> Any:
+            if left[0] <= 0:
+                return rebuild(df, readable, writable)
+            left[0] -= 1
+            if self.fetch:
+                os.close(df.detach())  # the sender's resource sharer lets go of its copy
+            raise OSError(24, "the pipe end's file descriptor could not be received (test)")
+
+        connection.rebuild_connection = failing_rebuild
+
+
+def _inject_supervisor_fault() -> None:
+    """In this (web) process: every supervisor's watchdog raises while the file named by
+    IPCSERVE_TEST_SUPERVISOR_FAULT exists, so a test decides when the supervisor fails."""
+    from ipcserve.engine.supervisor import Supervisor
+
+    watchdog = Supervisor._watchdog
+    if getattr(watchdog, "fault_injected", False):
+        return
+
+    def failing_watchdog(self: Any, slot: Any, now: float) -> None:
+        gate = os.environ.get("IPCSERVE_TEST_SUPERVISOR_FAULT")
+        if gate and os.path.exists(gate):
+            raise RuntimeError("injected supervisor fault (test)")
+        watchdog(self, slot, now)
+
+    failing_watchdog.fault_injected = True  # type: ignore[attr-defined]
+    Supervisor._watchdog = failing_watchdog  # type: ignore[method-assign]
+
+
+class SupervisorFails(Doubler):
+    """A Doubler whose supervisor fails on demand (see :func:`_inject_supervisor_fault`).
+    The fault is injected where the model is built (``--model models:SupervisorFails`` in
+    the server process); unpickling it in the ML process does not run ``__init__``."""
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        _inject_supervisor_fault()

@@ -70,8 +70,9 @@ def test_kill_every_two_seconds_answers_every_request_quickly() -> None:
         assert not errors, f"requests hung or failed at the socket: {errors[:3]}"
         assert kills >= 5
         failed = [(code, elapsed) for code, elapsed in results if code != 200]
-        slow = [(code, round(elapsed, 2)) for code, elapsed in failed if elapsed > 1.5]
-        assert not slow, f"non-200 answers slower than 1.5 s: {slow}"
+        # Every answer, 200s included: a request stranded until a late restart must not pass.
+        slow = [(code, round(elapsed, 2)) for code, elapsed in results if elapsed > 1.5]
+        assert not slow, f"answers slower than 1.5 s: {slow}"
         assert {code for code, _ in failed} <= {502, 503}, failed  # crashed in flight, never admitted
         assert sum(1 for code, _ in results if code == 200) > 10 * len(failed)
     finally:

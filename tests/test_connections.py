@@ -12,6 +12,7 @@ import http.client
 import json
 import logging
 import math
+import re
 import resource
 import select
 import selectors
@@ -23,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 from server import Server
 
 pytestmark = pytest.mark.timeout(120)
@@ -377,6 +379,73 @@ def test_a_request_that_waited_past_its_deadline_gets_503_without_reaching_the_a
     assert b"".join(shed({}, start_response)) == b"ok" and len(calls) == 2
 
 
+_REFUSED_LINE = re.compile(r"refused (\d+) request\(s\) that waited longer than their deadline")
+
+
+@pytest.mark.slow
+def test_requests_refused_before_flask_are_counted_and_their_log_count_is_kept() -> None:
+    # One thread for 24 clients of a model that takes 0.3 s: a few are answered, the rest
+    # wait in waitress's queue past their 1 s deadline and are refused before Flask.
+    timeout = 1.0
+    server = Server("--model", "models:Sleeper", "--timeout", str(timeout), "--threads", "1")
+    try:
+        results = hammer(server, 24, seconds=0.3)
+        metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+        history = requests.get(f"{server.url}/v1/history", timeout=10).json()
+    finally:
+        code = server.stop()
+    assert code == 0, server.output
+    summary = sorted((status, round(elapsed, 2)) for status, elapsed, _, _ in results)
+    stale = [r for r in results if r[0] == 503]
+    assert {r[0] for r in results} <= {200, 503, 504}, summary
+    assert len(stale) >= 2, summary  # else the log count below could not tell anything
+    for status, elapsed, headers, body in stale:
+        assert int(headers["retry-after"]) >= 1
+        error = json_error(status, headers, body)
+        assert error["type"] == "OverloadedError" and "longer than its deadline" in error["error"]
+        assert elapsed <= timeout + DEADLINE_MARGIN, summary
+    # In /metrics: as sheds with their reason, and as the model's 503s (/predict is sleeper's).
+    assert f'ipcserve_shed_total{{model="sleeper",reason="queue_deadline"}} {len(stale)}.0' \
+        in metrics, metrics
+    assert 'reason="inflight"' not in metrics
+    assert f'ipcserve_requests_total{{model="sleeper",status="503"}} {len(stale)}.0' in metrics
+    # On the status page's history.
+    assert sum(history["models"]["sleeper"]["requests"]["503"]) == len(stale)
+    # The warning is rate-limited (one line per 10 s); its lines add up to every refusal,
+    # the last ones written when the server stopped.
+    logged = [int(m.group(1)) for m in _REFUSED_LINE.finditer(server.output)]
+    assert sum(logged) == len(stale), (logged, summary)
+    assert server.output.index("SIGTERM received") < server.output.rindex("refused")
+
+
+def test_a_stale_request_counts_under_the_model_its_url_names(caplog: pytest.LogCaptureFixture) -> None:
+    from flask import Flask
+    from models import Doubler
+
+    from ipcserve.http.extension import IPCServe
+    from ipcserve.server.waitress_conf import RECEIVED_KEY, _ShedStale
+
+    app = Flask("stale")
+    ipc = IPCServe(app)
+    ipc.add_model(Doubler())  # never started: a refused request never reaches it
+    ipc.add_model(Doubler(name="other"))
+    shed = _ShedStale(app, queue_timeout=5.0)
+    late = time.monotonic() - 6.0
+    for path in ("/predict", "/v1/models/other/predict", "/v2/models/other/infer",
+                 "/v1/chat/completions", "/nowhere", "/v1/models/ghost/predict"):
+        environ = {RECEIVED_KEY: late, "REQUEST_METHOD": "POST", "PATH_INFO": path,
+                   "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
+        b"".join(shed(environ, lambda status, headers: None))
+    metrics = app.extensions["ipcserve"].metrics.exposition()[0].decode()
+    for model, count in (("doubler", 1), ("other", 2), ("", 3)):
+        assert f'ipcserve_shed_total{{model="{model}",reason="queue_deadline"}} {count}.0' \
+            in metrics, metrics
+    shed.flush_logs()
+    shed.flush_logs()  # nothing left the second time
+    # The first refusal is logged at once; the 5 after it within 10 s, when flushed.
+    assert [r.getMessage().split()[1] for r in caplog.records] == ["1", "5"]
+
+
 def test_predict_counts_its_deadline_from_when_the_server_received_it() -> None:
     from flask import Flask
     from models import Doubler
@@ -490,3 +559,57 @@ def test_server_level_errors_are_json(server: Server, request_bytes: bytes, stat
     got, headers, body = raw_request(server, request_bytes)
     assert got == status, (headers, body)
     assert json_error(got, headers, body)["type"] == error_type
+
+
+# -- D. one length per request (RFC 9112 section 6.1) --------------------------------------
+
+def _chunked(body: bytes) -> bytes:
+    return f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+
+
+def _pixels() -> bytes:
+    return json.dumps({"pixels": [0.0] * 64}).encode()
+
+
+def _recv_eof(sock: socket.socket, timeout: float) -> bytes:
+    """What the server sends until it closes ``sock`` (bounded by ``timeout``)."""
+    sock.settimeout(timeout)
+    rest = b""
+    while chunk := sock.recv(65536):
+        rest += chunk
+    return rest
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_a_request_with_two_lengths_gets_400_and_its_connection_closed(server: Server,
+                                                                       version: str) -> None:
+    # A proxy in front that frames by Content-Length would see one request where waitress
+    # (by the chunked body) sees another one: request smuggling. Content-Length: 5 frames
+    # "0\r\n\r\n", the end of an empty chunked body; the chunked framing reads the pixels.
+    body = _chunked(_pixels())
+    with socket.create_connection(address(server), timeout=10) as sock:
+        sock.sendall(f"POST /predict HTTP/{version}\r\nHost: x\r\nConnection: keep-alive\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 5\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode() + body)
+        status, headers, error = read_response(sock)
+        assert status == 400, (headers, error)
+        assert "Content-Length and Transfer-Encoding" in json_error(status, headers, error)["error"]
+        assert headers.get("connection", "").lower() == "close"
+        # Closed after the answer: whatever else was sent on it is never read as a request.
+        assert _recv_eof(sock, CLOSE_BOUND) == b""
+
+
+def test_one_length_either_way_still_works_on_one_keep_alive_connection(server: Server) -> None:
+    pixels = _pixels()
+    with socket.create_connection(address(server), timeout=10) as sock:
+        for _ in range(2):
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(pixels))
+            status, _, body = read_response(sock)
+            assert status == 200 and 0 <= json.loads(body)["label"] <= 9, body
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(pixels)}\r\n\r\n".encode() + pixels)
+            status, _, body = read_response(sock)
+            assert status == 200 and 0 <= json.loads(body)["label"] <= 9, body
+        sock.setblocking(True)  # is_open() peeks without waiting (a timeout would wait)
+        assert is_open(sock)

@@ -270,7 +270,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_cleanly() -> None:
         assert server.proc.wait(30) == 0
         wait_until(lambda: not os.path.exists(f"/proc/{ml_pid}"), what="the ML process to exit")
     finally:
-        server.stop()
+        assert server.stop() == 0, server.output
     assert "draining" in server.output
 
 

@@ -200,6 +200,9 @@ def test_a_batch_wait_waits_only_for_requests_on_their_way() -> None:
             assert alone.queue_wait < 1.5, alone
         with ml.admit() as on_its_way, concurrent.futures.ThreadPoolExecutor(1) as pool:
             first = pool.submit(ml.call, (1,), {})
+            # Both admitted before either is sent: otherwise "second" may be read while
+            # "first" is not yet known to be coming, and rightly runs alone.
+            wait_until(lambda: ml.inflight == 2, what="both calls admitted")
             second = on_its_way.call((2,), {})
             # Whichever the ML process read first waited for the other, known to be coming.
             assert (first.result(10).batch_size, second.batch_size) == (2, 2)

@@ -41,7 +41,7 @@ def test_shed_status_is_configurable_and_keeps_retry_after(shed_status: str) -> 
         assert int(shed.headers["Retry-After"]) >= 1
         assert shed.json()["type"] == "OverloadedError"
     finally:
-        server.stop()
+        assert server.stop() == 0, server.output
 
 
 def test_other_shed_status_is_refused_at_start() -> None:

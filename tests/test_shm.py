@@ -9,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 from conftest import spawn_events
-from models import ArrayModel
+from models import ArrayModel, StubbornArrayModel
 
 from ipcserve import DeadlineError, ResultDeadlineError, WorkerCrashedError
 from ipcserve.engine import shm
@@ -104,18 +104,22 @@ def test_reused_shared_memory_never_mixes_answers() -> None:
     returned stays intact, and after a call that timed out (its late reply still coming
     through the same memory) the next call gets its own answer."""
     entered, release = spawn_events()
-    with ArrayModel(entered, release) as ml:
-        one = ml(X)
-        three = ml(X, scale=3.0)
+    # One thread, so every call goes through the same channel and the same memory.
+    with StubbornArrayModel(entered, release) as ml, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        one = pool.submit(ml, X).result(10)
+        three = pool.submit(ml, X, scale=3.0).result(10)
         np.testing.assert_array_equal(one, X)
         np.testing.assert_array_equal(three, X * 3)
-        # Either deadline will do (a loaded machine may not read it in time): the call ends
-        # without its reply, and its answer may still come through the same memory.
-        with pytest.raises(DeadlineError):
-            ml(X * 7, block=True, timeout=1.0)
+        # The ML process takes the call (entered), its caller gives up before the answer,
+        # and the model, which cannot be interrupted, answers late through the same memory.
+        late = pool.submit(ml, X * 7, block=True, timeout=2.0)
+        assert entered.wait(10)
+        with pytest.raises(ResultDeadlineError):
+            late.result(10)
         release.set()
         for scale in (5.0, 6.0):
-            np.testing.assert_array_equal(ml(X, scale=scale), X * scale)
+            np.testing.assert_array_equal(pool.submit(ml, X, scale=scale).result(10), X * scale)
         np.testing.assert_array_equal(one, X)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import wait_until
+from conftest import free_port, wait_until
 from server import Server
 
 from ipcserve.engine import events
@@ -228,6 +228,63 @@ def test_a_failed_reload_and_a_drain_are_logged_in_process(tmp_path: Any) -> Non
     assert newest["kind"] == "drain-started" and newest["model"] is None, newest
     # Shown to every app: a drain concerns the whole server.
     assert client.get("/v1/events?limit=1").get_json()["data"][0]["kind"] == "drain-started"
+
+
+# -- a response cache whose backend is down ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def dead_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A model cached in Redis at a port where nothing listens (a Redis that is down)."""
+    config = tmp_path_factory.mktemp("dead-cache") / "models.toml"
+    config.write_text(f"""
+[cache]
+CACHE_TYPE = "RedisCache"
+CACHE_REDIS_URL = "redis://127.0.0.1:{free_port()}/0"
+
+[models.double]
+model = "models:Doubler"
+cache = true
+""")
+    server = Server("--config", str(config))
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0, server.output
+
+
+def test_a_failing_cache_backend_is_in_the_model_list_and_the_metrics(dead_cache: Server) -> None:
+    for x in range(3):  # answered by the model, as if the model had no cache
+        r = requests.post(f"{dead_cache.url}/v1/models/double/predict", json={"x": x}, timeout=10)
+        assert r.status_code == 200 and r.json() == 2 * x, r.text
+        assert r.headers["X-IPCServe-Cache"] == "miss"
+    cache = _get(dead_cache, "/v1/models/double")["cache"]
+    # No set after a failed get: the backend that just failed is not asked again.
+    assert cache["errors"] == {"get": 3, "set": 0, "clear": 0} and cache["failing"] is True, cache
+    assert cache["last_error"]["op"] == "get" and "ConnectionError" in cache["last_error"]["error"]
+    metrics = requests.get(f"{dead_cache.url}/metrics", timeout=10).text
+    assert 'ipcserve_cache_errors_total{model="double",op="get"} 3.0' in metrics
+    assert "ipcserve_cache_requests_total{" not in metrics  # neither hits nor misses
+    # One warning line (then one per 10 s at most), naming the model and the backend.
+    assert dead_cache.output.count("model double: the response cache (RedisCache) failed") == 1
+
+
+@pytest.mark.browser
+def test_the_status_page_warns_of_a_failing_cache(dead_cache: Server, tmp_path: Any) -> None:
+    import chromium
+
+    chromium.skip_unless_available()
+    r = requests.post(f"{dead_cache.url}/v1/models/double/predict", json={"x": 1}, timeout=10)
+    assert r.status_code == 200
+    errors = sum(_get(dead_cache, "/v1/models/double")["cache"]["errors"].values())
+    css = '#models tr[data-model="double"] .state .cache-errors'
+    with chromium.browser(tmp_path) as driver:
+        driver.get(f"{dead_cache.url}/")
+        chromium.wait_for(driver, lambda d: chromium.text(d, css) is not None, "the cache warning")
+        assert chromium.text(driver, css) == f"cache errors: {errors}"
+        warning = chromium.js(driver, "const e = document.querySelector(arguments[0]); "
+                                      "return {cls: e.className, title: e.title};", css)
+    assert "bad" in warning["cls"].split(), warning  # red: the backend is still failing
+    assert "RedisCache" in warning["title"] and "ConnectionError" in warning["title"], warning
 
 
 # -- the ring and the log stay bounded (pure logic: an injected clock) ---------------------

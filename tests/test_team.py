@@ -4,8 +4,9 @@ dropping a request, and the response cache. Every server here is the real ``pyth
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,10 +17,12 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import wait_until
+from conftest import free_port, wait_until
 from server import ROOT, Server
 
 pytestmark = pytest.mark.timeout(120)
+
+logger = logging.getLogger(__name__)
 
 # Spawned ML processes import the module from this directory afresh on every start; no
 # bytecode cache, so a rewrite within the same second is never shadowed by a stale .pyc.
@@ -124,6 +127,11 @@ BAD_CONFIGS = [
     ("[models.a]\nmodel = 'models:Doubler'\ntimeout = 'soon'\n", "[models.a] timeout"),
     ("[models.a]\nmodel = 'models:Doubler'\ncache_ttl = 5\n", "cache_ttl and cache_size need cache = true"),
     ("[models.a]\nmodel = 'models:Doubler'\ncache = true\ncache_size = 0\n", "cache_size must be an integer >= 1"),
+    ("[server]\ncache_timeout = 0\n[models.a]\nmodel = 'models:Doubler'\n",
+     "[server] cache_timeout: must be a number of seconds > 0"),
+    ("[cache]\ntimeout = 1\n[models.a]\nmodel = 'models:Doubler'\n",
+     "[cache] timeout: the keys of [cache] are flask-caching's settings, such as CACHE_TYPE and "
+     "CACHE_REDIS_URL; ipcserve's own cache_timeout (seconds per backend operation) goes in [server]"),
     ("[models.a]\nmodel = 'models:NoSuchModel'\n", "[models.a] model: cannot import"),
     ("[models.a]\nmodel = 'models:Doubler'\nkind = 'video'\n", "[models.a] kind"),
     ("[server]\nport = 8000\n", "no model"),
@@ -309,8 +317,6 @@ def test_sighup_reloads_every_model_of_a_config_file(tmp_path: Path) -> None:
     server = Server("--config", str(config), env={"PYTHONPATH": str(tmp_path), **NO_PYC})
     try:
         write_versioned(tmp_path, 2)
-        import signal
-
         server.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "SIGHUP reload done" in server.output, timeout=60, what="the reload")
         models = models_of(server)
@@ -353,23 +359,25 @@ def test_reloads_leak_no_file_descriptors_or_threads() -> None:
 REDIS_SERVER = shutil.which("redis-server")
 
 
-@pytest.fixture()
-def redis_url(tmp_path: Path) -> Any:
-    """A real redis-server of our own on a free loopback port (Debian package)."""
-    if REDIS_SERVER is None:
-        pytest.skip("needs redis-server (Debian package redis-server, installed by .ci/run)")
-    pytest.importorskip("redis", reason="needs the redis client (pip install redis)")
-    import redis
+class RedisServer:
+    """A real redis-server of our own on a free loopback port (Debian package), which a test
+    can hang (SIGSTOP), resume, kill and start again on the same port."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen([REDIS_SERVER or "redis-server", "--port", str(self.port),
+                                      "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                      "--dir", str(self.directory)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_timeout=5)
 
         def up() -> bool:
             try:
@@ -377,11 +385,42 @@ def redis_url(tmp_path: Path) -> Any:
             except redis.ConnectionError:
                 return False
 
-        wait_until(up, timeout=20, what="redis-server")
-        yield url
+        try:
+            wait_until(up, timeout=20, what="redis-server")
+        finally:
+            client.close()
+
+    def pause(self) -> None:
+        """Hang it: connections are accepted (by the kernel), nothing is answered."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # SIGKILL ends a stopped process too
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture()
+def redis_server(tmp_path: Path) -> Any:
+    if REDIS_SERVER is None:
+        pytest.skip("needs redis-server (Debian package redis-server, installed by .ci/run)")
+    pytest.importorskip("redis", reason="needs the redis client (pip install redis)")
+    server = RedisServer(tmp_path)
+    try:
+        yield server
     finally:
-        proc.kill()
-        proc.wait(10)
+        server.kill()
+
+
+@pytest.fixture()
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
 
 
 def test_a_redis_cache_is_shared_between_servers_with_the_same_key(tmp_path: Path,
@@ -419,6 +458,134 @@ def test_a_redis_cache_is_shared_between_servers_with_the_same_key(tmp_path: Pat
     finally:
         for server in (one, two, other):
             assert server.stop() == 0, server.output
+
+
+# A backend that fails is a cache that is off, never an error: -------------------------
+CACHE_TIMEOUT = 0.2
+# What a request may take beyond the cache timeout on two shared, loaded cores.
+LATENCY_MARGIN = 1.0
+
+
+class CacheLoad:
+    """Clients asking a cached model for a few inputs in a loop (mostly repeats: hits)."""
+
+    def __init__(self, url: str, clients: int = 6) -> None:
+        self.url = url
+        self.answers: list[tuple[float, int, float, str | None]] = []  # sent, status, s, header
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), name=f"load-{i}")
+                         for i in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _client(self, i: int) -> None:
+        n = 0
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                n += 1
+                sent = time.monotonic()
+                try:
+                    reply = session.post(self.url, json={"x": (i + n) % 5}, timeout=10)
+                    status, header = reply.status_code, reply.headers.get("X-IPCServe-Cache")
+                except requests.RequestException:  # a hung request: what must never happen
+                    status, header = -1, None
+                with self._lock:
+                    self.answers.append((sent, status, time.monotonic() - sent, header))
+
+    def count(self, since: float = 0.0, header: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for sent, _, _, h in self.answers
+                       if sent >= since and (header is None or h == header))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(15)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    wanted = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    for line in text.splitlines():
+        if line.startswith(name + wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _cached_double(tmp_path: Path, redis_url: str) -> Server:
+    config = write_config(tmp_path, f"""
+        [server]
+        cache_timeout = {CACHE_TIMEOUT}
+
+        [cache]
+        CACHE_TYPE = "RedisCache"
+        CACHE_REDIS_URL = "{redis_url}"
+
+        [models.double]
+        model = "models:Doubler"
+        cache = true
+        """)
+    return Server("--config", str(config))
+
+
+def _outage(tmp_path: Path, redis: RedisServer, stop: Any, restart: Any, error: str) -> None:
+    """Load a Redis-backed cached model, ``stop`` Redis under it until 40 requests were
+    answered, ``restart`` it, wait for hits again. Every request must have been answered 200
+    within the cache timeout (plus a margin), and the errors counted, shown and logged."""
+    server = _cached_double(tmp_path, redis.url)
+    try:
+        load = CacheLoad(f"{server.url}/v1/models/double/predict")
+        try:
+            wait_until(lambda: load.count(header="hit") >= 20, timeout=30, what="hits")
+            stopped = time.monotonic()
+            stop()
+            wait_until(lambda: load.count(since=stopped) >= 40, timeout=30,
+                       what="40 requests answered while Redis is down")
+            restarted = time.monotonic()
+            restart()
+            wait_until(lambda: load.count(since=restarted, header="hit") >= 5, timeout=30,
+                       what="hits again once Redis is back")
+        finally:
+            load.stop()
+            if redis.proc is not None:
+                redis.resume()  # a test that failed while it was hung
+        metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+        cache = models_of(server)["double"]["cache"]
+    finally:
+        assert server.stop() == 0, server.output
+    summary = sorted({(status, header) for _, status, _, header in load.answers}, key=str)
+    assert {status for _, status, _, _ in load.answers} == {200}, summary
+    slowest = max(seconds for _, _, seconds, _ in load.answers)
+    logger.warning("%s: %d requests, slowest %.3f s; cache %s", error, len(load.answers),
+                   slowest, cache)
+    assert slowest <= CACHE_TIMEOUT + LATENCY_MARGIN, slowest
+    # Each request was a hit, a miss or a failed get; a failed get is not a miss.
+    hits = _metric(metrics, "ipcserve_cache_requests_total", model="double", result="hit")
+    misses = _metric(metrics, "ipcserve_cache_requests_total", model="double", result="miss")
+    failed = _metric(metrics, "ipcserve_cache_errors_total", model="double", op="get")
+    assert failed >= 1 and hits + misses + failed == len(load.answers), (hits, misses, failed)
+    assert hits == load.count(header="hit")
+    # The model list says so, and that the backend works again.
+    assert cache["errors"]["get"] == failed, cache
+    assert cache["errors"]["set"] == _metric(metrics, "ipcserve_cache_errors_total",
+                                             model="double", op="set"), cache
+    assert cache["failing"] is False and error in cache["last_error"]["error"], cache
+    assert "the response cache (RedisCache) failed" in server.output
+    assert "the response cache (RedisCache) works again" in server.output
+
+
+@pytest.mark.slow
+def test_a_hung_redis_costs_a_request_at_most_the_cache_timeout(tmp_path: Path,
+                                                                redis_server: RedisServer) -> None:
+    # SIGSTOP: Redis's port still accepts connections, nothing answers. Without a socket
+    # timeout every cached request would hang with it.
+    _outage(tmp_path, redis_server, redis_server.pause, redis_server.resume, "Timeout")
+
+
+@pytest.mark.slow
+def test_a_dead_redis_is_answered_by_the_model_and_counted_until_it_is_back(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    _outage(tmp_path, redis_server, redis_server.kill, redis_server.start, "ConnectionError")
 
 
 def test_the_shipped_example_config_serves_its_three_models() -> None:

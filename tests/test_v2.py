@@ -25,7 +25,7 @@ def _httpclient() -> Any:
 def digits() -> Iterator[Server]:
     server = Server()
     yield server
-    server.stop()
+    assert server.stop() == 0, server.output
 
 
 def _client(server: Server) -> Any:
@@ -78,7 +78,7 @@ def test_torch_model_infer_equals_the_native_endpoint() -> None:
                              for row in x], np.float32)
         np.testing.assert_allclose(result.as_numpy("y"), native, rtol=1e-6)
     finally:
-        server.stop()
+        assert server.stop() == 0, server.output
 
 
 def _pixels(**change: Any) -> dict[str, Any]:

@@ -16,7 +16,9 @@ sibling, so EOF alone is not a liveness signal.
 
 Admission comes first (:meth:`Caller.admit`): past ``max_inflight`` a call is refused at
 once, before its input is even decoded, and the one in-flight counter here is what
-``shutdown()`` and the HTTP layer's drain wait on.
+``shutdown()`` and the HTTP layer's drain wait on. A call admitted with its deadline is also
+refused at once when the queue ahead of it is too long for it to be answered in time
+(:mod:`ipcserve.engine.admission`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import shm
+from .admission import Gate
 from .errors import (
     InputError,
     ModelError,
@@ -61,6 +64,9 @@ logger = logging.getLogger(__name__)
 # How long a caller that saw its ML process die waits for the supervisor to record the
 # exit code, so the error can say "killed by signal 9" rather than "not yet known".
 _EXITCODE_WAIT = 0.5
+# Channels one call may lose in a row because the ML process could not take them (their
+# pipe end failed to arrive) before it answers WorkerUnavailableError instead of looping.
+_HANDOVER_TRIES = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +92,10 @@ class CallResult:
 class _Channel:
     """One thread's persistent pipe to whichever ML process took its other end."""
 
-    __slots__ = ("conn", "poller", "pid", "slot", "generation", "ids", "crashes_at_attach", "mailbox")
+    __slots__ = ("conn", "poller", "pid", "slot", "generation", "ids", "crashes_at_attach",
+                 "handovers_at_attach", "handover_failed", "mailbox")
 
-    def __init__(self, conn: Connection, crashes: int) -> None:
+    def __init__(self, conn: Connection, crashes: int, handovers: int = 0) -> None:
         self.conn = conn
         # A poll object made once: Connection.poll() builds a new selector on every call.
         self.poller = select.poll()
@@ -100,6 +107,10 @@ class _Channel:
         # ML-process deaths seen when the Attach was queued: a death after that may have
         # taken our pipe end with it (see Caller._wait).
         self.crashes_at_attach = crashes
+        # Queue messages the ML processes could not decode, as of the Attach: a new one may
+        # have been ours (a failed fd transfer), so we send again (see Caller._wait).
+        self.handovers_at_attach = handovers
+        self.handover_failed = False  # set when _wait gave this channel up for that reason
         self.mailbox = shm.Mailbox()  # large arrays, both ways, through reused shared memory
 
     def unread(self) -> bool:
@@ -201,6 +212,7 @@ class Caller:
         self._config = plumbing.config
         self._name = plumbing.name
         self._channel_ids = itertools.count(1)
+        self._gate = Gate(self._config.estimate_factor)
         self._reset_after_fork()  # the per-process state: locks, counters, channels
         # A web process forked after start() (gunicorn with preload_app) shares the queue
         # and the status block, but must not inherit this process's locks, counters or
@@ -227,12 +239,13 @@ class Caller:
             return channel
         mine, theirs = self._ctx.Pipe(duplex=True)
         crashes = self._status.crashes
+        handovers = self._status.handovers_failed
         try:
             self._queue.put(Attach(theirs, f"{os.getpid()}-{next(self._channel_ids)}"))
         finally:
             # Pickling dup'ed the end; keep no copy, or we would never see EOF from it.
             theirs.close()
-        channel = _Channel(mine, crashes)
+        channel = _Channel(mine, crashes, handovers)
         self._local.channel = channel
         return channel
 
@@ -274,24 +287,60 @@ class Caller:
                 "MLProcess as a context manager?")
         return None
 
-    def admit(self) -> Admission:
+    def admit(self, deadline: float | None = None) -> Admission:
         """Take a place among the calls in flight.
 
+        Args:
+            deadline: the call's ``time.monotonic()`` deadline, if known: a call that the
+                estimate says would be answered after it is refused now rather than
+                timing out later. None: only the ``max_inflight`` cap applies.
+
         Raises:
-            OverloadedError: ``max_inflight`` calls are in flight already.
+            OverloadedError: ``max_inflight`` calls are in flight already (``reason``
+                ``"inflight"``), or the calls ahead would take it past its deadline
+                (``"estimate"``, with ``retry_after`` the estimated time until there is room).
             WorkerUnavailableError: shutting down, stopped, or the circuit is open.
         """
         error = self._unavailable()
         if error is not None:
             raise error
         with self._cond:
+            # The cap first: it is the hard bound, costs one comparison, and under a flood it
+            # refuses without reading the status block.
             if self._inflight >= self._config.max_inflight:
                 raise OverloadedError(
                     f"model {self._name!r} has {self._inflight} requests in flight "
                     f"(max_inflight={self._config.max_inflight}); retry later")
+            # Counted and published before the estimate: an ML process gathering a batch
+            # learns this call is coming as early as without one, and an admission racing in
+            # another web process sees it.
             self._inflight += 1
             self._publish_inflight()
+            if deadline is not None and self._gate.enabled:
+                # Under the lock: a burst of threads must each see the calls admitted before
+                # it, or all of them would see the same short queue.
+                ahead = self._ahead()
+                if ahead:  # nothing ahead is never refused: skip reading the paces
+                    refusal = self._gate.check(ahead, self._status.paces(), deadline)
+                    if refusal is not None:
+                        self._release()  # (the lock is re-entrant)
+                        raise refusal.error(self._name)
         return Admission(self)
+
+    def _ahead(self) -> int:
+        """Calls in flight before the one just counted: every web process's (the status
+        block), at least this process's own (its count is not published when no field was
+        free)."""
+        return max(self._inflight, self._status.callers_inflight()) - 1
+
+    def deadline(self, timeout: float | None = None, deadline: float | None = None) -> float:
+        """The ``time.monotonic()`` deadline of a call given ``timeout`` seconds from now
+        (default ``config.timeout``) or an absolute ``deadline``.
+
+        Raises:
+            InputError: ``timeout`` is not > 0.
+        """
+        return self._deadline(timeout, deadline)
 
     def _publish_inflight(self) -> None:
         """Store this process's in-flight count where the ML processes read it (their
@@ -376,6 +425,7 @@ class Caller:
             # through the shared queue, where the idle process is waiting to take it.
             self._discard(channel)
             channel = self._channel()
+        lost_handovers = 0  # fresh channels in a row that no ML process could take
         while True:
             request = Request(next(channel.ids), deadline, args, kwargs, items)
             try:
@@ -404,8 +454,15 @@ class Caller:
                     channel.mailbox.abandon()
             if message is not None:
                 return channel, request, message
-            # Our channel was lost with an ML process before any process read it: send the
-            # request again on a fresh channel (it was never computed).
+            # Our channel was lost with an ML process before any process read it, or the
+            # ML process could not take it: send the request again on a fresh channel (it
+            # was never computed), a bounded number of times for a failed hand-over.
+            lost_handovers = lost_handovers + 1 if channel.handover_failed else 0
+            if lost_handovers >= _HANDOVER_TRIES:
+                raise WorkerUnavailableError(
+                    f"model {self._name!r}: the ML process could not take this request's "
+                    f"channel {lost_handovers} times in a row (the pipe hand-over failed; see "
+                    "the server log); it was not computed, retry shortly")
             channel = self._channel()
 
     def _should_move(self, slot: int) -> bool:
@@ -415,10 +472,17 @@ class Caller:
         return any(other != slot and not status.busy_since(other) and status.state(other) is State.READY
                    for other in range(status.workers))
 
-    def _crashed(self, channel: _Channel) -> WorkerCrashedError | WorkerUnavailableError:
+    def _crashed(self, channel: _Channel) -> WorkerCrashedError:
+        """The error of a call whose ML process ended with it in flight: 502 whether the
+        process crashed or was stopped after the grace of a shutdown or reload (the call
+        reached it and may have been computed in part; 503 is only for calls no ML process
+        took, which a balancer may send elsewhere)."""
         self._discard(channel)
-        if self._status.draining:
-            return WorkerUnavailableError(f"model {self._name!r} is shutting down")
+        if self._status.stopping:
+            return WorkerCrashedError(
+                f"model {self._name!r} was stopped (a reload or a shutdown, after its grace "
+                "period) while this request was in flight; it may have been computed in part. "
+                "Retry if a second run does no harm")
         slot = channel.slot if channel.slot is not None else 0
         # EOF can reach us before the supervisor has reaped the process: give it a moment
         # to record the exit code (it bumps the generation after writing the code).
@@ -433,6 +497,32 @@ class Caller:
         if self._status.circuit_open:
             error.retry_after = max(1.0, self._status.next_start - time.monotonic())
         return error
+
+    def _lost_unattached(self, channel: _Channel, patience: float = 0.0) -> bool:
+        """Whether a channel no ML process attached may be lost, so its request (never read)
+        is to be sent again on a fresh channel; if so the channel is closed. Lost when, since
+        its Attach was queued, an ML process took a queue message it could not decode (a
+        failed fd transfer: if it was ours, no process will ever serve the channel) or an ML
+        process died (it may have taken our end with it). If our end is still queued, the
+        process that takes it later finds our side closed and drops it.
+
+        ``patience``: seconds to wait for either count to change (after an EOF: the ML
+        process or the supervisor counts it just after our end was closed)."""
+        status = self._status
+        give_up = time.monotonic() + patience
+        tick: threading.Event | None = None  # made only to wait (this runs every poll slice)
+        while True:
+            if status.handovers_failed != channel.handovers_at_attach:
+                channel.handover_failed = True  # bounded by the caller (_HANDOVER_TRIES)
+                break
+            if status.crashes != channel.crashes_at_attach:
+                break
+            if time.monotonic() >= give_up:
+                return False
+            tick = tick or threading.Event()
+            tick.wait(0.005)
+        self._discard(channel)
+        return True
 
     def _cancel(self, channel: _Channel, request: Request, reason: str) -> None:
         """Tell the ML process nobody waits for ``request``; the channel stays usable (a
@@ -473,6 +563,10 @@ class Caller:
                 readable = channel.poller.poll(min(remaining, slice_) * 1000.0)
                 data = conn.recv_bytes() if readable else None
             except (EOFError, OSError):
+                # EOF before any Attached: no ML process read our request (a process sends
+                # Attached before it reads a channel). Our end was lost on its way to one.
+                if channel.slot is None and self._lost_unattached(channel, _EXITCODE_WAIT):
+                    return None
                 raise self._crashed(channel) from None
             if data is None:
                 if channel.slot is not None:
@@ -487,9 +581,12 @@ class Caller:
                 error = self._unavailable(admitting=False)
                 if error is not None:
                     self._discard(channel)
+                    if status.stopping:  # admitted, then the model stopped: say so
+                        error = WorkerUnavailableError(
+                            f"model {self._name!r} was stopped before an ML process took this "
+                            "request; it was not computed, retry shortly")
                     raise error
-                if status.crashes != channel.crashes_at_attach:
-                    self._discard(channel)
+                if self._lost_unattached(channel):
                     return None
                 continue
             try:

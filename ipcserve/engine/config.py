@@ -48,6 +48,10 @@ class Config:
     timeout: float = _field(30.0, "default deadline of a call, in seconds")
     # Past it requests are shed at once instead of queueing without bound.
     max_inflight: int = _field(64, "calls in flight per model and web process; more get 503 at once")
+    # The margin on the estimate (engine/admission.py): 1.25 lets it be 25 % short.
+    estimate_factor: float = _field(
+        1.25, "refuse at once (503) a call whose estimated wait times this is past its "
+              "deadline; 0 turns the estimate off")
     max_batch_size: int = _field(32, "most items handed to predict_batch at once")
     # 0 keeps latency at low load minimal: the ML process runs whatever is queued at once.
     max_batch_wait: float = _field(0.0, "seconds a forming batch may wait to fill")
@@ -74,7 +78,7 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a number > 0, got {value!r}")
-        for name in ("max_batch_wait", "shutdown_grace"):
+        for name in ("max_batch_wait", "shutdown_grace", "estimate_factor"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
@@ -141,6 +145,17 @@ def _seconds(text: str) -> float:
 
 
 _seconds.__name__ = "a number of seconds >= 0"
+
+
+def _positive_seconds(text: str) -> float:
+    """A number of seconds > 0."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(text)
+    return value
+
+
+_positive_seconds.__name__ = "a number of seconds > 0"
 
 
 def _bool(text: str) -> bool:
@@ -234,6 +249,9 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
     Setting("shed_status", "http", 503,
             "status of a request shed by max_inflight: 503 or 429 (Retry-After either way)",
             int),
+    Setting("cache_timeout", "http", 0.25,
+            "seconds a response cache backend on the network (Redis) may take per operation "
+            "before the model answers instead", _positive_seconds),
     # -- server: ipcserve serve / python app.py --
     Setting("host", "server", "127.0.0.1",
             "address to bind; another one without an API key logs a warning", str),

@@ -11,7 +11,7 @@
     ├── NotFoundError                       404   unknown model or route
     ├── ConflictError                       409   a reload of that model is already running
     ├── ReloadError                         500   the new version failed to load; the old one serves
-    ├── OverloadedError                     503   in-flight cap reached; sends Retry-After
+    ├── OverloadedError                     503   cap reached or deadline out of reach; Retry-After
     ├── DeadlineError (+TimeoutError)       504
     │   ├── QueueDeadlineError                    expired before the ML process took it
     │   └── ResultDeadlineError                   taken, no reply in time
@@ -123,10 +123,30 @@ class ReloadError(IPCServeError):
 
 
 class OverloadedError(IPCServeError):
-    """Too many requests are in flight; the request was shed without queueing."""
+    """The request was refused at once, never admitted (safe to send again, here or
+    elsewhere, after ``retry_after``): too many requests are in flight, or the queue ahead
+    of it is too long for it to be answered before its deadline.
+
+    Args:
+        message: why, as a sentence.
+        reason: what refused it, the ``reason`` label of ``ipcserve_shed_total``:
+            ``"inflight"`` (``max_inflight`` calls in flight), ``"estimate"`` (the estimated
+            answer would come after the deadline).
+        retry_after: seconds to wait before retrying (default 1).
+    """
 
     http_status = 503
     retry_after = 1.0
+    reason = "inflight"
+
+    def __init__(self, *args: Any, reason: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        # Instance attributes travel in __dict__, which pickling keeps.
+        if reason is not None:
+            self.reason = reason
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class DeadlineError(IPCServeError, TimeoutError):

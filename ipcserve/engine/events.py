@@ -1,7 +1,7 @@
 """What happened to the models lately: a bounded, process-wide event log for the status page.
 
 The supervisor (ML process started, crashed with its exit cause, restarted, killed by the
-watchdog, circuit opened) and the Flask extension (model reloaded or not, drain started)
+watchdog, circuit opened, the supervisor itself failed or recovered) and the Flask extension (model reloaded or not, drain started)
 call :func:`record`; ``GET /v1/events`` reads :data:`LOG` newest first. The log keeps the
 last :data:`MAX_EVENTS` events in a deque: old ones fall off, memory stays bounded.
 
@@ -22,7 +22,7 @@ __all__ = ["EventLog", "KINDS", "LOG", "MAX_EVENTS", "record"]
 
 #: Every kind of event, as the page and scripts see it.
 KINDS = ("started", "crashed", "restarted", "hung-killed", "circuit-opened", "reloaded",
-         "reload-failed", "drain-started")
+         "reload-failed", "drain-started", "supervisor-failed", "supervisor-recovered")
 
 #: Events kept by :data:`LOG`.
 MAX_EVENTS = 500

@@ -234,7 +234,8 @@ class MLProcess:
 
         Raises:
             InputError: the input cannot be sent (not picklable) or the model rejected it.
-            OverloadedError: ``max_inflight`` calls are already in flight.
+            OverloadedError: ``max_inflight`` calls are already in flight, or the calls
+                ahead would take it past its deadline (refused at once; see :meth:`admit`).
             QueueDeadlineError: the deadline passed before an ML process took the call.
             ResultDeadlineError: the ML process took it, but did not answer in time.
             WorkerCrashedError: the ML process died with this call in flight.
@@ -242,9 +243,9 @@ class MLProcess:
             ModelError: predict raised; the remote traceback is its ``__cause__``.
             RequestCancelledError: ``cancel_if()`` returned True.
         """
-        with self.admit() as admission:
-            return admission.call(args, kwargs or {}, timeout=timeout, deadline=deadline,
-                                  cancel_if=cancel_if)
+        deadline = self._runtime().caller.deadline(timeout, deadline)
+        with self.admit(deadline=deadline) as admission:
+            return admission.call(args, kwargs or {}, deadline=deadline, cancel_if=cancel_if)
 
     def call_batch(self, items: list[Any], *, timeout: float | None = None,
                    deadline: float | None = None,
@@ -278,9 +279,9 @@ class MLProcess:
                 be pickled, or the model rejected an item.
             the other errors of :meth:`call`.
         """
-        with self.admit() as admission:
-            return admission.call_batch(items, timeout=timeout, deadline=deadline,
-                                        cancel_if=cancel_if)
+        deadline = self._runtime().caller.deadline(timeout, deadline)
+        with self.admit(deadline=deadline) as admission:
+            return admission.call_batch(items, deadline=deadline, cancel_if=cancel_if)
 
     def stream(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
                timeout: float | None = None, deadline: float | None = None,
@@ -308,30 +309,41 @@ class MLProcess:
             the errors of :meth:`call`, when iterating; OverloadedError and
             WorkerUnavailableError at once.
         """
-        admission = self.admit()
+        deadline = self._runtime().caller.deadline(timeout, deadline)
+        admission = self.admit(deadline=deadline)
         try:
-            return admission.stream(args, kwargs or {}, timeout=timeout, deadline=deadline,
+            return admission.stream(args, kwargs or {}, deadline=deadline,
                                     idle_timeout=idle_timeout, cancel_if=cancel_if,
                                     release_at_end=True)
         except BaseException:
             admission.release()
             raise
 
-    def admit(self) -> Admission:
+    def admit(self, deadline: float | None = None) -> Admission:
         """Take a place among the ``max_inflight`` calls in flight, before preparing a call.
 
         Use it to refuse work at once under overload, before decoding the input::
 
-            with ml.admit() as admission:       # OverloadedError past max_inflight
+            deadline = time.monotonic() + 5
+            with ml.admit(deadline=deadline) as admission:   # OverloadedError: refused
                 x = expensive_decode(body)
-                result = admission.call((x,), {})
+                result = admission.call((x,), {}, deadline=deadline)
 
         ``shutdown()`` waits for every admission to be released.
 
+        Args:
+            deadline: the call's ``time.monotonic()`` deadline. Given, a call that would be
+                answered after it, by the estimate from the calls ahead and the model's
+                recent pace (``estimate_factor``), is refused now instead of timing out
+                later. :meth:`call`, :meth:`call_batch` and :meth:`stream` pass theirs.
+
         Raises:
-            OverloadedError / WorkerUnavailableError: as for :meth:`call`.
+            OverloadedError: ``max_inflight`` calls in flight (``reason`` ``"inflight"``),
+                or the estimate says the deadline cannot be met (``"estimate"``;
+                ``retry_after``: when there should be room).
+            WorkerUnavailableError: as for :meth:`call`.
         """
-        return self._runtime().caller.admit()
+        return self._runtime().caller.admit(deadline)
 
     def start(self, *, wait: bool = True) -> MLProcess:
         """Start the ML process(es) and wait until the model is loaded and warmed up.
@@ -515,11 +527,14 @@ class MLProcess:
 
     @property
     def ready(self) -> bool:
-        """True when every ML process is loaded and heartbeating and none is draining."""
+        """True when every ML process is loaded and heartbeating, none is draining, and the
+        supervisor thread that restarts and watches them works (its last tick completed)."""
         runtime = self._ipc
-        if runtime is None or runtime.status.draining or runtime.status.circuit_open:
+        if runtime is None:
             return False
         status = runtime.status
+        if status.draining or status.circuit_open or status.supervisor_failing:
+            return False
         now = time.monotonic()
         limit = max(3 * self.config.heartbeat_interval, 1.0)
         return all(
@@ -529,7 +544,9 @@ class MLProcess:
     @property
     def status(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: per-process pid, generation, state, heartbeat age,
-        in-flight count, restarts; crash and hang counters; circuit and draining flags."""
+        in-flight count, restarts; crash and hang counters; circuit and draining flags;
+        failed channel hand-overs; the supervisor thread's failures and whether it is failing
+        now."""
         runtime = self._ipc
         if runtime is None:
             return {"name": self.name, "started": False, "ready": False, "loading": self._loading}

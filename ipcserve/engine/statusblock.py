@@ -8,8 +8,15 @@ memory. Single aligned 8-byte stores are atomic on the platforms we support, and
 field has a single writer, so no lock is taken on the hot path.
 
 Writers: the ML process writes ``heartbeat``, ``busy_since``, ``served``, the cancellation
-counters and ``state=READY``; each calling (web) process writes its own caller field; the
-supervisor writes everything else.
+counters, its count of queue messages it could not decode (failed channel hand-overs) and
+``state=READY``; each calling (web) process writes its own caller field; the supervisor
+writes everything else (its own failures and ``stopping`` included).
+
+Pace fields (after the caller fields, three per slot): the moving averages of seconds per
+batch and requests per batch that the slot's ML process keeps of its own batches, and the
+most requests a batch can take (that process is their single writer), for admission's
+estimate (:mod:`ipcserve.engine.admission`). A restarted
+process keeps its predecessor's: it runs the same model.
 
 Caller fields: every process that calls the model claims one ``(pid, in flight)`` pair
 (under a lock, once per process) and stores its count of admitted calls there. The ML
@@ -23,6 +30,9 @@ import enum
 import os
 import time
 from typing import Any
+
+from . import admission
+from .admission import Pace
 
 __all__ = ["State", "StatusBlock"]
 
@@ -42,14 +52,28 @@ _PID, _GENERATION, _STATE, _HEARTBEAT, _BUSY_SINCE, _SERVED, _EXITCODE, _RESTART
 _CANCELLED = {("queued", "disconnect"): 8, ("queued", "deadline"): 9,
               ("running", "disconnect"): 10, ("running", "deadline"): 11}
 _SAVED = 12  # estimated seconds of model time saved by cancelling
-_SLOT = 13
+# Queue messages this slot's ML processes took and could not decode (a channel whose pipe
+# end did not arrive): a caller waiting on an unattached channel that sees the sum change
+# sends its request again at once, instead of waiting out its deadline (issue 24).
+_UNDECODABLE = 13
+_SLOT = 14
 CANCEL_STAGES = ("queued", "running")
 CANCEL_REASONS = ("disconnect", "deadline")
 # Shared fields after the slots.
 _CRASHES, _CONSECUTIVE, _HANGS_KILLED, _CIRCUIT_OPEN, _NEXT_START, _DRAINING, _BACKOFF = range(7)
-_COMMON = 7
+# The supervisor thread's failures (total, and > 0 while its last tick failed: the model is
+# then not ready, because nobody restarts or watches its processes), and whether stop()
+# began: a call cut off after that was stopped, not crashed.
+_SUPERVISOR_FAILURES, _SUPERVISOR_FAILING, _STOPPING = range(7, 10)
+_COMMON = 10
 _NO_EXITCODE = -1000.0
 CALLER_FIELDS = 64  # web processes that can report their in-flight count (gunicorn workers)
+# Pace fields per slot, after the caller fields: seconds per batch, requests per batch, the
+# most requests per batch.
+_PACE_FIELDS = 3
+# Each new batch weighs 1/5 in the moving averages: steady enough not to follow one odd
+# batch, quick enough to follow a change of load within a few batches.
+_PACE_WEIGHT = 0.2
 
 
 def _alive(pid: int) -> bool:
@@ -67,7 +91,8 @@ class StatusBlock:
 
     def __init__(self, ctx: Any, workers: int) -> None:
         self.workers = workers
-        self._array = ctx.RawArray("d", workers * _SLOT + _COMMON + 2 * CALLER_FIELDS)
+        self._array = ctx.RawArray("d", workers * _SLOT + _COMMON + 2 * CALLER_FIELDS
+                                   + _PACE_FIELDS * workers)
         for slot in range(workers):
             self._set(slot, _EXITCODE, _NO_EXITCODE)
 
@@ -158,6 +183,17 @@ class StatusBlock:
         if saved > 0:
             self._set(slot, _SAVED, self._get(slot, _SAVED) + saved)
 
+    def count_undecodable(self, slot: int) -> None:
+        """ML process: it took a queue message off the shared queue that it could not decode
+        (a channel whose pipe end failed to arrive); that message is lost."""
+        self._set(slot, _UNDECODABLE, self._get(slot, _UNDECODABLE) + 1)
+
+    @property
+    def handovers_failed(self) -> int:
+        """Queue messages that ML processes took and could not decode, over every slot."""
+        array, workers = self._array, self.workers
+        return int(sum(array[s * _SLOT + _UNDECODABLE] for s in range(workers)))
+
     def cancelled(self) -> dict[tuple[str, str], int]:
         """Cancellations over every slot, by ``(stage, reason)``."""
         return {key: sum(int(self._get(s, field)) for s in range(self.workers))
@@ -220,6 +256,35 @@ class StatusBlock:
     def set_draining(self, draining: bool) -> None:
         self._set_common(_DRAINING, float(draining))
 
+    @property
+    def stopping(self) -> bool:
+        """The supervisor's stop() began: the ML processes are being stopped (after the
+        drain's grace, or at once)."""
+        return bool(self._common(_STOPPING))
+
+    def set_stopping(self) -> None:
+        self._set_common(_STOPPING, 1.0)
+
+    @property
+    def supervisor_failures(self) -> int:
+        """Ticks of the supervisor thread that raised, in total."""
+        return int(self._common(_SUPERVISOR_FAILURES))
+
+    @property
+    def supervisor_failing(self) -> bool:
+        """The supervisor thread's last tick raised: restarts and the watchdog are not
+        running, so the model must not say it is ready."""
+        return bool(self._common(_SUPERVISOR_FAILING))
+
+    def record_supervisor_failure(self) -> None:
+        """Supervisor: a tick raised; the model is not ready until one completes."""
+        self._set_common(_SUPERVISOR_FAILURES, self.supervisor_failures + 1)
+        self._set_common(_SUPERVISOR_FAILING, 1.0)
+
+    def supervisor_recovered(self) -> None:
+        """Supervisor: a tick completed after failures."""
+        self._set_common(_SUPERVISOR_FAILING, 0.0)
+
     # -- callers' in-flight counts ----------------------------------------------------------
     def _caller_base(self) -> int:
         return self.workers * _SLOT + _COMMON
@@ -279,6 +344,46 @@ class StatusBlock:
         array = self._array
         return int(sum(array[base + 1:base + 2 * CALLER_FIELDS:2]))
 
+    # -- pace: what recent batches took, for admission's estimate ---------------------------
+    def _pace_base(self, slot: int) -> int:
+        return self._caller_base() + 2 * CALLER_FIELDS + _PACE_FIELDS * slot
+
+    def record_batch(self, slot: int, seconds: float, requests: int, capacity: int = 1) -> None:
+        """ML process: it answered ``requests`` requests in one batch that took ``seconds``
+        (its model calls for them); a batch can take ``capacity`` requests at most. The first
+        batch is taken as it is, not averaged with 0."""
+        base = self._pace_base(slot)
+        self._array[base + 2] = float(capacity)
+        old_seconds, old_requests = self._array[base], self._array[base + 1]
+        if old_seconds > 0:
+            seconds = old_seconds + _PACE_WEIGHT * (seconds - old_seconds)
+            requests = old_requests + _PACE_WEIGHT * (requests - old_requests)
+        # Requests first: a reader that sees the new seconds sees a batch size as recent.
+        self._array[base + 1] = float(requests)
+        self._array[base] = max(float(seconds), 1e-9)  # > 0 marks "timed"
+
+    def pace(self, slot: int) -> Pace:
+        """The moving averages of ``slot``'s batches (0, 0: none timed yet)."""
+        base = self._pace_base(slot)
+        return Pace(float(self._array[base]), float(self._array[base + 1]),
+                    max(1.0, float(self._array[base + 2])))
+
+    def paces(self) -> list[Pace]:
+        """The pace of every ML process that is ready (those take calls off the queue)."""
+        array, ready = self._array, float(State.READY)
+        found = []
+        for slot in range(self.workers):  # a loop over raw values: on every admission
+            if array[slot * _SLOT + _STATE] == ready:
+                base = self._pace_base(slot)
+                found.append(Pace(array[base], array[base + 1], max(1.0, array[base + 2])))
+        return found
+
+    def estimated_wait(self) -> float | None:
+        """Seconds until a call admitted now would be answered (admission's estimate, without
+        its margin), or None before any batch was timed."""
+        found = admission.estimate(self.callers_inflight(), self.paces())
+        return None if found is None else found.wait
+
     # -- summaries -----------------------------------------------------------------------
     def all_stopped(self) -> bool:
         """No ML process is running, starting or about to restart."""
@@ -296,6 +401,7 @@ class StatusBlock:
         workers = []
         for slot in range(self.workers):
             busy = self.busy_since(slot)
+            pace = self.pace(slot)
             workers.append({
                 "slot": slot,
                 "pid": self.pid(slot) or None,
@@ -306,7 +412,10 @@ class StatusBlock:
                 "served": self.served(slot),
                 "restarts": self.restarts(slot),
                 "last_exitcode": self.exitcode(slot),
+                "batch_seconds": round(pace.seconds, 6),
+                "batch_requests": round(pace.requests, 3),
             })
+        wait = self.estimated_wait()
         return {
             "workers": workers,
             "cancelled": {f"{stage}_{reason}": count
@@ -318,4 +427,8 @@ class StatusBlock:
             "circuit_open": self.circuit_open,
             "restart_backoff": round(self.backoff, 3),
             "draining": self.draining,
+            "handovers_failed": self.handovers_failed,
+            "supervisor_failures": self.supervisor_failures,
+            "supervisor_failing": self.supervisor_failing,
+            "estimated_wait": None if wait is None else round(wait, 6),
         }

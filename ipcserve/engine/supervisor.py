@@ -48,6 +48,11 @@ logger = logging.getLogger(__name__)
 
 # A process that stayed ready this long without a crash resets the crash streak.
 _STABLE_AFTER = 30.0
+# After a supervisor tick raised: the wait before the next one (doubling, bounded), and
+# how often a failure that repeats is logged and recorded as an event.
+_FAILURE_BACKOFF = 0.1
+_FAILURE_BACKOFF_MAX = 5.0
+_FAILURE_LOG_EVERY = 60.0
 
 
 class _Slot:
@@ -181,11 +186,47 @@ class Supervisor:
 
     # -- watching ----------------------------------------------------------------------
     def _run(self) -> None:
+        """Tick until stopped. A tick that raises must not end the thread: nobody would
+        restart a crashed ML process or kill a hung one, while the status froze as it was.
+        So it is logged, recorded as an event, counted, and makes the model not ready
+        (readiness reads the status block) until a tick completes; the loop goes on after a
+        short backoff. A failure that repeats every tick is logged once per
+        ``_FAILURE_LOG_EVERY`` seconds, with the count since."""
+        streak = 0
+        unlogged = 0
+        logged_at = 0.0
         try:
             while not self._stopping.is_set():
-                self._tick()
-        except Exception:  # never die silently: the status would freeze as it is
-            logger.critical("model %s: supervisor thread failed:\n%s", self._name,
+                try:
+                    self._tick()
+                except Exception as exc:
+                    streak += 1
+                    unlogged += 1
+                    self._status.record_supervisor_failure()
+                    now = time.monotonic()
+                    if streak == 1 or now - logged_at >= _FAILURE_LOG_EVERY:
+                        logger.critical(
+                            "model %s: the supervisor thread failed (%d time(s) since the last "
+                            "report); the model is not ready until it recovers, retrying:\n%s",
+                            self._name, unlogged, traceback.format_exc())
+                        events.record("supervisor-failed", self._name,
+                                      f"supervisor failed ({type(exc).__name__}: {exc}); not "
+                                      "ready until it recovers", failures=unlogged)
+                        unlogged, logged_at = 0, now
+                    self._stopping.wait(min(_FAILURE_BACKOFF_MAX,
+                                            _FAILURE_BACKOFF * 2 ** min(streak - 1, 16)))
+                    continue
+                if streak:
+                    logger.warning("model %s: the supervisor thread recovered after %d failed "
+                                   "tick(s)", self._name, streak)
+                    events.record("supervisor-recovered", self._name,
+                                  f"supervisor recovered after {streak} failed tick(s)",
+                                  failures=streak)
+                    self._status.supervisor_recovered()
+                    streak = unlogged = 0
+        except BaseException:  # e.g. SystemExit: still never silent, and never ready
+            self._status.record_supervisor_failure()
+            logger.critical("model %s: the supervisor thread stopped:\n%s", self._name,
                             traceback.format_exc())
             raise
 
@@ -332,6 +373,9 @@ class Supervisor:
 
     def stop(self, timeout: float) -> None:
         """Stop watching, send one Shutdown per live process, join, then kill."""
+        # First: a call whose process ends from now on was stopped, not crashed (its error
+        # says so; the call may still have been computed in part, so 502 either way).
+        self._status.set_stopping()
         with self._lock:
             self._stopping.set()
         self.wake()

@@ -43,7 +43,7 @@ from .errors import (
     IPCServeError,
     ModelError,
     QueueDeadlineError,
-    WorkerUnavailableError,
+    WorkerCrashedError,
 )
 from .protocol import Attach, Attached, Cancel, Reply, Request, Shutdown
 from .runtime import Plumbing, ServedModel
@@ -100,6 +100,7 @@ def _exit_with_group(code: int) -> None:
     os._exit(code)
 
 
+_DROPPED_LOG_EVERY = 10.0  # seconds between warnings about undecodable queue messages
 _GATHER_SLICE = 0.001  # seconds between looks at the callers' in-flight count while gathering
 
 
@@ -123,6 +124,8 @@ class _Loop:
         self.selector.register(self.queue._reader, selectors.EVENT_READ)
         self.pending: list[_Pending] = []
         self.stopping = False
+        self.dropped_unlogged = 0  # undecodable queue messages since the last warning
+        self.dropped_logged_at = -_DROPPED_LOG_EVERY
         self.batchable = model.batching
         self.watch = CancelWatch(bool(getattr(model, "interruptible", True)), self._handle)
         model._cancel_probe = self.watch.cancelled  # type: ignore[attr-defined]
@@ -149,9 +152,25 @@ class _Loop:
         try:
             return ForkingPickler.loads(data)
         except Exception as exc:
-            # e.g. the web process that sent this channel died before we fetched its fd
-            logger.warning("dropped a queue message that could not be decoded: %r", exc)
+            # E.g. the web process that sent this channel died before we fetched its fd, or
+            # the fd transfer failed (out of fds). Counted where callers look: one waiting on
+            # a channel nobody attached sends its request again at once on a fresh channel.
+            self.status.count_undecodable(self.slot)
+            self._log_dropped(exc)
             return None
+
+    def _log_dropped(self, exc: Exception) -> None:
+        """Warn about an undecodable queue message, at most once per
+        ``_DROPPED_LOG_EVERY`` seconds: when fds run out, every new channel fails."""
+        self.dropped_unlogged += 1
+        now = time.monotonic()
+        if now - self.dropped_logged_at < _DROPPED_LOG_EVERY:
+            return
+        logger.warning("ML process pid=%d: dropped %d queue message(s) that could not be "
+                       "decoded (a new channel's pipe end did not arrive; its caller sends "
+                       "again): %r", os.getpid(), self.dropped_unlogged, exc)
+        self.dropped_unlogged = 0
+        self.dropped_logged_at = now
 
     def _on_queue_message(self, message: Any) -> Connection | None:
         """Handle one queue message; returns the new channel's end for an Attach."""
@@ -325,6 +344,10 @@ class _Loop:
         elapsed = time.monotonic() - started
         size = sum(batching.size_of(item.request) for item in items)
         self.item_time = 0.8 * self.item_time + 0.2 * elapsed / max(1, size)
+        # Published for admission's estimate in every web process (seconds and requests per
+        # batch: calls in flight are counted in requests, whatever their items).
+        self.status.record_batch(self.slot, elapsed, len(items),
+                                 self.config.max_batch_size if self.batchable else 1)
         for item, (value, error, batch_size) in zip(items, answers):
             if cancelled and id(item) in cancelled:
                 continue  # nobody waits for it: its result is discarded
@@ -546,7 +569,11 @@ class _Loop:
         # Drain: answer whatever is already readable, then exit.
         self.poll_once(0)
         self.run_pending()
-        self.streams.close_all(WorkerUnavailableError("the ML process is shutting down"))
+        # Only a stop past its grace (or a second signal) finds a stream still running: it
+        # was admitted and computed in part, so 502 as for a crash, never a resendable 503.
+        self.streams.close_all(WorkerCrashedError(
+            "the model was stopped (a reload or a shutdown, after its grace period) while "
+            "this stream was in flight"))
         self.watch.stop()
         for conn in self.conns:
             conn.close()

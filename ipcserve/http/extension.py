@@ -265,7 +265,8 @@ class IPCServe:
         assert endpoint.cache_settings is not None
         api_key = check_api_key(app.config.get("IPCSERVE_API_KEY"))
         endpoint.cache = ResponseCache(app, endpoint.name, endpoint.cache_settings,
-                                       key_salt(api_key))
+                                       key_salt(api_key), metrics=served(app).metrics,
+                                       timeout=app.config["IPCSERVE_CACHE_TIMEOUT"])
 
     # -- Flask wiring ----------------------------------------------------------------
     def init_app(self, app: Flask) -> None:

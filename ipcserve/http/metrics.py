@@ -13,10 +13,21 @@ from typing import Any
 
 from .history import History
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "SHED_ESTIMATE", "SHED_INFLIGHT", "SHED_QUEUE_DEADLINE"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# Why a request was shed: the ``reason`` label of ipcserve_shed_total. A new way of shedding
+# adds its own reason here (and a row in docs/http.md's metrics table).
+#: ``max_inflight`` calls were in flight (the serving core's admission).
+SHED_INFLIGHT = "inflight"
+#: The calls ahead of it would have it answered after its deadline (admission by estimate,
+#: :mod:`ipcserve.engine.admission`; ``OverloadedError.reason``).
+SHED_ESTIMATE = "estimate"
+#: The request waited in the HTTP server's queue past its deadline, and was answered before
+#: it reached Flask (:mod:`ipcserve.server.waitress_conf`).
+SHED_QUEUE_DEADLINE = "queue_deadline"
 
 
 class _StatusCollector:
@@ -28,6 +39,16 @@ class _StatusCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        # Admission's estimate (engine/admission.py), without its margin; absent until the
+        # model has timed a batch. (Its own loop: the other series are built below.)
+        estimated_wait = GaugeMetricFamily(
+            "ipcserve_estimated_wait_seconds",
+            "Estimated seconds until a request admitted now would be answered", labels=["model"])
+        for name, ml in self._models().items():
+            wait = ml.status.get("estimated_wait")
+            if wait is not None:
+                estimated_wait.add_metric([name], wait)
+        yield estimated_wait
         restarts = CounterMetricFamily("ipcserve_restarts", "ML process restarts", labels=["model"])
         crashes = CounterMetricFamily("ipcserve_crashes", "ML process deaths (crashes and watchdog kills)",
                                       labels=["model"])
@@ -46,6 +67,14 @@ class _StatusCollector:
             "ipcserve_cancel_saved_seconds",
             "Estimated model time saved by cancelling (queued: never computed; running: interrupted)",
             labels=["model"])
+        handovers = CounterMetricFamily(
+            "ipcserve_channel_handovers_failed",
+            "New channels an ML process took off the queue and could not decode (their callers "
+            "sent again on a fresh channel)", labels=["model"])
+        supervisor = CounterMetricFamily(
+            "ipcserve_supervisor_failures",
+            "Supervisor ticks that raised (the model is not ready until one completes)",
+            labels=["model"])
         for name, ml in self._models().items():
             status = ml.status
             workers = status.get("workers", [])
@@ -59,7 +88,10 @@ class _StatusCollector:
                 stage, _, reason = key.partition("_")
                 cancelled.add_metric([name, reason, stage], count)
             saved.add_metric([name], status.get("cancel_saved_seconds", 0.0))
-        yield from (restarts, crashes, hangs, depth, ready, circuit, cancelled, saved)
+            handovers.add_metric([name], status.get("handovers_failed", 0))
+            supervisor.add_metric([name], status.get("supervisor_failures", 0))
+        yield from (restarts, crashes, hangs, depth, ready, circuit, cancelled, saved, handovers,
+                    supervisor)
 
 
 class Metrics:
@@ -81,11 +113,18 @@ class Metrics:
                                    ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("ipcserve_batch_size", "Per request: items in the model call that answered it", ["model"],
                                     buckets=_BATCH_BUCKETS, registry=self.registry)
-        self.shed = Counter("ipcserve_shed", "Requests refused at once because of overload",
-                            ["model"], registry=self.registry)
+        self.shed = Counter("ipcserve_shed", "Requests refused at once because of overload, by "
+                            "reason (inflight: max_inflight calls in flight; estimate: it would "
+                            "be answered after its deadline; queue_deadline: waited in the "
+                            "server's queue past the deadline)",
+                            ["model", "reason"], registry=self.registry)
         self.cache = Counter("ipcserve_cache_requests", "Cached models' requests by cache result "
                              "(hit: answered from the cache; miss: computed)",
                              ["model", "result"], registry=self.registry)
+        self.cache_errors = Counter("ipcserve_cache_errors", "Response cache backend errors by "
+                                    "operation (get, set, clear); a failed get is neither a hit "
+                                    "nor a miss: the model answers",
+                                    ["model", "op"], registry=self.registry)
         self.registry.register(_StatusCollector(models))
         # The last 15 minutes of each model, for the status page (GET /v1/history).
         self.history = History()
@@ -120,9 +159,33 @@ class Metrics:
             batch_size.observe(batch)
         self.history.record(model, status, seconds, batch, queue_depth)
 
+    def shed_request(self, model: str, reason: str, seconds: float | None = None,
+                     status: int = 503) -> None:
+        """Record one request refused because of overload.
+
+        Args:
+            model: the model it was for; ``""`` when its URL names none.
+            reason: why (:data:`SHED_INFLIGHT`, :data:`SHED_QUEUE_DEADLINE`, ...).
+            seconds: for a request refused before it reached the serving core (which counts
+                the others once they finish): its time in the server. It is then also
+                counted as a request of ``model`` with ``status``, in the latency and the
+                history, like a request the core shed.
+            status: the status it was answered with (with ``seconds`` only).
+        """
+        self.shed.labels(model, reason).inc()
+        if seconds is not None and model:
+            requests, latency, *_ = self._of(model, status)
+            requests.inc()
+            latency.observe(seconds)
+            self.history.record(model, status, seconds)
+
     def cache_result(self, model: str, hit: bool) -> None:
         """Record one request to a cached model: answered from the cache, or not."""
         self.cache.labels(model, "hit" if hit else "miss").inc()
+
+    def cache_error(self, model: str, op: str) -> None:
+        """Record one failed operation (``get``, ``set``, ``clear``) of a model's cache backend."""
+        self.cache_errors.labels(model, op).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

@@ -50,7 +50,8 @@ def describe(endpoint: Endpoint) -> dict[str, Any]:
             "last_reload": endpoint.last_reload,
             "cache": None if settings is None else {
                 "ttl": settings.ttl, "size": settings.size,
-                "backend": endpoint.cache.backend if endpoint.cache else None},
+                "backend": endpoint.cache.backend if endpoint.cache else None,
+                **(endpoint.cache.describe() if endpoint.cache else {})},
             "status": ml.status, "recent_latency": endpoint.latency()}
 
 
@@ -102,13 +103,12 @@ def _predict(name: str | None = None) -> Response:
     state = served()
     endpoint = state.models.get(name)
     with exchange(endpoint) as ex:
-        cache, cache_key = endpoint.cache, None
-        if cache is not None:
-            cache_key = cache.key(endpoint.revision, request.mimetype or "", request.get_data())
-            hit = None if cache_key is None else cache.get(cache_key)
-            state.metrics.cache_result(endpoint.name, hit is not None)
-            if hit is not None:
-                return Response(hit[0], content_type=hit[1], headers={CACHE_HEADER: "hit"})
+        cache, lookup = endpoint.cache, None
+        if cache is not None:  # counts the hit, the miss or the backend's error itself
+            lookup = cache.lookup(endpoint.revision, request.mimetype or "", request.get_data())
+            if lookup.hit is not None:
+                return Response(lookup.hit[0], content_type=lookup.hit[1],
+                                headers={CACHE_HEADER: "hit"})
         ex.admit()  # before decoding: under overload the body is never even parsed
         args, kwargs = _inputs(endpoint, state)
         # stream(), not call(): a model that does not stream gives one item, its answer.
@@ -129,8 +129,9 @@ def _predict(name: str | None = None) -> Response:
             if endpoint.response_schema is not None:
                 schemas.check_response(answer, endpoint.response_schema, endpoint.name)
             response = jsonify(answer)
-        if cache is not None and cache_key is not None:
-            cache.set(cache_key, response.get_data(), response.content_type)
+        if cache is not None and lookup is not None:
+            if lookup.key is not None:
+                cache.set(lookup.key, response.get_data(), response.content_type)
             response.headers[CACHE_HEADER] = "miss"
         return response
 

@@ -11,7 +11,10 @@ calls :func:`reload_all`).
    the model's cached answers are forgotten (the revision is in the key).
 3. The old version stops admitting (a request that raced the swap is admitted by the new
    one, :meth:`Endpoint.admit <.serving.Endpoint.admit>`), answers what it holds within
-   ``grace`` seconds (default: its ``shutdown_grace``), and its processes stop.
+   ``grace`` seconds (default: its ``shutdown_grace``), and its processes stop. A request
+   still being computed when the grace runs out is answered 502 ``WorkerCrashedError``
+   ("stopped after its grace period"), as for a crash: it reached the model, so it is
+   never the 503 that a balancer resends (503 is only for requests no ML process took).
 
 Memory holds both versions during the load. A load that fails, times out or is interrupted
 by a drain leaves the old version serving, unchanged.

@@ -102,19 +102,25 @@ class Endpoint:
         self.recent: collections.deque[float] = collections.deque(maxlen=200)
         self.created = int(time.time())  # OpenAI's "created" of the model entry
 
-    def admit(self) -> tuple[MLProcess, Admission]:
+    def admit(self, received: float | None = None) -> tuple[MLProcess, Admission]:
         """A place among the calls in flight of the version serving now, and that version.
 
         A request that read the old version just before a reload swapped it out, and found
         it no longer admitting, is admitted by the new one: a reload never refuses anyone.
+
+        Args:
+            received: when the request arrived (``time.monotonic()``): its deadline is that
+                plus the version's ``timeout``, and a request the estimate says cannot be
+                answered by then is refused at once.
 
         Raises:
             OverloadedError / WorkerUnavailableError: as ``MLProcess.admit``.
         """
         while True:
             ml = self.ml
+            deadline = None if received is None else received + ml.config.timeout
             try:
-                return ml, ml.admit()
+                return ml, ml.admit(deadline=deadline)
             except WorkerUnavailableError:
                 if self.ml is ml:
                     raise
@@ -136,7 +142,8 @@ class Readiness:
     Attributes:
         draining: a drain began (``/readyz`` turns 503 before anything is refused).
         models: each model's readiness (every ML process loaded, heartbeating, not draining).
-        broken: models whose circuit breaker is open (crashed past their restart budget).
+        broken: models ipcserve cannot repair itself now: the circuit breaker is open
+            (crashed past the restart budget), or the supervisor thread is failing.
     """
 
     draining: bool
@@ -194,8 +201,12 @@ class Models:
         for name, endpoint in self.endpoints.items():
             ml = endpoint.ml
             models[name] = bool(ml.ready)
-            if not models[name] and ml.status.get("circuit_open"):
-                broken.append(name)
+            if not models[name]:
+                status = ml.status
+                # Past what ipcserve repairs itself: restarts exhausted (circuit open), or
+                # the supervisor that restarts and watches the ML processes failing.
+                if status.get("circuit_open") or status.get("supervisor_failing"):
+                    broken.append(name)
         return Readiness(draining, models, tuple(broken))
 
     @property
@@ -368,10 +379,11 @@ class Exchange:
         the request's arrival. Returns the version of the model that admitted it.
 
         Raises:
-            OverloadedError: shed (``max_inflight`` calls in flight).
+            OverloadedError: shed (``max_inflight`` calls in flight, or the calls ahead would
+                take it past its deadline).
             WorkerUnavailableError: loading, restarting, draining or circuit open.
         """
-        ml, self._admission = self.endpoint.admit()
+        ml, self._admission = self.endpoint.admit(self.received)
         self.deadline = self.received + ml.config.timeout
         return ml
 
@@ -406,7 +418,7 @@ class Exchange:
         self.status, self._failed = failure.status, True
         name = self.endpoint.name
         if isinstance(error, OverloadedError):
-            self.state.metrics.shed.labels(name).inc()
+            self.state.metrics.shed_request(name, error.reason)
         if isinstance(error, (IPCServeError, HTTPException)):
             cause = getattr(error, "remote_traceback", "")
             logger.log(failure.level, "model %s: %d %s: %s%s", name, failure.status, failure.type,

@@ -8,8 +8,8 @@ TOML file, checked before anything starts.
     threads = 24
     api_key_env = "MY_TEAM_KEY"   # the NAME of the environment variable holding the key
 
-    [cache]                       # optional: flask-caching's own CACHE_* settings
-    CACHE_TYPE = "RedisCache"
+    [cache]                       # optional: flask-caching's own CACHE_* settings (ipcserve's
+    CACHE_TYPE = "RedisCache"     # cache_timeout, per backend operation, goes in [server])
     CACHE_REDIS_URL = "redis://127.0.0.1:6379/0"
 
     [models.digits]               # one table per model; the table's name is the model's
@@ -97,8 +97,10 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> ServerFile:
     cache_backend = _table(path, document, "cache")
     for key in cache_backend:
         if not key.startswith("CACHE_"):
+            hint = ("; ipcserve's own cache_timeout (seconds per backend operation) goes in "
+                    "[server]" if "timeout" in key.lower() else "")
             raise ConfigError(f"{path}: [cache] {key}: the keys of [cache] are flask-caching's "
-                              "settings, such as CACHE_TYPE and CACHE_REDIS_URL")
+                              f"settings, such as CACHE_TYPE and CACHE_REDIS_URL{hint}")
     models_table = _table(path, document, "models")
     if not models_table:
         raise ConfigError(f"{path}: no model: add a [models.NAME] table with model = "

@@ -11,7 +11,9 @@ Signals (handled by :class:`ServerLifecycle`):
   readiness says 503 for ``drain_delay`` seconds while requests are still served, then new
   requests get 503, the ones in flight are answered, the ML processes stop, exit 0. A
   second signal stops at once (within a second), answering what is still in flight with
-  503, and exits 128 + the signal number (130 for a second Ctrl-C).
+  502 ``WorkerCrashedError`` (it reached the model and may have been computed in part; 503
+  is only for requests no ML process took, which a balancer may resend), and exits 128 +
+  the signal number (130 for a second Ctrl-C).
 * SIGHUP: reload every model (:mod:`ipcserve.http.reload`): new ML processes load the
   model's code and weights afresh, traffic switches to them once they are ready, the old
   ones drain; a model whose new version fails to load keeps its old one.
@@ -151,13 +153,15 @@ class ServerLifecycle:
             while not self.stop.is_set():
                 server.asyncore.loop(timeout=server.adj.asyncore_loop_timeout, map=server._map,
                                      use_poll=server.adj.asyncore_use_poll, count=1)
-            # Send what is answered or about to be (a forced stop answers 503 at once).
+            # Send what is answered or about to be (a forced stop answers 502 at once).
             self._flush(_FLUSH_TIMEOUT if self.exit_code == 0 else 0.5)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             server.close()
             server.task_dispatcher.shutdown(timeout=1.0)
+            # No handler thread runs now: log the counts the rate-limited warnings still hold.
+            waitress_conf.flush_logs(server)
             self.extension.drain(grace=0)  # no-op after a drain; stops models after a failed load
             self._watcher.join(5.0)
         if self.exit_code == 0:

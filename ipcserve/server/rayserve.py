@@ -228,9 +228,9 @@ class IPCServeReplica:
         whether the replica is worth keeping.
 
         Raises:
-            RuntimeError: the replica drains (as ``/readyz`` says 503 then), or a model's
-                circuit breaker is open (its ML process crashed past the restart budget),
-                so that Ray replaces this replica. A single crash is ipcserve's to handle:
+            RuntimeError: the replica drains (as ``/readyz`` says 503 then), a model's
+                circuit breaker is open (its ML process crashed past the restart budget), or
+                its supervisor thread is failing, so that Ray replaces this replica. A single crash is ipcserve's to handle:
                 it restarts the ML process itself, and the replica stays healthy.
         """
         readiness = self._ext.models.readiness()
@@ -238,6 +238,9 @@ class IPCServeReplica:
             raise RuntimeError("this replica is draining; it takes no new requests")
         for name in readiness.broken:
             status = self._ext.endpoints[name].ml.status
+            if status.get("supervisor_failing"):
+                raise RuntimeError(f"model {name!r}: the supervisor that restarts and watches "
+                                   "its ML processes is failing; replace this replica")
             raise RuntimeError(
                 f"model {name!r}: the ML process crashed {status.get('consecutive_crashes')} "
                 "times in a row and its circuit breaker is open; replace this replica")

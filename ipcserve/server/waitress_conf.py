@@ -16,14 +16,21 @@ defaults it changes what a crowd of idle, slow or excess clients can do to every
 * **end-to-end deadline**: every request carries ``environ["ipcserve.received"]``
   (:data:`RECEIVED_KEY`), the ``time.monotonic()`` at which waitress had read all of it;
   the predict route counts its deadline from there, and a request that waited in waitress's
-  queue longer than its whole deadline is answered 503 without reaching the app;
+  queue longer than its whole deadline is answered 503 without reaching the app
+  (counted in ``ipcserve_shed_total{reason="queue_deadline"}`` and the status page's history);
+* **one length per request**: a request with both ``Content-Length`` and
+  ``Transfer-Encoding`` (request smuggling behind a proxy that reads the other one) gets 400
+  and its connection is closed (RFC 9112 section 6.1); waitress alone answers it from the
+  chunked body and keeps the connection;
 * **JSON everywhere**: waitress's own protocol errors (400, 413, 431, 501, 500) are JSON like
   ipcserve's, not ``text/plain``.
 
 Waitress internals this relies on (waitress 3.0; pinned by ``tests/test_connections.py``):
 ``HTTPChannel.parser_class`` / ``task_class`` / ``error_task_class`` are the classes the
 channel instantiates (``channel.py``); the channel creates its parser when the first bytes of
-a request arrive and keeps the unfinished one in ``channel.request``; ``BaseWSGIServer``
+a request arrive and keeps the unfinished one in ``channel.request``;
+``HTTPRequestParser.received`` turns a ``ParsingError`` raised by ``parse_header`` into a 400
+(``parser.py``), and an error answer closes the connection (``ErrorTask``); ``BaseWSGIServer``
 calls ``maintenance(now)`` from ``readable()`` at most every ``cleanup_interval`` seconds and
 the poll loop wakes at least every ``asyncore_loop_timeout`` (``server.py``); setting
 ``channel.will_close`` makes the loop close the channel (``HTTPChannel.writable``).
@@ -44,16 +51,18 @@ from typing import Any
 
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
-from waitress.parser import HTTPRequestParser
+from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
 from ..engine.config import read_settings
 from ..engine.errors import ConfigError
 from ..http.extension import IPCServe
-from ..http.serving import RECEIVED_KEY
+from ..http.metrics import SHED_QUEUE_DEADLINE
+from ..http.serving import RECEIVED_KEY, Served, served
 
-__all__ = ["RECEIVED_KEY", "SPARE_THREADS", "ServerLimits", "create_server", "handler_threads"]
+__all__ = ["RECEIVED_KEY", "SPARE_THREADS", "ServerLimits", "create_server", "flush_logs",
+           "handler_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +80,10 @@ MAX_CONNECTIONS = 10_000
 # inbuf_overflow (512 KiB). (adjustments.py says "up to three": a response spooled past
 # outbuf_overflow, 1 MiB, is the third; JSON answers are far smaller.)
 _FDS_PER_CONNECTION = 2
+# Seconds between two lines of one rate-limited warning (closed slow connections, stale
+# requests refused): under a flood they would come every second. Each line carries the count
+# since the previous one; what is left is logged at shutdown (flush_logs).
+LOG_EVERY = 10.0
 # Descriptors kept for everything else: imported libraries, logs, shared memory, the
 # waitress trigger pipe, the listening socket; plus one pipe end per handler thread (each
 # thread has its own channel to the ML process).
@@ -230,7 +243,8 @@ def create_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, thread
     try:
         for sockinfo in adj.listen:
             servers.append(_Server(wsgi, socket_map, dispatcher=dispatcher, adj=adj,
-                                   sockinfo=sockinfo, limits=limits, closing=_closing(app)))
+                                   sockinfo=sockinfo, limits=limits, closing=_closing(app),
+                                   stale=wsgi))
     except OSError:
         for server in servers:
             server.close()
@@ -257,6 +271,15 @@ class _Request(HTTPRequestParser):  # type: ignore[misc]
         super().__init__(adj)
         # HTTPChannel.received() makes the parser when the first bytes of a request arrive.
         self.started = time.monotonic()
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        # HTTP/1.1's Transfer-Encoding is popped from the headers by waitress (it de-chunks the
+        # body); HTTP/1.0's stays there. Either way, two lengths are one too many.
+        headers = self.headers
+        if "CONTENT_LENGTH" in headers and (self.chunked or "TRANSFER_ENCODING" in headers):
+            raise ParsingError("it has both Content-Length and Transfer-Encoding, which a proxy "
+                               "in front may read differently (request smuggling); send one")
 
     def received(self, data: bytes) -> int:
         consumed: int = super().received(data)
@@ -310,6 +333,10 @@ class _JSONErrorTask(ErrorTask):  # type: ignore[misc]
 
     def execute(self) -> None:
         error = self.request.error
+        # The connection closes after an error answer: say so whatever the request asked
+        # (waitress would add "Connection: Keep-Alive" beside "close" for an HTTP/1.0
+        # keep-alive request).
+        self.request.headers["CONNECTION"] = "close"
         body = _error_body(error.code, error.reason, str(error.body))
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
@@ -355,11 +382,14 @@ class _Server(TcpWSGIServer):  # type: ignore[misc]
     channel_class = _Channel
 
     def __init__(self, *args: Any, limits: ServerLimits, closing: Callable[[], bool] | None = None,
-                 **kwargs: Any) -> None:
+                 stale: _ShedStale | None = None, **kwargs: Any) -> None:
         self.limits = limits
         self.closing = closing  # true while the app drains: responses close their connections
+        # The app's wrapper, kept here: waitress wraps the app it is given in its own proxy
+        # headers middleware (clear_untrusted_proxy_headers), so self.application is not it.
+        self.stale = stale
         self._cut = {"header": 0, "body": 0}
-        self._cut_logged = 0.0
+        self._cut_logged = -math.inf
         super().__init__(*args, **kwargs)
 
     def maintenance(self, now: float) -> None:
@@ -373,27 +403,60 @@ class _Server(TcpWSGIServer):  # type: ignore[misc]
                              channel.addr, phase, getattr(self.limits, f"{phase}_timeout"))
                 channel.will_close = True  # HTTPChannel.writable() -> handle_write() closes it
                 self._cut[phase] += 1
-        # One line per 10 s at most: under a slowloris flood this runs every second.
-        if any(self._cut.values()) and mono - self._cut_logged >= 10.0:
-            logger.warning("closed %d connection(s) whose headers took longer than %gs and %d whose "
-                           "body took longer than %gs", self._cut["header"], self.limits.header_timeout,
-                           self._cut["body"], self.limits.body_timeout)
-            self._cut = {"header": 0, "body": 0}
+        # One line per LOG_EVERY at most: under a slowloris flood this runs every second.
+        if any(self._cut.values()) and mono - self._cut_logged >= LOG_EVERY:
+            self._log_cut()
             self._cut_logged = mono
+
+    def _log_cut(self) -> None:
+        logger.warning("closed %d connection(s) whose headers took longer than %gs and %d whose "
+                       "body took longer than %gs", self._cut["header"], self.limits.header_timeout,
+                       self._cut["body"], self.limits.body_timeout)
+        self._cut = {"header": 0, "body": 0}
+
+    def flush_logs(self) -> None:
+        """Log what the rate-limited warnings of this server and its app still hold."""
+        if any(self._cut.values()):
+            self._log_cut()
+        if self.stale is not None:
+            self.stale.flush_logs()
+
+
+def flush_logs(server: Any) -> None:
+    """Log what the rate-limited warnings still hold back (call it when the server stopped):
+    connections closed for slowness, requests refused for waiting past their deadline, the
+    models' response cache errors. A line per 10 s at most is written while they happen;
+    without this the count since the last line would be lost."""
+    servers = [server] if isinstance(server, _Server) else \
+        [s for s in getattr(server, "map", {}).values() if isinstance(s, _Server)]
+    for one in servers:
+        one.flush_logs()
 
 
 # -- requests that waited too long ------------------------------------------------------
 
 class _ShedStale:
     """WSGI wrapper: a request that waited in waitress's queue longer than ``queue_timeout``
-    (its whole deadline) gets 503 + Retry-After at once, without reaching the app."""
+    (its whole deadline) gets 503 + Retry-After at once, without reaching the app.
+
+    The app never sees such a request, so it is counted here, in the app's metrics when it
+    is an ipcserve app: ``ipcserve_shed_total{model, reason="queue_deadline"}``, and for a
+    model's URL also as a 503 of that model (requests, latency, the status page's history).
+    The model is found by routing the URL through the app's URL map (the default model for
+    ``/predict``); a URL that names none (the OpenAI routes carry the model in the body)
+    counts under ``model=""``.
+    """
 
     def __init__(self, app: Any, queue_timeout: float) -> None:
         self.app = app
         self.queue_timeout = queue_timeout
+        try:
+            self._state: Served | None = served(app)
+        except RuntimeError:  # a WSGI app without ipcserve: logged only
+            self._state = None
         self._lock = threading.Lock()  # handler threads share the log counter below
         self._shed = 0
-        self._shed_logged = 0.0
+        self._shed_logged = -math.inf
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         received = environ.get(RECEIVED_KEY)
@@ -405,11 +468,11 @@ class _ShedStale:
             return self.app(environ, start_response)  # type: ignore[no-any-return]
         with self._lock:
             self._shed += 1
-            if now - self._shed_logged >= 10.0:  # one line per 10 s at most under overload
-                logger.warning("refused %d request(s) that waited longer than their deadline (%gs) "
-                               "for a handler thread: the server is overloaded", self._shed,
-                               self.queue_timeout)
-                self._shed, self._shed_logged = 0, now
+            if now - self._shed_logged >= LOG_EVERY:  # one line per LOG_EVERY at most under overload
+                self._log_shed()
+                self._shed_logged = now
+        if self._state is not None:
+            self._state.metrics.shed_request(self._model_of(environ), SHED_QUEUE_DEADLINE, waited)
         body = json.dumps({
             "error": f"the request waited {waited:.1f}s for the server, longer than its deadline "
                      f"({self.queue_timeout:g}s): the server is overloaded; retry later",
@@ -418,3 +481,35 @@ class _ShedStale:
                                                    ("Content-Length", str(len(body))),
                                                    ("Retry-After", "1")])
         return [body]
+
+    def _log_shed(self) -> None:  # with self._lock held
+        logger.warning("refused %d request(s) that waited longer than their deadline (%gs) "
+                       "for a handler thread: the server is overloaded", self._shed,
+                       self.queue_timeout)
+        self._shed = 0
+
+    def _model_of(self, environ: dict[str, Any]) -> str:
+        """The served model the request's URL names, else ``""``."""
+        state = self._state
+        url_map = getattr(self.app, "url_map", None)
+        if state is None or url_map is None:
+            return ""
+        try:
+            endpoint, args = url_map.bind_to_environ(environ).match()
+        except Exception:  # no route (404, 405, a redirect): no model
+            return ""
+        name = args.get("name")
+        if name is None and endpoint == "ipcserve.predict_default":
+            name = state.models.default
+        return name if name in state.models.endpoints else ""
+
+    def flush_logs(self) -> None:
+        """Log the refusals the rate-limited line still holds, and the errors the app's
+        response caches still hold."""
+        with self._lock:
+            if self._shed:
+                self._log_shed()
+        if self._state is not None:
+            for endpoint in list(self._state.models.endpoints.values()):
+                if endpoint.cache is not None:
+                    endpoint.cache.flush_log()

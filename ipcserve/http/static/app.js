@@ -30,6 +30,7 @@ function modelState(s) {
   if (!s.started) return "stopped";
   if (s.draining) return "draining";
   if (s.circuit_open) return "circuit open";
+  if (s.supervisor_failing) return "supervisor failing";  // not ready: nothing restarts crashes
   const states = [...new Set((s.workers || []).map((w) => w.state))];
   return states.join(", ") || "unknown";
 }
@@ -53,6 +54,7 @@ function renderModels(list) {
     const badge = cell(row, "state", "").appendChild(document.createElement("span"));
     badge.className = "badge " + (state === "ready" ? "ok" : "bad");
     badge.textContent = state;
+    cacheWarning(badge.parentNode, m.cache);
     cell(row, "pid", workers.map((w) => w.pid || "-").join(", "));
     cell(row, "restarts", sum("restarts"));
     cell(row, "crashes", s.crashes ?? 0);
@@ -78,6 +80,24 @@ function renderModels(list) {
       button.addEventListener("click", () => reloadModel(m));
     }
   }
+}
+
+// A cache backend that fails (Redis down or hung) looks like a cold cache from outside: the
+// model answers every request. Say so next to the state: red while the backend is failing,
+// grey once it works again (the count stays, for the record).
+function cacheWarning(td, cache) {
+  const errors = (cache && cache.errors) || {};
+  const total = Object.values(errors).reduce((n, c) => n + c, 0);
+  if (!total) return;
+  td.append(" ");
+  const warning = td.appendChild(document.createElement("span"));
+  warning.className = "badge cache-errors" + (cache.failing ? " bad" : "");
+  warning.textContent = "cache errors: " + total;
+  const last = cache.last_error;
+  warning.title = "The response cache (" + cache.backend + ") failed " + total + " time(s): " +
+    Object.entries(errors).map(([op, c]) => op + " " + c).join(", ") +
+    (last ? "\nlast: " + new Date(last.time * 1000).toLocaleTimeString() + ", " + last.op + ": " + last.error : "") +
+    "\nThe model answered those requests; " + (cache.failing ? "the backend is still failing." : "the backend works again.");
 }
 
 // -- reload ------------------------------------------------------------------------
