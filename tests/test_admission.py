@@ -8,7 +8,6 @@ with a real MLProcess and with the real server (``python app.py``) under a burst
 
 from __future__ import annotations
 
-import http.client
 import json
 import multiprocessing
 import pickle
@@ -16,11 +15,11 @@ import statistics
 import threading
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from models import Sleeper
 from server import Server
+from measure import burst, sample
 
 from ipcserve import Config, ConfigError, MLProcess, OverloadedError
 from ipcserve.engine import admission
@@ -248,52 +247,6 @@ def test_a_batching_model_is_not_refused_what_full_batches_answer_in_time() -> N
 
 
 # -- the real server under a burst --------------------------------------------------------------
-def _burst(url: str, clients: int,
-           seconds: float) -> list[tuple[int, float, dict[str, str], bytes]]:
-    """``clients`` concurrent POST /predict {"seconds": ...}: (status, elapsed, headers, body)."""
-    parts = urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    barrier = threading.Barrier(clients, timeout=30)
-    results: list[tuple[int, float, dict[str, str], bytes]] = []
-    errors: list[BaseException] = []
-
-    def client() -> None:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-        try:
-            conn.connect()
-            barrier.wait()
-            started = time.monotonic()
-            conn.request("POST", "/predict", body=json.dumps({"seconds": seconds}),
-                         headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            body = response.read()
-            results.append((response.status, time.monotonic() - started,
-                            {k.lower(): v for k, v in response.getheaders()}, body))
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=client, name=f"client-{i}") for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
-    assert len(results) == clients
-    return results
-
-
-def _metric(text: str, name: str, **labels: str) -> float | None:
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{") and "}" in line:
-            got = line[len(name) + 1:line.index("}")]
-            if ",".join(sorted(got.split(","))) == wanted:
-                return float(line.rsplit(" ", 1)[1])
-    return None
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_burst_on_a_slow_model_is_refused_at_once_not_timed_out() -> None:
@@ -305,7 +258,7 @@ def test_a_burst_on_a_slow_model_is_refused_at_once_not_timed_out() -> None:
         # One call first: a cold model has no estimate and admits everything.
         assert requests.post(server.url + "/predict", json={"seconds": seconds},
                              timeout=30).status_code == 200
-        results = _burst(server.url, clients, seconds)
+        results = burst(server.url, clients, seconds)
         metrics = requests.get(server.url + "/metrics", timeout=10).text
     finally:
         server.stop()
@@ -329,9 +282,9 @@ def test_a_burst_on_a_slow_model_is_refused_at_once_not_timed_out() -> None:
     assert statistics.median(latencies) < 0.25, summary  # at once, not after 5 s
     assert latencies[-1] < 2.0, summary
     assert max(elapsed for _, elapsed, _, _ in ok) <= timeout, summary
-    counted = _metric(metrics, "ipcserve_shed_total", model="sleeper", reason="estimate")
+    counted = sample(metrics, "ipcserve_shed_total", model="sleeper", reason="estimate")
     assert counted == len(refused), metrics
-    assert _metric(metrics, "ipcserve_estimated_wait_seconds", model="sleeper") is not None
+    assert sample(metrics, "ipcserve_estimated_wait_seconds", model="sleeper") is not None
     print(f"\n200: {len(ok)}, 503: {len(refused)}, 504: {len(late)}; refusal latency "
           f"p50 {statistics.median(latencies) * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms; "
           f"slowest 200 {max(e for _, e, _, _ in ok):.2f} s")

@@ -9,15 +9,14 @@ policy (``size_of``, ``take``, ``answer``) is in test_batching.py.
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing
 import os
 import threading
-import time
 from typing import Any
 
 import numpy as np
 import pytest
 from conftest import spawn_events, wait_until
+from measure import STEP, settled, step_counter
 from models import (
     ArrayBatcher,
     ArrayModel,
@@ -41,28 +40,8 @@ from ipcserve import (
 from ipcserve.engine import shm
 
 TINY = 1e-3  # seconds: passes long before a blocked ML process could look at the request
-STEP = 0.02
-
-
 def _served(ml: Any) -> int:
     return int(sum(w["served"] for w in ml.status["workers"]))
-
-
-def _counter() -> Any:
-    return multiprocessing.get_context("spawn").Value("i", 0)
-
-
-def _settled(counter: Any) -> int:
-    """The step count once it stops changing for a few steps (bounded)."""
-    last, stable_since = counter.value, time.monotonic()
-    deadline = time.monotonic() + 10
-    tick = threading.Event()
-    while time.monotonic() - stable_since < 6 * STEP:
-        assert time.monotonic() < deadline, "the model never stopped stepping"
-        tick.wait(STEP / 2)
-        if counter.value != last:
-            last, stable_since = counter.value, time.monotonic()
-    return int(last)
 
 
 # -- a batching model ------------------------------------------------------------------------
@@ -183,7 +162,7 @@ def test_a_failing_item_of_a_model_that_does_not_batch() -> None:
 
 
 def test_a_streaming_model_cannot_answer_a_batch_request() -> None:
-    counter = _counter()
+    counter = step_counter()
     with Streamer(counter) as ml:
         assert ml.call_batch([-1, -1]).value == [{"unary": ""}, {"unary": ""}]  # not streams
         with pytest.raises(ModelError, match="^item 1: a streaming model cannot answer a batch"):
@@ -244,7 +223,7 @@ def test_a_batch_request_past_its_deadline_while_running_is_interrupted(model: s
 
 
 def test_a_cancelled_batch_request_stops_within_one_step() -> None:
-    counter = _counter()
+    counter = step_counter()
     gone = threading.Event()
     with Stepper(counter, step=STEP) as ml, concurrent.futures.ThreadPoolExecutor(1) as pool:
         pid = ml.pids[0]
@@ -255,7 +234,7 @@ def test_a_cancelled_batch_request_stops_within_one_step() -> None:
         with pytest.raises(RequestCancelledError):
             running.result(5)
         at_cancel = counter.value
-        assert _settled(counter) - at_cancel <= 2
+        assert settled(counter) - at_cancel <= 2
         computed = ml.call(("computed",), {}).value
         assert computed == tags[:len(computed)] and len(computed) < 20
         assert ml.pids == [pid]
@@ -263,7 +242,7 @@ def test_a_cancelled_batch_request_stops_within_one_step() -> None:
 
 
 def test_a_model_that_opts_out_of_interruption_still_stops_between_items() -> None:
-    counter = _counter()
+    counter = step_counter()
     gone = threading.Event()
     with StubbornStepper(counter, step=STEP) as ml, \
             concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -272,11 +251,11 @@ def test_a_model_that_opts_out_of_interruption_still_stops_between_items() -> No
         gone.set()
         with pytest.raises(RequestCancelledError):
             running.result(5)
-        assert _settled(counter) < 20  # each predict ran to its end; no next one started
+        assert settled(counter) < 20  # each predict ran to its end; no next one started
 
 
 def test_a_cancelled_oversized_batch_request_stops_between_model_calls() -> None:
-    counter = _counter()
+    counter = step_counter()
     entered, release = spawn_events()
     gone = threading.Event()
     with BatchStepper(counter, entered, release, max_batch_size=2) as ml, \
@@ -287,14 +266,14 @@ def test_a_cancelled_oversized_batch_request_stops_between_model_calls() -> None
         gone.set()
         with pytest.raises(RequestCancelledError):
             running.result(5)
-        assert _settled(counter) < 20
+        assert settled(counter) < 20
         assert ml.call_batch([{"tag": "next", "steps": 1}]).value == [{"tag": "next", "batch": 1}]
 
 
 def test_a_long_batch_request_of_quick_items_is_progress_not_a_hang() -> None:
     """The watchdog kills a process without progress for hang_timeout: every item answered
     is progress, however long the whole request takes (here 3x hang_timeout)."""
-    counter = _counter()
+    counter = step_counter()
     with Stepper(counter, step=0.05, hang_timeout=0.5, heartbeat_interval=0.1) as ml:
         pid = ml.pids[0]
         tags = [f"t{i}" for i in range(30)]

@@ -7,39 +7,19 @@ how much work ran after the caller gave up.
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing
 import threading
 import time
 from typing import Any
 
 import pytest
 from conftest import spawn_events, wait_until
+from measure import STEP, settled, step_counter
 from models import BatchStepper, Stepper, StubbornStepper
 
 from ipcserve import RequestCancelledError, ResultDeadlineError
 
-STEP = 0.02
-
-
-def _counter() -> Any:
-    return multiprocessing.get_context("spawn").Value("i", 0)
-
-
-def _settled(counter: Any) -> int:
-    """The step count once it stops changing for a few steps (bounded)."""
-    last, stable_since = counter.value, time.monotonic()
-    deadline = time.monotonic() + 10
-    tick = threading.Event()
-    while time.monotonic() - stable_since < 6 * STEP:
-        assert time.monotonic() < deadline, "the model never stopped stepping"
-        tick.wait(STEP / 2)
-        if counter.value != last:
-            last, stable_since = counter.value, time.monotonic()
-    return int(last)
-
-
 def test_a_cancelled_running_request_stops_within_one_step() -> None:
-    counter = _counter()
+    counter = step_counter()
     gone = threading.Event()
     with Stepper(counter, step=STEP) as ml, concurrent.futures.ThreadPoolExecutor(1) as pool:
         pid = ml.pids[0]
@@ -49,7 +29,7 @@ def test_a_cancelled_running_request_stops_within_one_step() -> None:
         with pytest.raises(RequestCancelledError):
             fut.result(5)
         at_cancel = counter.value
-        assert _settled(counter) - at_cancel <= 2  # the step in progress, at most one more
+        assert settled(counter) - at_cancel <= 2  # the step in progress, at most one more
         t0 = time.monotonic()
         assert ml.call(("next",), {"steps": 1}).value == {"tag": "next", "steps": 1}
         assert time.monotonic() - t0 < 0.5  # the next request starts at once
@@ -59,7 +39,7 @@ def test_a_cancelled_running_request_stops_within_one_step() -> None:
 
 
 def test_queued_abandoned_requests_are_never_computed() -> None:
-    counter = _counter()
+    counter = step_counter()
     gone = {tag: threading.Event() for tag in ("a", "b", "c")}
     with Stepper(counter, step=STEP) as ml, concurrent.futures.ThreadPoolExecutor(3) as pool:
         def submit(tag: str) -> Any:
@@ -84,26 +64,26 @@ def test_queued_abandoned_requests_are_never_computed() -> None:
         assert computed == ["a"]  # 'b' and 'c' were never computed
         # 'a' stopped within a step or two of leaving, far from its 50 (how many it had made
         # by then depends on the machine's load: 15 were seen on a loaded 3.12 run).
-        assert _settled(counter) - at_cancel <= 3
+        assert settled(counter) - at_cancel <= 3
         cancelled = ml.status["cancelled"]
         assert cancelled["queued_disconnect"] == 2 and cancelled["running_disconnect"] == 1
 
 
 def test_the_deadline_cancels_the_work_too() -> None:
-    counter = _counter()
+    counter = step_counter()
     with Stepper(counter, step=STEP) as ml:
         t0 = time.monotonic()
         with pytest.raises(ResultDeadlineError, match="cancelled"):
             ml("long", steps=100, timeout=0.2)
         at_deadline = counter.value
-        assert _settled(counter) - at_deadline <= 2
+        assert settled(counter) - at_deadline <= 2
         assert time.monotonic() - t0 < 2
         assert ml("next", steps=1) == {"tag": "next", "steps": 1}
         assert ml.status["cancelled"]["running_deadline"] == 1
 
 
 def test_a_model_that_opts_out_runs_to_completion() -> None:
-    counter = _counter()
+    counter = step_counter()
     gone = threading.Event()
     with StubbornStepper(counter, step=STEP) as ml, \
             concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -117,7 +97,7 @@ def test_a_model_that_opts_out_runs_to_completion() -> None:
 
 
 def test_a_model_can_check_cancelled_itself() -> None:
-    counter = _counter()
+    counter = step_counter()
     gone = threading.Event()
     with StubbornStepper(counter, step=STEP, checks=True) as ml, \
             concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -126,11 +106,11 @@ def test_a_model_can_check_cancelled_itself() -> None:
         gone.set()
         with pytest.raises(RequestCancelledError):
             fut.result(5)
-        assert _settled(counter) < 20
+        assert settled(counter) < 20
 
 
 def test_a_batch_with_live_members_is_never_interrupted() -> None:
-    counter = _counter()
+    counter = step_counter()
     entered, release = spawn_events()
     gone = threading.Event()
     # The batch wait makes the ML process wait for both admitted calls' requests before the
@@ -195,7 +175,7 @@ def _status(server: Any) -> Any:
 
 
 def test_a_request_sent_while_a_cancelled_call_runs_on_is_answered() -> None:
-    counter = _counter()
+    counter = step_counter()
     with StubbornStepper(counter, step=STEP) as ml:
         with pytest.raises(ResultDeadlineError):
             ml("long", steps=20, timeout=0.1)
@@ -209,7 +189,7 @@ def test_cancellation_still_works_after_a_watched_channel_was_closed() -> None:
     """The cancel watch keeps the channels of earlier calls registered; one that its caller
     closed since (a thread that ended, a channel moved to an idle ML process) must not kill
     the watch: it did, with "handle is closed", and no call was interrupted after that."""
-    counter = _counter()
+    counter = step_counter()
     with Stepper(counter, step=STEP) as ml:
         ended = threading.Thread(target=lambda: ml.call(("watched",), {"steps": 5}))
         ended.start()
@@ -229,4 +209,4 @@ def test_cancellation_still_works_after_a_watched_channel_was_closed() -> None:
                 fut.result(5)
             wait_until(lambda: ml.status["cancelled"]["running_disconnect"] == 1,
                        what="the running call interrupted")
-        assert _settled(counter) < 40
+        assert settled(counter) < 40

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from server import Server
+from measure import burst
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -283,46 +284,12 @@ def test_idle_keep_alive_outlives_the_header_timeout_then_closes(strict: Server)
 
 # -- B. overload and end-to-end deadlines -------------------------------------------------
 
-def hammer(server: Server, clients: int, seconds: float) -> list[tuple[int, float, dict[str, str], bytes]]:
-    """``clients`` concurrent POST /predict {"seconds": ...}: (status, elapsed, headers, body)."""
-    host, port = address(server)
-    barrier = threading.Barrier(clients, timeout=30)
-    results: list[tuple[int, float, dict[str, str], bytes]] = []
-    errors: list[BaseException] = []
-
-    def client() -> None:
-        conn = http.client.HTTPConnection(host, port, timeout=30)
-        try:
-            barrier.wait()
-            started = time.monotonic()
-            conn.request("POST", "/predict", body=json.dumps({"seconds": seconds}),
-                         headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            body = response.read()
-            elapsed = time.monotonic() - started
-            results.append((response.status, elapsed, {k.lower(): v for k, v in response.getheaders()},
-                            body))
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=client, name=f"client-{i}") for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
-    assert len(results) == clients
-    return results
-
-
 @pytest.mark.slow
 def test_past_the_admission_limit_requests_get_503_at_once() -> None:
     timeout = 2.0
     with running("--model", "models:Sleeper", "--timeout", str(timeout),
                  env={"IPCSERVE_MAX_INFLIGHT": "8"}) as server:
-        results = hammer(server, 40, seconds=1.0)
+        results = burst(server.url, 40, seconds=1.0)
     assert "waitress: 12 threads" in server.output  # max_inflight + SPARE_THREADS
     shed = [r for r in results if r[0] == 503]
     admitted = [r for r in results if r[0] != 503]
@@ -343,7 +310,7 @@ def test_deadline_counts_from_when_the_server_received_the_request() -> None:
     timeout = 2.0
     with running("--model", "models:Sleeper", "--timeout", str(timeout), "--threads", "2",
                  env={"IPCSERVE_MAX_INFLIGHT": "8"}) as server:
-        results = hammer(server, 40, seconds=0.5)
+        results = burst(server.url, 40, seconds=0.5)
     summary = sorted((status, round(elapsed, 2)) for status, elapsed, _, _ in results)
     assert {r[0] for r in results} <= {200, 503, 504}, summary
     assert max(r[1] for r in results) <= timeout + DEADLINE_MARGIN, summary
@@ -389,7 +356,7 @@ def test_requests_refused_before_flask_are_counted_and_their_log_count_is_kept()
     timeout = 1.0
     server = Server("--model", "models:Sleeper", "--timeout", str(timeout), "--threads", "1")
     try:
-        results = hammer(server, 24, seconds=0.3)
+        results = burst(server.url, 24, seconds=0.3)
         metrics = requests.get(f"{server.url}/metrics", timeout=10).text
         history = requests.get(f"{server.url}/v1/history", timeout=10).json()
     finally:

@@ -17,21 +17,12 @@ import pytest
 import requests
 from conftest import spawn_events, wait_until
 from models import Blocker, HandoverFails
-from prometheus_client.parser import text_string_to_metric_families
 from server import Server
+from measure import metrics, sample
 
 from ipcserve import WorkerCrashedError, WorkerUnavailableError
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def _metric(server: Server, name: str, model: str) -> float | None:
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels.get("model") == model:
-                return float(sample.value)
-    return None
 
 
 def _events(server: Server, kind: str) -> list[dict]:
@@ -80,7 +71,7 @@ def test_a_failed_handover_over_http_is_answered_in_well_under_a_second() -> Non
         elapsed = time.monotonic() - t0
         assert r.status_code == 200 and r.json() == 42, r.text
         assert elapsed < 1.0, f"answered after {elapsed:.2f}s"
-        assert _metric(server, "ipcserve_channel_handovers_failed_total", "handoverfails") == 1
+        assert sample(metrics(server.url), "ipcserve_channel_handovers_failed_total", model="handoverfails") == 1
         wait_until(lambda: "could not be decoded" in server.output, what="the warning")
     finally:
         assert server.stop() == 0, server.output
@@ -105,10 +96,10 @@ def test_a_failing_supervisor_is_visible_then_restarted(tmp_path: Path) -> None:
         body = requests.get(f"{server.url}/readyz", timeout=10).json()
         assert body["models"] == {"supervisorfails": False} and not body["draining"], body
         assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code != 200
-        wait_until(lambda: (_metric(server, "ipcserve_supervisor_failures_total",
-                                    "supervisorfails") or 0) >= 3,
+        wait_until(lambda: (sample(metrics(server.url), "ipcserve_supervisor_failures_total",
+                                   model="supervisorfails") or 0) >= 3,
                    what="three failed ticks")
-        assert _metric(server, "ipcserve_model_ready", "supervisorfails") == 0
+        assert sample(metrics(server.url), "ipcserve_model_ready", model="supervisorfails") == 0
         failed = _events(server, "supervisor-failed")
         assert len(failed) == 1 and "injected supervisor fault" in failed[0]["message"], failed
         status = requests.get(f"{server.url}/v1/models/supervisorfails", timeout=10).json()["status"]

@@ -5,7 +5,6 @@ count their deadline from arrival, are cancelled when the client leaves, are cou
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import time
@@ -18,15 +17,9 @@ import requests
 from conftest import wait_until
 
 from server import Server
+from measure import sample
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    """One sample of the Prometheus text, 0 when absent."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    match = re.search(rf"^{name}\{{{re.escape(wanted)}\}} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +52,7 @@ def test_a_v2_request_of_64_rows_is_one_admission_and_one_batched_call(
     for name, labels, added in [("ipcserve_requests_total", {"model": "rows", "status": "200"}, 1),
                                 ("ipcserve_batch_size_count", {"model": "rows"}, 1),
                                 ("ipcserve_batch_size_sum", {"model": "rows"}, 64)]:
-        assert _metric(after, name, **labels) - _metric(before, name, **labels) == added, name
+        assert _count(after, name, **labels) - _count(before, name, **labels) == added, name
     history = requests.get(f"{server.url}/v1/history", timeout=10).json()["models"]["rows"]
     assert sum(history["requests"]["200"]) >= 1
     assert max(v for v in history["batch_max"] if v is not None) == 64
@@ -79,13 +72,13 @@ def test_a_v2_client_that_disconnects_stops_the_work(rows: tuple[Server, Path]) 
 
     def cancelled() -> float:
         metrics = requests.get(f"{server.url}/metrics", timeout=5).text
-        return _metric(metrics, "ipcserve_cancelled_total", model="rows", reason="disconnect",
+        return _count(metrics, "ipcserve_cancelled_total", model="rows", reason="disconnect",
                        stage="running")
 
     wait_until(lambda: cancelled() == 2, what="both rows cancelled")
     assert len(steps.read_text()) - at_close <= 2
     metrics = requests.get(f"{server.url}/metrics", timeout=5).text
-    assert _metric(metrics, "ipcserve_requests_total", model="rows", status="499") == 1
+    assert _count(metrics, "ipcserve_requests_total", model="rows", status="499") == 1
     answer = requests.post(f"{server.url}/v2/models/rows/infer", json=_rows_body(1), timeout=10)
     assert answer.status_code == 200
 
@@ -155,7 +148,7 @@ def test_every_surface_is_counted_in_the_metrics(in_process: Any) -> None:
     with in_process.app_context():
         text = served().metrics.exposition()[0].decode()
     for model in ("doubler", "fakeembedder", "rows"):
-        assert _metric(text, "ipcserve_requests_total", model=model, status="200") >= 1, model
+        assert _count(text, "ipcserve_requests_total", model=model, status="200") >= 1, model
 
 
 @pytest.mark.timeout(90)
@@ -173,3 +166,8 @@ def test_readyz_and_the_v2_health_routes_agree_during_a_drain_delay() -> None:
         assert requests.post(server.url + "/predict", json=pixels, timeout=10).status_code == 200
     finally:
         assert server.stop(signal.SIGTERM) == 128 + signal.SIGTERM, server.output
+
+
+def _count(text: str, name: str, **labels: str) -> float:
+    """A counter's sample, 0 before it was ever incremented."""
+    return sample(text, name, **labels) or 0.0

@@ -19,6 +19,7 @@ import pytest
 import requests
 from conftest import free_port, wait_until
 from server import ROOT, Server
+from measure import sample
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -504,14 +505,6 @@ class CacheLoad:
             thread.join(15)
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    wanted = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
-    for line in text.splitlines():
-        if line.startswith(name + wanted + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def _cached_double(tmp_path: Path, redis_url: str) -> Server:
     config = write_config(tmp_path, f"""
         [server]
@@ -560,14 +553,14 @@ def _outage(tmp_path: Path, redis: RedisServer, stop: Any, restart: Any, error: 
                    slowest, cache)
     assert slowest <= CACHE_TIMEOUT + LATENCY_MARGIN, slowest
     # Each request was a hit, a miss or a failed get; a failed get is not a miss.
-    hits = _metric(metrics, "ipcserve_cache_requests_total", model="double", result="hit")
-    misses = _metric(metrics, "ipcserve_cache_requests_total", model="double", result="miss")
-    failed = _metric(metrics, "ipcserve_cache_errors_total", model="double", op="get")
+    hits = _count(metrics, "ipcserve_cache_requests_total", model="double", result="hit")
+    misses = _count(metrics, "ipcserve_cache_requests_total", model="double", result="miss")
+    failed = _count(metrics, "ipcserve_cache_errors_total", model="double", op="get")
     assert failed >= 1 and hits + misses + failed == len(load.answers), (hits, misses, failed)
     assert hits == load.count(header="hit")
     # The model list says so, and that the backend works again.
     assert cache["errors"]["get"] == failed, cache
-    assert cache["errors"]["set"] == _metric(metrics, "ipcserve_cache_errors_total",
+    assert cache["errors"]["set"] == _count(metrics, "ipcserve_cache_errors_total",
                                              model="double", op="set"), cache
     assert cache["failing"] is False and error in cache["last_error"]["error"], cache
     assert "the response cache (RedisCache) failed" in server.output
@@ -602,3 +595,8 @@ def test_the_shipped_example_config_serves_its_three_models() -> None:
                              timeout=10).json() == 2
     finally:
         assert server.stop() == 0, server.output
+
+
+def _count(text: str, name: str, **labels: str) -> float:
+    """A counter's sample, 0 before it was ever incremented."""
+    return sample(text, name, **labels) or 0.0
