@@ -288,31 +288,31 @@ class Pool:
                 self._schedule()
                 self._cond.notify_all()
             if closed:
-                logger.info("model %s: version %s: load stopped by the shutdown", version.model,
-                            version.label)
+                logger.info("model %s: %sload stopped by the shutdown", version.model,
+                            version.named)
                 return
             cause = getattr(exc, "remote_traceback", "")
-            logger.error("model %s: version %s failed to load on demand: %s%s", version.model,
-                         version.label, exc, f"\n{cause}" if cause else "")
-            events.record("load-failed", version.model, f"version {version.label} failed to "
-                          f"load on demand: {exc}", version=version.label)
+            logger.error("model %s: %sfailed to load on demand: %s%s", version.model,
+                         version.named, exc, f"\n{cause}" if cause else "")
+            events.record("load-failed", version.model, f"{version.named}failed to load on "
+                          f"demand: {exc}", version=version.label)
             return
         seconds = time.monotonic() - began
         rss = resident_bytes(ml.pids)
         with self._cond:
             version.state = LOADED
+            version.unloaded_by = None
             version.loads["demand"] += 1
             version.load_failures = 0
             version.last_error = None
             version.rss = rss
-            version.loaded_at = time.time()
             version.last_used = time.monotonic()
             self._cond.notify_all()
-        logger.info("model %s: version %s loaded on demand in %.2fs (%d MiB)", version.model,
-                    version.label, seconds, rss >> 20)
-        events.record("loaded", version.model, f"version {version.label} loaded on demand in "
-                      f"{seconds:.2f}s", version=version.label, seconds=round(seconds, 3),
-                      memory_bytes=rss)
+        logger.info("model %s: %sloaded on demand in %.2fs (%d MiB)", version.model,
+                    version.named, seconds, rss >> 20)
+        events.record("loaded", version.model, f"{version.named}loaded on demand in "
+                      f"{seconds:.2f}s ({rss >> 20} MiB)", version=version.label,
+                      seconds=round(seconds, 3), memory_bytes=rss)
 
     def _stop_version(self, version: Version, reason: str) -> None:
         ml = version.ml
@@ -322,14 +322,15 @@ class Pool:
             version.ml = ml.fresh()
             version.state = UNLOADED
             version.unloads[reason] += 1
+            version.unloaded_by = reason
             self._schedule()
             self._cond.notify_all()
         if reason == "evicted":
-            message = (f"version {version.label} evicted to make room (least recently used, "
+            message = (f"{version.named}evicted to make room (least recently used, "
                        f"idle for {idle_for:.1f}s); it loads again on its next request")
             kind = "evicted"
         else:
-            message = (f"version {version.label} unloaded: no request for {idle_for:.1f}s "
+            message = (f"{version.named}unloaded: no request for {idle_for:.1f}s "
                        f"(idle_unload {version.idle_unload:g}s); it loads again on its next "
                        "request")
             kind = "unloaded"

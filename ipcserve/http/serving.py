@@ -280,6 +280,15 @@ class Models:
         """Requests admitted and not yet answered, over every model (this web process)."""
         return sum(endpoint.inflight for endpoint in self.endpoints.values())
 
+    def history_names(self) -> list[str]:
+        """The series of the status page's history: each model, then ``model@version`` for
+        each version of a model with several."""
+        names = list(self.endpoints)
+        for name, endpoint in list(self.endpoints.items()):
+            if endpoint.split.several:
+                names.extend(f"{name}@{label}" for label in list(endpoint.split.versions))
+        return names
+
     def version_rows(self) -> list[dict[str, Any]]:
         """One row per version of every model, for the metrics."""
         rows = []

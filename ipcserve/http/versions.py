@@ -30,11 +30,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..engine import events
-from ..engine.errors import ConfigError, ConflictError, InputError, NotFoundError
+from ..engine.errors import (ConfigError, ConflictError, InputError, NotFoundError,
+                             WorkerUnavailableError)
 from ..engine.mlprocess import MLProcess
 
-__all__ = ["DEFAULT_VERSION", "Rollback", "Split", "VERSION_HEADER", "Version", "Window",
-           "check_label"]
+__all__ = ["DEFAULT_VERSION", "FAILED", "LOADED", "LOADING", "Rollback", "Split", "UNLOADED",
+           "UNLOADING", "VERSION_HEADER", "Version", "Window", "check_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,20 +166,38 @@ class Version:
         self.retry_at = 0.0
         self.last_error: str | None = None
         self.rss: int | None = None  # bytes, measured once loaded
-        self.loaded_at: float | None = None  # time.time() of the last load by the pool
+        self.unloaded_by: str | None = None  # "evicted" or "idle": why it was last unloaded
         # -- outcomes (this web process) --
         self.requests = 0
         self.failed = 0
         self.shadow_results: collections.Counter[str] = collections.Counter()
 
+    @property
+    def named(self) -> str:
+        """``"version v2 "`` for messages; empty for a model without versions."""
+        return "" if self.label == DEFAULT_VERSION else f"version {self.label} "
+
     def describe(self) -> dict[str, Any]:
         """JSON-ready: the version's name, load state and counts."""
+        ml = self.ml
+        started = ml.started
         return {"version": self.label, "weight": self.weight, "state": self.state,
-                "lazy": self.lazy, "idle_unload": self.idle_unload,
+                "unloaded_by": self.unloaded_by, "lazy": self.lazy,
+                "idle_unload": self.idle_unload, "loaded_at": ml.loaded_at,
+                "load_seconds": None if ml.load_seconds is None else round(ml.load_seconds, 3),
+                "idle_seconds": round(time.monotonic() - self.last_used, 1),
+                "ready": bool(started and ml.ready), "inflight": ml.inflight,
                 "loads": dict(self.loads), "unloads": dict(self.unloads),
                 "load_failures": self.load_failures, "last_error": self.last_error,
                 "memory_bytes": self.rss, "requests": self.requests, "failed": self.failed,
-                "pid": self.ml.pids if self.ml.started else []}
+                "pid": _pids(ml) if started else []}
+
+
+def _pids(ml: MLProcess) -> list[int]:
+    try:
+        return ml.pids
+    except WorkerUnavailableError:  # stopped since it was looked at
+        return []
 
 
 def _weight(weight: Any) -> float:
