@@ -223,7 +223,7 @@ class IPCServe:
             if not version.ml.started:
                 version.ml.start(wait=wait)
                 version.loads["start"] += 1
-            self.models.pool.start()
+        self.models.pool.start()  # the idle-unload thread, if a version has idle_unload
 
     def _eager(self) -> list[Version]:
         return [v for e in self.models.endpoints.values() for v in e.versions if not v.lazy]

@@ -1,8 +1,7 @@
 """The model pool: versions loaded on demand, evicted when the pool is full, unloaded when
 idle. No Flask import.
 
-A version the pool manages (a lazy one, one with ``idle_unload``, or any version once
-``max_loaded_models`` or ``max_loaded_memory`` is set) goes through::
+A version the pool manages (a lazy one, or one with ``idle_unload``) goes through::
 
     unloaded ──first request──► loading ──► loaded ──evicted / idle──► unloading ──► unloaded
                   (queued FIFO       │ failed                              (in-flight requests
@@ -13,10 +12,11 @@ A version the pool manages (a lazy one, one with ``idle_unload``, or any version
   deadline: 504 when it passes, never admitted into a half-loaded model) while one thread
   loads it; requests that come meanwhile wait for the same load.
 * **Eviction.** Before a load that would pass ``max_loaded_models`` (loaded, loading and
-  unloading versions all count) or ``max_loaded_memory`` (the resident memory of the ML
-  processes, read from ``/proc``), the least recently used *idle* version is unloaded: no
-  request in flight and none waiting for it. Its processes stop only after that, so no
-  request is ever cut; while nothing is idle, loads wait in arrival order.
+  unloading versions all count, those loaded at start too) or ``max_loaded_memory`` (the
+  resident memory of the ML processes, read from ``/proc``), the least recently used *idle*
+  lazy version is unloaded: no request in flight and none waiting for it. Its processes
+  stop only after that, so no request is ever cut; while nothing is idle, loads wait in
+  arrival order. Versions loaded at start (``load = "eager"``) count but are never evicted.
 * **Idle unload.** A thread unloads a version nobody called for ``idle_unload`` seconds.
 
 Requests are admitted under the pool's lock (:meth:`Pool.using`), so a version is never
@@ -102,9 +102,9 @@ class Pool:
             self.versions.append(version)
 
     def managed(self, version: Version) -> bool:
-        """True when the pool loads and unloads ``version`` (False: started at start, kept)."""
-        return (version.lazy or version.idle_unload is not None or self.max_models is not None
-                or self.max_memory is not None)
+        """True when the pool loads and unloads ``version``: a lazy one, or one with
+        ``idle_unload`` (False: started at start and kept)."""
+        return version.lazy or version.idle_unload is not None
 
     def check_start(self) -> None:
         """Before the eager versions start: they fit in ``max_loaded_models``.
@@ -112,11 +112,16 @@ class Pool:
         Raises:
             ConfigError: more versions load at start than the pool holds.
         """
+        if self.max_models is None:
+            return
         eager = [f"{v.model}/{v.label}" for v in self.versions if not v.lazy]
-        if self.max_models is not None and len(eager) > self.max_models:
+        # The lazy versions need at least one slot to take turns in.
+        lazy = any(v.lazy for v in self.versions)
+        if len(eager) > self.max_models - lazy:
             raise ConfigError(f"max_loaded_models is {self.max_models} but {len(eager)} model "
-                              f"versions load at start ({', '.join(eager)}); make some lazy "
-                              "(load = \"lazy\") or raise the limit")
+                              f"versions load at start and are kept ({', '.join(eager)})"
+                              f"{', with no slot left for the lazy ones' if lazy else ''}; "
+                              "make some lazy (load = \"lazy\") or raise the limit")
 
     # -- admission -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -222,7 +227,9 @@ class Pool:
         slots = self._slots()
         count = 0 if self.max_models is None else len(slots) + 1 - self.max_models
         memory = 0
-        if self.max_memory is not None and slots:
+        # Only lazy versions are ever evicted: with none loaded there is nothing to free, and
+        # a version that does not fit in what the kept ones leave loads all the same.
+        if self.max_memory is not None and any(v.lazy for v in slots):
             used = sum(self._expected(v) for v in slots)
             memory = used + self._expected(version) - self.max_memory
         return max(0, count), max(0, memory)
@@ -244,7 +251,7 @@ class Pool:
             memory -= self._expected(victim)
 
     def _victim(self, wanted: Version) -> Version | None:
-        idle = [v for v in self.versions if v is not wanted and v.state == LOADED
+        idle = [v for v in self.versions if v is not wanted and v.lazy and v.state == LOADED
                 and v.ml.started and not v.waiting and not v.pinned and not v.ml.inflight]
         return min(idle, key=lambda v: v.last_used, default=None)
 

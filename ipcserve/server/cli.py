@@ -122,6 +122,7 @@ def create_app(models: Sequence[tuple[Any, ...]], *, cache_backend: Any = None,
         ipc.add_model(ml, kind=kind, **options)
         for label, version_ml, version_options in versions:
             ipc.add_version(ml.name, label, version_ml, **version_options)
+    ipc.models.pool.check_start()  # exit 2 now rather than fail to start later
     app.register_error_handler(HTTPException, error_response)
     return app
 
