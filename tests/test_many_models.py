@@ -221,21 +221,29 @@ def test_eviction_waits_for_the_requests_in_flight(tmp_path: Path) -> None:
     try:
         done: dict[str, float] = {}
 
-        def slow() -> requests.Response:
-            answer = requests.post(f"{server.url}/v1/models/sleeper/predict",
-                                   json={"seconds": 1.0}, timeout=60)
-            done["sleeper"] = time.monotonic()
+        def call(model: str, body: dict[str, Any]) -> requests.Response:
+            answer = requests.post(f"{server.url}/v1/models/{model}/predict", json=body,
+                                   timeout=60)
+            done[model if model == "tagged" else f"sleeper {body['seconds']}"] = time.monotonic()
             return answer
 
-        with Watch(server) as watch, concurrent.futures.ThreadPoolExecutor(1) as pool:
-            first = pool.submit(slow)
+        def pool() -> dict[str, Any]:
+            return requests.get(f"{server.url}/v1/models", timeout=10).json()["pool"]
+
+        with Watch(server) as watch, concurrent.futures.ThreadPoolExecutor(2) as threads:
+            slow = threads.submit(call, "sleeper", {"seconds": 1.0})
             wait_until(lambda: versions_of(server, "sleeper")["1"]["inflight"] == 1, 30,
                        "the sleeper's request to be in flight")
-            other = predict(server, "tagged", 5)  # needs the only slot: waits for the sleeper
-            done["tagged"] = time.monotonic()
-            assert first.result(60).status_code == 200
-        assert other.status_code == 200 and other.json()["y"] == 10
-        assert done["sleeper"] <= done["tagged"]  # the in-flight request was answered first
+            other = threads.submit(call, "tagged", {"x": 5})  # needs the only slot
+            wait_until(lambda: pool()["waiting"] == 1, 30, "the tagged model's load to wait")
+            # A busy model is not evicted: it still takes requests while the load waits.
+            quick = call("sleeper", {"seconds": 0})
+            assert quick.status_code == 200 and "tagged" not in done
+            assert slow.result(60).status_code == 200
+            assert other.result(60).status_code == 200 and other.result().json()["y"] == 10
+        assert quick.json()["pid"] == slow.result().json()["pid"]
+        # The in-flight request was answered first, then the model was evicted.
+        assert done["sleeper 1.0"] <= done["tagged"]
         assert watch.most == 1
         evicted = events(server, "evicted")
         assert [e["model"] for e in evicted] == ["sleeper"]
