@@ -34,7 +34,8 @@ from .pool import resident_bytes
 from .serving import Endpoint, Models, Served, check_api_key, error_response as _respond
 from .serving import failure_of, served
 from .shadow import Shadow
-from .versions import DEFAULT_VERSION, Rollback, Version
+from .rollback import Rollback
+from .versions import DEFAULT_VERSION, Version
 
 __all__ = ["IPCServe", "error_response"]
 
@@ -139,7 +140,7 @@ class IPCServe:
             idle_unload: unload it after this many seconds without a request; the next
                 request loads it again.
             rollback: when a canary of this model is rolled back on its own (default:
-                :class:`~ipcserve.http.versions.Rollback`'s defaults).
+                :class:`~ipcserve.http.rollback.Rollback`'s defaults).
 
         Raises:
             ValueError: a model of that name is served already, or ``preprocess`` is given

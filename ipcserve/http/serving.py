@@ -51,7 +51,8 @@ from .decode import DecodeBudget
 from .metrics import Metrics
 from .pool import Pool
 from .shadow import Shadow
-from .versions import DEFAULT_VERSION, LOADED, VERSION_HEADER, Rollback, Split, Version
+from .rollback import Rollback
+from .versions import DEFAULT_VERSION, LOADED, VERSION_HEADER, Split, Version
 
 __all__ = ["DISCONNECTED_KEY", "KINDS", "RECEIVED_KEY", "Endpoint", "Exchange", "Failure",
            "Models", "Readiness", "Served", "check_api_key", "error_response", "exchange",

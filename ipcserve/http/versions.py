@@ -33,9 +33,10 @@ from ..engine import events
 from ..engine.errors import (ConfigError, ConflictError, InputError, NotFoundError,
                              WorkerUnavailableError)
 from ..engine.mlprocess import MLProcess
+from .rollback import Rollback, Window
 
-__all__ = ["DEFAULT_VERSION", "FAILED", "LOADED", "LOADING", "Rollback", "Split", "UNLOADED",
-           "UNLOADING", "VERSION_HEADER", "Version", "Window", "check_label"]
+__all__ = ["DEFAULT_VERSION", "FAILED", "LOADED", "LOADING", "Split", "UNLOADED", "UNLOADING",
+           "VERSION_HEADER", "Version", "check_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,74 +61,6 @@ def check_label(label: Any, what: str = "version") -> str:
             not label.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ConfigError(f"a {what} name is letters, digits, '-', '_' or '.', got {label!r}")
     return label
-
-
-@dataclasses.dataclass(frozen=True)
-class Rollback:
-    """When a canary is rolled back on its own.
-
-    Attributes:
-        error_rate: the share of failed requests (0 to 1) over ``window`` past which the
-            canary gets weight 0; 0 turns the automatic rollback off.
-        window: seconds of outcomes considered.
-        min_requests: the canary's requests in the window before its rate is judged (a
-            first failure alone is not 100 %).
-    """
-
-    error_rate: float = 0.2
-    window: float = 60.0
-    min_requests: int = 20
-
-    def __post_init__(self) -> None:
-        if isinstance(self.error_rate, bool) or not isinstance(self.error_rate, (int, float)) \
-                or not 0 <= self.error_rate <= 1:
-            raise ConfigError(f"rollback_error_rate must be a number from 0 to 1, got "
-                              f"{self.error_rate!r}")
-        if isinstance(self.window, bool) or not isinstance(self.window, (int, float)) \
-                or not math.isfinite(self.window) or self.window <= 0:
-            raise ConfigError(f"rollback_window must be a number of seconds > 0, got "
-                              f"{self.window!r}")
-        if isinstance(self.min_requests, bool) or not isinstance(self.min_requests, int) \
-                or self.min_requests < 1:
-            raise ConfigError(f"rollback_min_requests must be an integer >= 1, got "
-                              f"{self.min_requests!r}")
-
-
-class Window:
-    """Requests and failures over the last ``seconds``, in one-second buckets.
-
-    Args:
-        seconds: how far back it counts.
-        clock: ``time.monotonic`` or a test's clock.
-    """
-
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.seconds = seconds
-        self._clock = clock
-        self._buckets: collections.deque[list[int]] = collections.deque()  # [second, n, failed]
-
-    def add(self, failed: bool) -> None:
-        """Count one answered request."""
-        second = int(self._clock())
-        self._expire(second)
-        if not self._buckets or self._buckets[-1][0] != second:
-            self._buckets.append([second, 0, 0])
-        bucket = self._buckets[-1]
-        bucket[1] += 1
-        bucket[2] += failed
-
-    def counts(self) -> tuple[int, int]:
-        """(requests, failed) in the window."""
-        self._expire(int(self._clock()))
-        return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
-
-    def clear(self) -> None:
-        self._buckets.clear()
-
-    def _expire(self, second: int) -> None:
-        oldest = second - math.ceil(self.seconds) + 1
-        while self._buckets and self._buckets[0][0] < oldest:
-            self._buckets.popleft()
 
 
 class Version:
@@ -156,7 +89,8 @@ class Version:
             raise ConfigError(f"idle_unload must be a number of seconds > 0, got {idle_unload!r}")
         self.idle_unload = idle_unload
         # -- the pool's bookkeeping (guarded by its lock; see pool.py) --
-        self.state = UNLOADED if lazy else LOADED
+        # A lazy version given already started is loaded: the pool takes it from there.
+        self.state = UNLOADED if lazy and not ml.started else LOADED
         self.waiting = 0  # requests waiting to be admitted by it (never evicted meanwhile)
         self.pinned = 0  # a reload or a shadow call holds it (never evicted meanwhile)
         self.last_used = time.monotonic()

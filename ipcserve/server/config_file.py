@@ -22,25 +22,15 @@ TOML file, checked before anything starts.
     default = true                    # also served at POST /predict
     warmup = "sentiment.jsonl"        # example request bodies, run in every ML process
                                       # before it is ready (relative to this file)
+    load = "lazy"                     # loaded on its first request; idle_unload = SECONDS
 
-    [models.customer-42]
-    model = "team.models:FineTune"
-    load = "lazy"                     # loaded on its first request ([server]
-    idle_unload = 600                 # max_loaded_models evicts), unloaded after 600 s idle
-
-    [models.ranker]                   # several versions of one model, traffic split
-    stable = "v1"                     # gets what the canaries leave
-    shadow = "v3"                     # gets a copy of the traffic; answers compared
-    rollback_error_rate = 0.2         # a canary failing more than 20 % of its requests
-    rollback_window = 60              # over 60 s (at least rollback_min_requests) is
-                                      # rolled back on its own
-    [models.ranker.versions.v1]
+    [models.ranker]                   # versions: stable, shadow, rollback_* here
+    stable = "v1"
+    [models.ranker.versions.v1]       # each: model, task, weight (%), warmup, engine keys
     model = "team.models:RankerV1"
     [models.ranker.versions.v2]
-    model = "/models/ranker-v2.onnx"  # a path or code, and any engine setting
+    model = "/models/ranker-v2.onnx"
     weight = 10                       # a canary: 10 % of the traffic
-    [models.ranker.versions.v3]
-    model = "team.models:RankerV3"
 
 Every error names the file, the table and the key (``models.toml: [models.sentiment]
 workers: must be an integer >= 1, got 0``); ``ipcserve serve`` exits 2 on one.
@@ -57,7 +47,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..http.cache import CacheSettings
-from ..http.versions import DEFAULT_VERSION, Rollback, check_label
+from ..http.rollback import Rollback
+from ..http.versions import DEFAULT_VERSION, check_label
 from ..engine.config import Config, Setting, settings_of
 from ..engine.errors import ConfigError
 
