@@ -519,6 +519,54 @@ def test_the_status_page_shows_load_state_and_versions_with_weights(versioned: S
         assert text(driver, '#models tr[data-model="lazy"] .state') == "not loaded"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_schemathesis_finds_nothing_wrong_with_the_versions_routes(tmp_path: Path) -> None:
+    # test_openapi.py fuzzes a server whose models have no versions, where promote and
+    # weight have no documented path; here they do (the same checks, these routes only).
+    import os
+    import subprocess
+    import sys
+
+    from test_openapi import SCHEMATHESIS_CONFIG
+
+    runner = os.environ.get("IPCSERVE_SCHEMATHESIS_PYTHON") or sys.executable
+    if runner == sys.executable:
+        pytest.importorskip("schemathesis", reason="schemathesis has no wheel for this Python")
+    config = write(tmp_path, "models.toml", """
+        [models.canary]
+        stable = "v1"
+        [models.canary.versions.v1]
+        model = "models:Tagged"
+        [models.canary.versions.v2]
+        model = "models:TaggedB"
+        weight = 10
+        [models.canary.versions.v3]
+        model = "models:PidlessTagged"
+
+        [models.lazy]
+        model = "models:Tagged"
+        load = "lazy"
+        """)
+    server = Server("--config", str(config))
+    try:
+        (tmp_path / "schemathesis.toml").write_text(SCHEMATHESIS_CONFIG)
+        run = subprocess.run(
+            [runner, "-c", "from schemathesis.cli import schemathesis; schemathesis()",
+             "--config-file", str(tmp_path / "schemathesis.toml"), "run",
+             server.url + "/openapi.json", "--phases", "examples,coverage,fuzzing",
+             "--max-examples", "60", "--workers", "1", "--seed", "1",
+             "--suppress-health-check", "all", "--output-sanitize", "false",
+             "--request-timeout", "30",
+             "--include-path-regex", "/versions|^/v1/models/lazy(/reload)?$|^/v1/models$"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        output = run.stdout + run.stderr
+        assert run.returncode == 0, output[-20000:]
+        assert "Tested: 11" in output, output[-5000:]
+    finally:
+        assert server.stop() == 0, server.output
+
+
 # -- the config file --------------------------------------------------------------------------
 @pytest.mark.parametrize("body, message", [
     ("""[models.m]\nstable = "v1"\n[models.m.versions.v1]\nmodel = "models:Tagged"\n
