@@ -240,14 +240,11 @@ def _each_model(state: Served) -> list[dict[str, str]]:
     return [{"name": name} for name in state.models.endpoints]
 
 
-def _each_other_version(state: Served) -> list[dict[str, str]]:
+def _each_version(state: Served) -> list[dict[str, str]]:
+    # Every version, the stable one too (promoting it changes nothing; its weight is a 409):
+    # a model without versions still documents the rules, as its version "1".
     return [{"name": name, "version": label} for name, e in state.models.endpoints.items()
-            for label in e.split.versions if label != e.split.stable]
-
-
-def _each_canary(state: Served) -> list[dict[str, str]]:
-    return [{"name": name, "version": label} for name, e in state.models.endpoints.items()
-            for label in e.split.versions if label not in (e.split.stable, e.split.shadow)]
+            for label in e.split.versions]
 
 
 def _default_model(state: Served) -> list[dict[str, str]]:
@@ -332,11 +329,11 @@ ROUTES = [
           summary="the versions of {name}: weights, shares, load state, outcomes",
           tag="models", ok=_VERSIONS_OK, expand=_each_model),
     Route("/v1/models/<name>/versions/<version>/promote", "promote", _promote,
-          IPCSERVE_ERRORS, ("POST",), tag="models", ok=_VERSIONS_OK, expand=_each_other_version,
+          IPCSERVE_ERRORS, ("POST",), tag="models", ok=_VERSIONS_OK, expand=_each_version,
           summary="make version {version} of {name} the stable one (it gets the traffic the "
                   "canaries do not)"),
     Route("/v1/models/<name>/versions/<version>/weight", "weight", _weight, IPCSERVE_ERRORS,
-          ("POST",), tag="models", ok=_VERSIONS_OK, errors=(400, 409), expand=_each_canary,
+          ("POST",), tag="models", ok=_VERSIONS_OK, errors=(400, 409), expand=_each_version,
           request=lambda state, params: _WEIGHT_BODY,
           summary="give canary {version} of {name} a percent of the traffic"),
     Route("/v1/models/<name>/versions/rollback", "rollback", _roll_back, IPCSERVE_ERRORS,

@@ -163,10 +163,8 @@ class Endpoint:
         """A request admitted by ``version`` was answered with ``status``: its outcome counts
         toward the canary's error rate, and the pool may now find the version idle."""
         self.pool.released(version)
-        if self.split.several:
-            # The version's side failed: not the client's (4xx), not a refusal (shed).
-            failed = status >= 500 and not isinstance(error, OverloadedError)
-            self.split.outcome(version, failed)
+        # The version's side failed: not the client's (4xx), not a refusal (shed).
+        self.split.outcome(version, status >= 500 and not isinstance(error, OverloadedError))
 
     def ready(self) -> bool:
         """Every version that should be serving is: a version loaded on demand that is not

@@ -89,12 +89,12 @@ class Shadow:
         if version is None:
             return
         if streamed or self._stopped or not version.ml.started:
-            version.shadow_results["skipped"] += 1
+            self._count(version, "skipped")
             return
         try:
             self._queue.put_nowait((how, inputs, answer, version))
         except queue.Full:
-            version.shadow_results["dropped"] += 1
+            self._count(version, "dropped")
             return
         if self._thread is None:
             with self._lock:
@@ -116,19 +116,23 @@ class Shadow:
                     got = version.ml.call(inputs[0], inputs[1]).value
                 same = agree(to_jsonable(answer), to_jsonable(got), self.tolerance)
             except (IPCServeError, TypeError, ValueError) as exc:
-                version.shadow_results["error"] += 1
+                self._count(version, "error")
                 self._log(f"the shadow version {version.label} failed: "
                           f"{type(exc).__name__}: {exc}")
                 continue
             except Exception:  # a bug: say so, keep comparing
-                version.shadow_results["error"] += 1
+                self._count(version, "error")
                 logger.exception("model %s: comparing the shadow's answer failed",
                                  self.split.model)
                 continue
-            version.shadow_results["agree" if same else "disagree"] += 1
+            self._count(version, "agree" if same else "disagree")
             if not same:
                 self._log(f"the shadow version {version.label} answered differently: "
                           f"{_short(got)} instead of {_short(answer)}")
+
+    def _count(self, version: Any, result: str) -> None:
+        with self._lock:  # request threads and this one count: += is not atomic
+            version.shadow_results[result] += 1
 
     def _log(self, message: str) -> None:
         """One line per ``_LOG_EVERY`` seconds at most, with the count since."""

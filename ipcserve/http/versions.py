@@ -245,12 +245,12 @@ class Split:
             failed: it failed on the version's side (a model error, a crash, a deadline, an
                 ML process unavailable), not the client's (bad input) or overload.
         """
-        version.requests += 1
-        version.failed += failed
         policy = self.rollback
-        if version.label == self.stable or not version.weight or not policy.error_rate:
-            return
-        with self._lock:
+        with self._lock:  # request threads count at once: += is not atomic
+            version.requests += 1
+            version.failed += failed
+            if version.label == self.stable or not version.weight or not policy.error_rate:
+                return
             window = self._windows.get(version.label)
             if window is None:
                 window = self._windows[version.label] = Window(policy.window, self._clock)
