@@ -95,6 +95,8 @@ class Shadow:
             self._queue.put_nowait((how, inputs, answer, version))
         except queue.Full:
             self._count(version, "dropped")
+            self._log(f"a copy for the shadow version {version.label} was dropped: "
+                      f"{_QUEUE} copies are already waiting for it")
             return
         if self._thread is None:
             with self._lock:
@@ -135,14 +137,17 @@ class Shadow:
             version.shadow_results[result] += 1
 
     def _log(self, message: str) -> None:
-        """One line per ``_LOG_EVERY`` seconds at most, with the count since."""
+        """One line per ``_LOG_EVERY`` seconds at most (disagreements, failures and drops
+        together), with the count since."""
         now = time.monotonic()
-        self._unlogged += 1
-        if now - self._logged_at < _LOG_EVERY:
-            return
-        more = f" ({self._unlogged - 1} more since the last line)" if self._unlogged > 1 else ""
-        logger.warning("model %s: %s%s", self.split.model, message, more)
-        self._logged_at, self._unlogged = now, 0
+        with self._lock:
+            self._unlogged += 1
+            if now - self._logged_at < _LOG_EVERY:
+                return
+            more = self._unlogged - 1
+            self._logged_at, self._unlogged = now, 0
+        logger.warning("model %s: %s%s", self.split.model, message,
+                       f" ({more} more since the last line)" if more else "")
 
     def stop(self) -> None:
         """Drop the copies not sent yet and tell the thread to end after the copy it is
