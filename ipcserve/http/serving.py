@@ -50,8 +50,8 @@ from .cache import CacheSettings, ResponseCache
 from .decode import DecodeBudget
 from .metrics import Metrics
 from .pool import Pool
-from .shadow import Shadow
 from .rollback import Rollback
+from .shadow import Shadow
 from .versions import DEFAULT_VERSION, LOADED, VERSION_HEADER, Split, Version
 
 __all__ = ["DISCONNECTED_KEY", "KINDS", "RECEIVED_KEY", "Endpoint", "Exchange", "Failure",
