@@ -595,6 +595,18 @@ class _Loop:
             self.poll_once(min(remaining, _GATHER_SLICE))
 
 
+def _warm_up(model: ServedModel) -> None:
+    """Run the model's example requests (``MLProcess.warmup_requests``) as requests run."""
+    for kwargs in getattr(model, "warmup_requests", ()):
+        if model.batching:
+            answer = model.predict_batch([batching.item_of((), dict(kwargs))])[0]
+        else:
+            answer = model.predict(**kwargs)
+        if is_stream(answer):  # a stream: its items too
+            for _ in answer:
+                pass
+
+
 def worker_main(model: ServedModel, plumbing: Plumbing, slot: int, generation: int,
                 ready: Connection, parent_pid: int) -> None:
     """Entry point of an ML process (module level, plain arguments, so spawn can import it)."""
@@ -617,6 +629,7 @@ def worker_main(model: ServedModel, plumbing: Plumbing, slot: int, generation: i
     try:
         model.load()
         model.warmup()
+        _warm_up(model)
     except BaseException as exc:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         try:

@@ -94,7 +94,8 @@ def create_app(models: Sequence[tuple[Any, ...]], *, cache_backend: Any = None,
     Args:
         models: ``(MLProcess, kind)`` pairs, or ``(MLProcess, kind, options)`` where options
             are keywords of :meth:`IPCServe.add_model <ipcserve.http.extension.IPCServe.add_model>`
-            (``cache``, ``default``).
+            (``cache``, ``default``, ``lazy``...), and ``versions``: the model's other
+            versions as ``(name, MLProcess, add_version keywords)``.
         cache_backend: flask-caching ``CACHE_*`` settings for the models' response caches.
         http_settings: the ``http`` settings by name (``api_key=...``,
             ``max_content_length=...``), put into ``app.config`` as ``IPCSERVE_*``.
@@ -113,11 +114,15 @@ def create_app(models: Sequence[tuple[Any, ...]], *, cache_backend: Any = None,
         app.config[known[name].env] = value
     ipc = IPCServe(app)
     for ml, kind, *more in models:
-        options = more[0] if more else {}
+        options = dict(more[0]) if more else {}
+        versions = options.pop("versions", ())
         if ml.name in ipc.endpoints:
             raise ConfigError(f"two models are named {ml.name!r}; name them in a config file "
                               "([models.NAME] tables)")
         ipc.add_model(ml, kind=kind, **options)
+        for label, version_ml, version_options in versions:
+            ipc.add_version(ml.name, label, version_ml, **version_options)
+    ipc.models.pool.check_start()  # exit 2 now rather than fail to start later
     app.register_error_handler(HTTPException, error_response)
     return app
 
@@ -196,18 +201,39 @@ def _models_of(values: dict[str, Any], plan: Any, args: Any) -> list[tuple[Any, 
     models: list[tuple[Any, ...]] = []
     for entry in plan.models:
         where = f"{plan.path}: [models.{entry.name}]"
-        try:
-            ml = build_model(entry.model, Config(**{**engine, **entry.engine}), entry.task)
-        except ConfigError as exc:
-            raise ConfigError(f"{where} model: {exc}") from None
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"{where} model: cannot import {entry.model!r}: {exc}") from None
-        if entry.engine:  # also over the settings of an MLProcess instance the spec names
-            ml.configure(**entry.engine)
-        ml.name = entry.name
+        built = []
+        for version in entry.versions:
+            at = where if len(entry.versions) == 1 else \
+                f"{plan.path}: [models.{entry.name}.versions.{version.name}]"
+            built.append(_build_version(entry.name, version, engine, at))
         kind = entry.kind or ("image" if entry.model == "digits" else "json")
-        models.append((ml, kind, {"cache": entry.cache, "default": entry.default or None}))
+        stable, *others = entry.versions
+        options: dict[str, Any] = {
+            "cache": entry.cache, "default": entry.default or None, "version": stable.name,
+            "lazy": entry.lazy, "idle_unload": entry.idle_unload, "rollback": entry.rollback}
+        if others:
+            options["versions"] = [
+                (v.name, ml, {"weight": v.weight, "shadow": v.name == entry.shadow,
+                              "tolerance": entry.shadow_tolerance})
+                for v, ml in zip(others, built[1:])]
+        models.append((built[0], kind, options))
     return models
+
+
+def _build_version(name: str, version: Any, engine: dict[str, Any], where: str) -> Any:
+    """The MLProcess of one version of a config file's model, named after the model."""
+    try:
+        ml = build_model(version.model, Config(**{**engine, **version.engine}), version.task)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} model: {exc}") from None
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{where} model: cannot import {version.model!r}: {exc}") from None
+    if version.engine:  # also over the settings of an MLProcess instance the spec names
+        ml.configure(**version.engine)
+    ml.name = name
+    if version.warmup:  # run in every ML process before it reports ready (engine/worker.py)
+        ml.warmup_requests = version.warmup
+    return ml
 
 
 def build_app(args: Any, environ: Any = None) -> tuple[Any, dict[str, Any]]:

@@ -35,6 +35,36 @@ function modelState(s) {
   return states.join(", ") || "unknown";
 }
 
+// A version the model pool loads on demand, when it is not loaded: not a failure.
+const POOL_STATES = {unloaded: "not loaded", loading: "loading", unloading: "unloading",
+                     failed: "load failed"};
+
+function poolState(load) {
+  if (!load || !load.managed || load.state === "loaded") return null;
+  if (load.state === "unloaded" && load.unloaded_by === "evicted") return "evicted";
+  if (load.state === "unloaded" && load.unloaded_by === "idle") return "unloaded (idle)";
+  return POOL_STATES[load.state] || load.state;
+}
+
+// "v1 90 % · v2 10 % canary · v3 shadow": each version with its share, role and state.
+function versionsText(m) {
+  const versions = m.versions || [];
+  if (versions.length < 2) return "-";
+  return versions.map((v) => {
+    const share = v.role === "shadow" ? "shadow" : (+v.share.toFixed(1)) + " %" +
+      (v.role === "canary" ? " canary" : v.role === "standby" ? " standby" : "");
+    const state = v.state === "loaded" ? "" : " (" + (poolState(Object.assign({managed: true}, v)) || v.state) + ")";
+    return v.version + " " + share + state;
+  }).join(" · ");
+}
+
+function versionsTitle(m) {
+  return (m.versions || []).map((v) => v.version + ": " + v.role + ", " + v.state + ", " +
+    v.requests + " requests, " + v.failed + " failed" +
+    (Object.keys(v.shadow_results || {}).length ? ", shadow " + Object.entries(v.shadow_results)
+      .map(([k, c]) => k + " " + c).join(" ") : "")).join("\n");
+}
+
 function cell(row, cls, text) {
   const td = row.insertCell();
   td.className = cls;
@@ -46,15 +76,22 @@ function renderModels(list) {
   const tbody = $("models");
   tbody.replaceChildren();
   for (const m of list) {
-    const s = m.status || {}, workers = s.workers || [], lat = m.recent_latency, state = modelState(s);
+    const s = m.status || {}, workers = s.workers || [], lat = m.recent_latency;
+    const pooled = poolState(m.load), state = pooled || modelState(s);
     const sum = (field) => workers.reduce((n, w) => n + (w[field] || 0), 0);
     const row = tbody.insertRow();
     row.dataset.model = m.name;
     cell(row, "name", m.name + " (" + (m.task || m.kind) + ")");
     const badge = cell(row, "state", "").appendChild(document.createElement("span"));
-    badge.className = "badge " + (state === "ready" ? "ok" : "bad");
+    badge.className = "badge " + (state === "ready" ? "ok" : pooled && pooled !== "load failed" ? "idle" : "bad");
     badge.textContent = state;
     cacheWarning(badge.parentNode, m.cache);
+    // Loaded at start, or on demand (lazy) by the model pool, maybe unloaded after idling.
+    const load = m.load || {};
+    cell(row, "load", load.mode === "lazy" ? "lazy" : "at start").title = load.idle_unload
+      ? "unloaded after " + load.idle_unload + " s without a request" : "";
+    const versions = cell(row, "versions", versionsText(m));
+    versions.title = versionsTitle(m);
     cell(row, "pid", workers.map((w) => w.pid || "-").join(", "));
     cell(row, "restarts", sum("restarts"));
     cell(row, "crashes", s.crashes ?? 0);
