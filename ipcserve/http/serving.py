@@ -12,6 +12,9 @@ Every route that runs a model (native predict, the OpenAI routes, V2 infer) goes
 
 A surface only parses its protocol's request and shapes its answer and error body; what an
 error means (status, Retry-After, log level) is decided once, by :func:`failure_of`.
+A surface outside Flask (the V2 gRPC service) runs the same lifecycle with
+:func:`lifecycle`, giving the arrival time, the "client gone" probe and the client's own
+deadline itself; :func:`exchange` is that, read from the Flask request.
 Readiness is computed once, by :meth:`Models.readiness`, for ``/readyz``, the V2 health
 routes and Ray Serve's health check.
 """
@@ -52,7 +55,7 @@ from .metrics import Metrics
 
 __all__ = ["DISCONNECTED_KEY", "KINDS", "RECEIVED_KEY", "Endpoint", "Exchange", "Failure",
            "Models", "Readiness", "Served", "check_api_key", "error_response", "exchange",
-           "failure_of", "served"]
+           "failure_of", "lifecycle", "served"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +105,8 @@ class Endpoint:
         self.recent: collections.deque[float] = collections.deque(maxlen=200)
         self.created = int(time.time())  # OpenAI's "created" of the model entry
 
-    def admit(self, received: float | None = None) -> tuple[MLProcess, Admission]:
+    def admit(self, received: float | None = None,
+              limit: float | None = None) -> tuple[MLProcess, Admission]:
         """A place among the calls in flight of the version serving now, and that version.
 
         A request that read the old version just before a reload swapped it out, and found
@@ -112,6 +116,8 @@ class Endpoint:
             received: when the request arrived (``time.monotonic()``): its deadline is that
                 plus the version's ``timeout``, and a request the estimate says cannot be
                 answered by then is refused at once.
+            limit: the client's own deadline (``time.monotonic()``), if it set one (a gRPC
+                deadline): the request's deadline is the earlier of the two.
 
         Raises:
             OverloadedError / WorkerUnavailableError: as ``MLProcess.admit``.
@@ -119,6 +125,8 @@ class Endpoint:
         while True:
             ml = self.ml
             deadline = None if received is None else received + ml.config.timeout
+            if limit is not None:
+                deadline = limit if deadline is None else min(deadline, limit)
             try:
                 return ml, ml.admit(deadline=deadline)
             except WorkerUnavailableError:
@@ -352,19 +360,29 @@ def error_response(failure: Failure, body: Any) -> Response:
 
 # -- the lifecycle ---------------------------------------------------------------------
 class Exchange:
-    """One model request on its way through the core; made by :func:`exchange`.
+    """One model request on its way through the core; made by :func:`lifecycle` (or
+    :func:`exchange` inside a Flask view).
 
     A surface calls :meth:`admit` once it has checked what is cheap to check (before
     decoding what is expensive), then one of :meth:`call`, :meth:`call_batch` or
     :meth:`stream`. A streamed answer hands the rest of the lifecycle to :meth:`body`.
+
+    Args:
+        state: the app's state.
+        endpoint: the model.
+        received: when the request had arrived (``time.monotonic()``; None: now).
+        gone: says whether the client has gone (its work is then cancelled), or None.
+        limit: the client's own deadline (``time.monotonic()``), or None.
     """
 
-    def __init__(self, state: Served, endpoint: Endpoint) -> None:
+    def __init__(self, state: Served, endpoint: Endpoint, received: float | None = None,
+                 gone: Callable[[], bool] | None = None, limit: float | None = None) -> None:
         self.state = state
         self.endpoint = endpoint
         self.started = time.perf_counter()
-        self.received: float = request.environ.get(RECEIVED_KEY) or time.monotonic()
-        self.cancel_if: Callable[[], bool] | None = request.environ.get(DISCONNECTED_KEY)
+        self.received: float = received or time.monotonic()
+        self.cancel_if = gone
+        self.limit = limit
         self.deadline: float | None = None
         self.status = 500
         self.stats: CallResult | None = None  # timings of the model call that answered
@@ -383,8 +401,10 @@ class Exchange:
                 take it past its deadline).
             WorkerUnavailableError: loading, restarting, draining or circuit open.
         """
-        ml, self._admission = self.endpoint.admit(self.received)
+        ml, self._admission = self.endpoint.admit(self.received, self.limit)
         self.deadline = self.received + ml.config.timeout
+        if self.limit is not None:
+            self.deadline = min(self.deadline, self.limit)
         return ml
 
     def _admitted(self) -> Admission:
@@ -473,13 +493,32 @@ def exchange(endpoint: Endpoint) -> Iterator[Exchange]:
     ``with exchange(endpoint) as ex: ...``. A draining server refuses at once; leaving the
     block normally answers 200, an exception answers (through the surface's error handler)
     with what :func:`failure_of` says; either way the request is counted once, unless a
-    streamed :meth:`Exchange.body` took over.
+    streamed :meth:`Exchange.body` took over. The deadline counts from the request's
+    arrival (stamped by ipcserve's waitress), and a client that disconnects (waitress's
+    probe) cancels the work: :func:`lifecycle` with both read from the request.
 
     Raises:
         WorkerUnavailableError: the server is draining.
     """
-    state = served()
-    current = Exchange(state, endpoint)
+    environ = request.environ
+    with lifecycle(served(), endpoint, received=environ.get(RECEIVED_KEY),
+                   gone=environ.get(DISCONNECTED_KEY)) as current:
+        yield current
+
+
+@contextlib.contextmanager
+def lifecycle(state: Served, endpoint: Endpoint, *, received: float | None = None,
+              gone: Callable[[], bool] | None = None,
+              limit: float | None = None) -> Iterator[Exchange]:
+    """The lifecycle of one request to ``endpoint``, outside Flask too (the gRPC service):
+    as :func:`exchange`, with the arrival time, the "client gone" probe and the client's
+    own deadline given (see :class:`Exchange`). An exception leaving the block is recorded
+    (:meth:`Exchange.failed`) and raised again, for the surface to answer.
+
+    Raises:
+        WorkerUnavailableError: the server is draining.
+    """
+    current = Exchange(state, endpoint, received, gone, limit)
     try:
         if state.models.draining.is_set():
             raise WorkerUnavailableError("the server is shutting down")
