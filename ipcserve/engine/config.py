@@ -299,7 +299,13 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
     # -- server: ipcserve serve / python app.py --
     Setting("host", "server", "127.0.0.1",
             "address to bind; another one without an API key logs a warning", str),
-    Setting("port", "server", 8000, "port to listen on; 0 picks a free one", int),
+    Setting("port", "server", 8000, "port to listen on; 0 picks a free one (KServe's "
+            "--http_port is this flag)", int),
+    # Off unless asked for: a second listener is a second thing to secure and monitor.
+    Setting("grpc_port", "server", None,
+            "also serve the Open Inference Protocol V2 over gRPC on this port (same host, "
+            "models and API key; 0 picks a free one; needs ipcserve[grpc]); none: no gRPC "
+            "(KServe's --grpc_port is this flag)", _optional_int),
     Setting("threads", "server", None,
             "waitress threads that run requests; none: the models' max_inflight + 4",
             _optional_int),
@@ -317,7 +323,11 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
             "(docs/configuration.md)", str),
     Setting("model", "server", "digits",
             "'digits', package.module:attribute, or the path of a transformers model "
-            "directory or an .onnx/.pt2/.pt/.ts file; repeat the flag to serve several", str),
+            "directory, an .onnx/.pt2/.pt/.ts file or a directory holding one such file "
+            "(KServe's --model_dir is this flag); repeat the flag to serve several", str),
+    Setting("model_name", "server", None,
+            "the name to serve the one --model under (URLs, V2, metrics); none: from the "
+            "model (KServe's --model_name is this flag)", str),
     Setting("task", "server", None,
             "the task of a transformers model directory given by path; none: from its "
             "config.json", str),

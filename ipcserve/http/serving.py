@@ -12,6 +12,9 @@ Every route that runs a model (native predict, the OpenAI routes, V2 infer) goes
 
 A surface only parses its protocol's request and shapes its answer and error body; what an
 error means (status, Retry-After, log level) is decided once, by :func:`failure_of`.
+A surface outside Flask (the V2 gRPC service) runs the same lifecycle with
+:func:`lifecycle`, giving the arrival time, the "client gone" probe and the client's own
+deadline itself; :func:`exchange` is that, read from the Flask request.
 Readiness is computed once, by :meth:`Models.readiness`, for ``/readyz``, the V2 health
 routes and Ray Serve's health check.
 """
@@ -29,7 +32,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from flask import Flask, Response, after_this_request, current_app, jsonify, request
+from flask import (Flask, Response, after_this_request, current_app, has_request_context,
+                   jsonify, request)
 from werkzeug.exceptions import HTTPException
 
 from ..engine.channel import Admission, CallResult, Stream
@@ -56,7 +60,7 @@ from .versions import DEFAULT_VERSION, LOADED, VERSION_HEADER, Split, Version
 
 __all__ = ["DISCONNECTED_KEY", "KINDS", "RECEIVED_KEY", "Endpoint", "Exchange", "Failure",
            "Models", "Readiness", "Served", "check_api_key", "error_response", "exchange",
-           "failure_of", "served"]
+           "failure_of", "lifecycle", "served"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +131,8 @@ class Endpoint:
         """Every version of the model."""
         return list(self.split.versions.values())
 
-    def admit(self, received: float | None = None,
-              pin: str | None = None) -> tuple[MLProcess, Admission, Version]:
+    def admit(self, received: float | None = None, pin: str | None = None,
+              limit: float | None = None) -> tuple[MLProcess, Admission, Version]:
         """A place among the calls in flight of the version the split chooses (loaded first
         if it is not), and that version.
 
@@ -141,6 +145,8 @@ class Endpoint:
                 answered by then is refused at once; a load on demand waits until then.
             pin: the request's ``X-IPCServe-Version`` header: that version, whatever the
                 weights.
+            limit: the client's own deadline (``time.monotonic()``), if it set one (a gRPC
+                deadline): the request's deadline is the earlier of the two.
 
         Raises:
             InputError: ``pin`` names no version.
@@ -152,6 +158,8 @@ class Endpoint:
         while True:
             ml = version.ml
             deadline = None if received is None else received + ml.config.timeout
+            if limit is not None:
+                deadline = limit if deadline is None else min(deadline, limit)
             with self.pool.using(version, deadline) as ml:
                 try:
                     return ml, ml.admit(deadline=deadline), version
@@ -444,19 +452,32 @@ def error_response(failure: Failure, body: Any) -> Response:
 
 # -- the lifecycle ---------------------------------------------------------------------
 class Exchange:
-    """One model request on its way through the core; made by :func:`exchange`.
+    """One model request on its way through the core; made by :func:`lifecycle` (or
+    :func:`exchange` inside a Flask view).
 
     A surface calls :meth:`admit` once it has checked what is cheap to check (before
     decoding what is expensive), then one of :meth:`call`, :meth:`call_batch` or
     :meth:`stream`. A streamed answer hands the rest of the lifecycle to :meth:`body`.
+
+    Args:
+        state: the app's state.
+        endpoint: the model.
+        received: when the request had arrived (``time.monotonic()``; None: now).
+        gone: says whether the client has gone (its work is then cancelled), or None.
+        limit: the client's own deadline (``time.monotonic()``), or None.
+        pin: the version the request asks for (``X-IPCServe-Version``), or None.
     """
 
-    def __init__(self, state: Served, endpoint: Endpoint) -> None:
+    def __init__(self, state: Served, endpoint: Endpoint, received: float | None = None,
+                 gone: Callable[[], bool] | None = None, limit: float | None = None,
+                 pin: str | None = None) -> None:
         self.state = state
         self.endpoint = endpoint
         self.started = time.perf_counter()
-        self.received: float = request.environ.get(RECEIVED_KEY) or time.monotonic()
-        self.cancel_if: Callable[[], bool] | None = request.environ.get(DISCONNECTED_KEY)
+        self.received: float = received or time.monotonic()
+        self.cancel_if = gone
+        self.limit = limit
+        self.pin = pin
         self.deadline: float | None = None
         self.status = 500
         self.stats: CallResult | None = None  # timings of the model call that answered
@@ -479,10 +500,11 @@ class Exchange:
             WorkerUnavailableError: loading, restarting, draining or circuit open.
         """
         endpoint = self.endpoint
-        ml, self._admission, self.version = endpoint.admit(
-            self.received, request.headers.get(VERSION_HEADER))
+        ml, self._admission, self.version = endpoint.admit(self.received, self.pin, self.limit)
         self.deadline = self.received + ml.config.timeout
-        if endpoint.split.several:  # the answer names the version that gave it
+        if self.limit is not None:
+            self.deadline = min(self.deadline, self.limit)
+        if endpoint.split.several and has_request_context():  # the answer names its version
             label = self.version.label
 
             @after_this_request
@@ -595,13 +617,33 @@ def exchange(endpoint: Endpoint) -> Iterator[Exchange]:
     ``with exchange(endpoint) as ex: ...``. A draining server refuses at once; leaving the
     block normally answers 200, an exception answers (through the surface's error handler)
     with what :func:`failure_of` says; either way the request is counted once, unless a
-    streamed :meth:`Exchange.body` took over.
+    streamed :meth:`Exchange.body` took over. The deadline counts from the request's
+    arrival (stamped by ipcserve's waitress), and a client that disconnects (waitress's
+    probe) cancels the work: :func:`lifecycle` with both read from the request.
 
     Raises:
         WorkerUnavailableError: the server is draining.
     """
-    state = served()
-    current = Exchange(state, endpoint)
+    environ = request.environ
+    with lifecycle(served(), endpoint, received=environ.get(RECEIVED_KEY),
+                   gone=environ.get(DISCONNECTED_KEY),
+                   pin=request.headers.get(VERSION_HEADER)) as current:
+        yield current
+
+
+@contextlib.contextmanager
+def lifecycle(state: Served, endpoint: Endpoint, *, received: float | None = None,
+              gone: Callable[[], bool] | None = None, limit: float | None = None,
+              pin: str | None = None) -> Iterator[Exchange]:
+    """The lifecycle of one request to ``endpoint``, outside Flask too (the gRPC service):
+    as :func:`exchange`, with the arrival time, the "client gone" probe and the client's
+    own deadline given (see :class:`Exchange`). An exception leaving the block is recorded
+    (:meth:`Exchange.failed`) and raised again, for the surface to answer.
+
+    Raises:
+        WorkerUnavailableError: the server is draining.
+    """
+    current = Exchange(state, endpoint, received, gone, limit, pin)
     try:
         if state.models.draining.is_set():
             raise WorkerUnavailableError("the server is shutting down")
