@@ -11,6 +11,11 @@ Writers: the ML process writes ``heartbeat``, ``busy_since``, ``served``, the ca
 counters and ``state=READY``; each calling (web) process writes its own caller field; the
 supervisor writes everything else.
 
+Step fields (after the caller fields): per slot, the figures of the step scheduler
+(:mod:`.stepping`), written by the ML process: the rows of its last step (0 when idle),
+counters of steps, rows and tokens, and histograms of the time to first item and between
+items (bucket counts, sum, count; the buckets are :data:`STEP_BUCKETS`).
+
 Caller fields: every process that calls the model claims one ``(pid, in flight)`` pair
 (under a lock, once per process) and stores its count of admitted calls there. The ML
 processes read their sum to tell requests known to be on their way (admitted, not yet
@@ -24,7 +29,7 @@ import os
 import time
 from typing import Any
 
-__all__ = ["State", "StatusBlock"]
+__all__ = ["STEP_BUCKETS", "State", "StatusBlock"]
 
 
 class State(enum.IntEnum):
@@ -50,6 +55,10 @@ _CRASHES, _CONSECUTIVE, _HANGS_KILLED, _CIRCUIT_OPEN, _NEXT_START, _DRAINING, _B
 _COMMON = 7
 _NO_EXITCODE = -1000.0
 CALLER_FIELDS = 64  # web processes that can report their in-flight count (gunicorn workers)
+#: Upper bounds (seconds) of the step histograms' buckets; one more bucket counts the rest.
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_ROWS, _STEPS, _ROWS_TOTAL, _TOKENS, _FIRST, _BETWEEN = 0, 1, 2, 3, 4, 4 + len(STEP_BUCKETS) + 3
+_STEP_SLOT = _BETWEEN + len(STEP_BUCKETS) + 3  # per histogram: buckets + overflow, sum, count
 
 
 def _alive(pid: int) -> bool:
@@ -67,7 +76,8 @@ class StatusBlock:
 
     def __init__(self, ctx: Any, workers: int) -> None:
         self.workers = workers
-        self._array = ctx.RawArray("d", workers * _SLOT + _COMMON + 2 * CALLER_FIELDS)
+        self._array = ctx.RawArray("d", workers * _SLOT + _COMMON + 2 * CALLER_FIELDS
+                                   + workers * _STEP_SLOT)
         for slot in range(workers):
             self._set(slot, _EXITCODE, _NO_EXITCODE)
 
@@ -279,6 +289,60 @@ class StatusBlock:
         array = self._array
         return int(sum(array[base + 1:base + 2 * CALLER_FIELDS:2]))
 
+    # -- step figures (the ML process of each slot writes its own) ---------------------------
+    def _step_base(self, slot: int) -> int:
+        return self.workers * _SLOT + _COMMON + 2 * CALLER_FIELDS + slot * _STEP_SLOT
+
+    def record_step(self, slot: int, rows: int, tokens: int) -> None:
+        """ML process: a step of ``rows`` batch rows made ``tokens`` tokens (rows 0: idle)."""
+        base, array = self._step_base(slot), self._array
+        array[base + _ROWS] = rows
+        if rows:
+            array[base + _STEPS] += 1
+            array[base + _ROWS_TOTAL] += rows
+            array[base + _TOKENS] += tokens
+
+    def _observe(self, slot: int, histogram: int, seconds: float) -> None:
+        base, array = self._step_base(slot) + histogram, self._array
+        bucket = next((i for i, bound in enumerate(STEP_BUCKETS) if seconds <= bound),
+                      len(STEP_BUCKETS))
+        array[base + bucket] += 1
+        array[base + len(STEP_BUCKETS) + 1] += seconds
+        array[base + len(STEP_BUCKETS) + 2] += 1
+
+    def record_first_item(self, slot: int, seconds: float) -> None:
+        """ML process: a stream's first items went out ``seconds`` after it read the request."""
+        self._observe(slot, _FIRST, seconds)
+
+    def record_between_items(self, slot: int, seconds: float) -> None:
+        """ML process: a stream's items of one step went out ``seconds`` after its last."""
+        self._observe(slot, _BETWEEN, seconds)
+
+    def _histogram(self, histogram: int) -> dict[str, Any]:
+        n = len(STEP_BUCKETS) + 3
+        totals = [0.0] * n
+        for slot in range(self.workers):
+            base = self._step_base(slot) + histogram
+            for i in range(n):
+                totals[i] += self._array[base + i]
+        return {"buckets": [int(c) for c in totals[:len(STEP_BUCKETS) + 1]],
+                "sum": round(totals[-2], 6), "count": int(totals[-1])}
+
+    def steps(self) -> dict[str, Any]:
+        """The step figures over every slot: ``rows`` (of the steps running now), counters
+        ``steps``, ``rows_total``, ``tokens``, and histograms ``first_item`` and
+        ``between_items`` (``buckets``: counts per :data:`STEP_BUCKETS` bound, then above;
+        ``sum``; ``count``)."""
+        totals = [0.0] * 4
+        for slot in range(self.workers):
+            base = self._step_base(slot)
+            for i in range(4):
+                totals[i] += self._array[base + i]
+        return {"rows": int(totals[_ROWS]), "steps": int(totals[_STEPS]),
+                "rows_total": int(totals[_ROWS_TOTAL]), "tokens": int(totals[_TOKENS]),
+                "first_item": self._histogram(_FIRST),
+                "between_items": self._histogram(_BETWEEN)}
+
     # -- summaries -----------------------------------------------------------------------
     def all_stopped(self) -> bool:
         """No ML process is running, starting or about to restart."""
@@ -318,4 +382,5 @@ class StatusBlock:
             "circuit_open": self.circuit_open,
             "restart_backoff": round(self.backoff, 3),
             "draining": self.draining,
+            "steps": self.steps(),
         }
