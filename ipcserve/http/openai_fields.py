@@ -2,7 +2,7 @@
 
 Pure functions over the parsed JSON body (no Flask); :mod:`ipcserve.openai_api` serves them.
 A field that would change the answer but is not implemented (``logit_bias``, ``tools``,
-``n`` > 1...) is refused rather than ignored, and so is a field this server does not know,
+``best_of``...) is refused rather than ignored, and so is a field this server does not know,
 as OpenAI does.
 """
 
@@ -13,7 +13,10 @@ from typing import Any
 
 from ..engine.errors import InputError
 
-__all__ = ["ParamError", "chat", "completion", "embedding"]
+__all__ = ["MAX_CHOICES", "ParamError", "chat", "completion", "embedding"]
+
+#: Most choices (``n``) a request may ask for: each is a sequence of the model's running batch.
+MAX_CHOICES = 16
 
 # Fields a client may send that change nothing here, and fields accepted only at the value
 # that means "off" (anything else would silently give a different answer than asked for).
@@ -75,8 +78,7 @@ def _field(body: dict[str, Any], name: str, kind: Any, low: float = -math.inf,
 
 def _sampling(body: dict[str, Any], max_tokens_field: str) -> dict[str, Any]:
     """The model's keyword arguments for the sampling fields the request set."""
-    if body.get("n") is not None and not _equal(body["n"], 1):
-        raise ParamError(f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
+    n = _field(body, "n", int, 1, MAX_CHOICES)
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
@@ -84,7 +86,9 @@ def _sampling(body: dict[str, Any], max_tokens_field: str) -> dict[str, Any]:
     kwargs = {"max_tokens": _field(body, max_tokens_field, int, 1),
               "temperature": _field(body, "temperature", (int, float), 0, 2),
               "top_p": _field(body, "top_p", (int, float), 0, 1), "stop": stop,
-              "seed": _field(body, "seed", int)}
+              "seed": _field(body, "seed", int),
+              # Only when asked for: a model that makes one choice need not know the field.
+              "n": n if n is not None and n > 1 else None}
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
@@ -197,7 +201,8 @@ _SAMPLING_SCHEMA: dict[str, Any] = {
     "max_tokens": {"type": ["integer", "null"], "minimum": 1},
     "temperature": {"type": _NUMBER, "minimum": 0, "maximum": 2},
     "top_p": {"type": _NUMBER, "minimum": 0, "maximum": 1},
-    "stop": _STOP, "seed": {"type": ["integer", "null"]}, "n": {"enum": [1, None]},
+    "stop": _STOP, "seed": {"type": ["integer", "null"]},
+    "n": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHOICES},
     "stream": {"type": ["boolean", "null"]},
     "stream_options": {"type": ["object", "null"], "additionalProperties": False,
                        "properties": {"include_usage": {"type": "boolean"}}},
