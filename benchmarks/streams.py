@@ -14,10 +14,12 @@ in-process limit, ``model.generate`` on a batch of 1, 4, 8 and 16 copies of the 
 prefill time of the prompt alone.
 
 Reports per concurrency: tokens/s in all (every stream's completion tokens over the round's
-wall time, median of ``--repeats`` rounds), p50/p95 of the time to first token (request sent
-to the first content chunk) and of the inter-token latency (between successive content
-chunks of a stream) over every stream of every round, and the ratio to the in-process
-batch of the same size. Writes the table (Markdown) and the rows (JSON lines) to stdout
+wall time, median of ``--repeats`` rounds in which all streams start at once), p50/p95 of the
+time to first token (request sent to the first content chunk) and of the inter-token latency
+(between successive content chunks of a stream) over every stream of those rounds, the ratio
+to the in-process batch of the same size, and the time to first token of one more round whose
+starts are spread evenly over one stream's duration (a steady state: each request arrives
+while the others are mid-way, as in a shared service). Writes the table (Markdown) and the rows (JSON lines) to stdout
 and to ``benchmarks/results/streams.md``.
 """
 
@@ -95,10 +97,17 @@ def one_stream(client: Any, model: str, tokens: int) -> tuple[float, list[float]
     return (arrivals[0] - t0 if arrivals else float("nan")), gaps, count, end - t0
 
 
-def round_of(client: Any, model: str, streams: int, tokens: int) -> dict[str, Any]:
+def round_of(client: Any, model: str, streams: int, tokens: int, spread: float = 0.0
+             ) -> dict[str, Any]:
+    """``streams`` streams at once (a burst), or their starts spread evenly over ``spread``
+    seconds (a steady state: each arrives while the others are mid-way)."""
+    def run(i: int) -> tuple[float, list[float], int, float]:
+        threading.Event().wait(spread * i / streams)
+        return one_stream(client, model, tokens)
+
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
         t0 = time.perf_counter()
-        results = list(pool.map(lambda _: one_stream(client, model, tokens), range(streams)))
+        results = list(pool.map(run, range(streams)))
         wall = time.perf_counter() - t0
     return {"ttft": [r[0] for r in results], "gaps": [g for r in results for g in r[1]],
             "tokens": sum(r[2] for r in results), "tokens_per_s": sum(r[2] for r in results) / wall}
@@ -172,17 +181,25 @@ def main() -> None:
             model = client.models.list().data[0].id
             one_stream(client, model, 4)  # warm up
             rows = []
+            alone = 0.0  # seconds one stream takes: the spread of the staggered starts
             for streams in CONCURRENCY:
                 rounds = [round_of(client, model, streams, args.tokens)
                           for _ in range(args.repeats)]
                 ttft = [t for r in rounds for t in r["ttft"]]
                 gaps = [g for r in rounds for g in r["gaps"]]
+                if streams == 1:
+                    alone = args.tokens / statistics.median(r["tokens_per_s"] for r in rounds)
+                    staggered = ttft
+                else:
+                    staggered = round_of(client, model, streams, args.tokens, alone)["ttft"]
                 rows.append({
                     "streams": streams,
                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rounds),
                     "in_process_tokens_per_s": limit["limits"][streams],
                     "ttft_p50_ms": quantile(ttft, 0.5) * 1000,
                     "ttft_p95_ms": quantile(ttft, 0.95) * 1000,
+                    "staggered_ttft_p50_ms": quantile(staggered, 0.5) * 1000,
+                    "staggered_ttft_p95_ms": quantile(staggered, 0.95) * 1000,
                     "itl_p50_ms": quantile(gaps, 0.5) * 1000,
                     "itl_p95_ms": quantile(gaps, 0.95) * 1000})
         finally:
@@ -197,17 +214,24 @@ def main() -> None:
         f"1-minute load {load:.2f} at the start",
         "",
         "| concurrent streams | tokens/s in all | in-process batch (limit) | ratio "
-        "| first token p50 / p95 | between tokens p50 / p95 |",
-        "|---:|---:|---:|---:|---:|---:|"]
+        "| first token p50 / p95, all at once | first token p50 / p95, staggered "
+        "| between tokens p50 / p95 |",
+        "|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(
             f"| {row['streams']} | {row['tokens_per_s']:.1f} | {row['in_process_tokens_per_s']:.1f} "
             f"| {row['tokens_per_s'] / row['in_process_tokens_per_s']:.2f} "
             f"| {row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} ms "
+            f"| {row['staggered_ttft_p50_ms']:.0f} / {row['staggered_ttft_p95_ms']:.0f} ms "
             f"| {row['itl_p50_ms']:.0f} / {row['itl_p95_ms']:.0f} ms |")
     eight = next(r for r in rows if r["streams"] == 8)
-    lines += ["", f"time to first token, 8 streams / 1 stream (p50): "
-                  f"{eight['ttft_p50_ms'] / one['ttft_p50_ms']:.2f}"]
+    lines += ["", "8 streams: tokens/s {:.2f}x the in-process batch of 8; 1 stream: {:.2f}x the "
+              "in-process batch of 1; time to first token (p50) {:.2f}x one stream's all at once, "
+              "{:.2f}x staggered".format(
+                  eight["tokens_per_s"] / eight["in_process_tokens_per_s"],
+                  one["tokens_per_s"] / one["in_process_tokens_per_s"],
+                  eight["ttft_p50_ms"] / one["ttft_p50_ms"],
+                  eight["staggered_ttft_p50_ms"] / one["ttft_p50_ms"])]
     text = "\n".join(lines)
     print(text)
     for row in rows:
