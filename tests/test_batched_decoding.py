@@ -190,8 +190,8 @@ def test_paused_and_long_prompts_do_not_hold_the_others(lm_dir: Path, lm: Any) -
     assert [m[1].tokens for m in made] == [0, 0, 0, 0, 1]  # 5 chunks, then its first token
     assert generator.batch.width == len(generator.prompt_ids("the cat")) + 5
     generator.finish(long)
+    assert [c.generation for c in generator.batch.rows] == [short]  # still running
     generator.finish(short)
-    generator.step([])
     assert generator.batch.rows == [] and generator.batch.cache is None  # rows freed
 
 
@@ -235,12 +235,15 @@ class _Gate:
     def rows(self, first: int = 0) -> list[int]:
         return [int(r) for r in self.log[1 + first:1 + self.steps]]
 
-    def run(self, steps: int) -> None:
-        """Let ``steps`` more steps run, and wait until they have."""
+    def run(self, steps: int, readers: list[threading.Thread] | None = None) -> None:
+        """Let ``steps`` more steps start, and wait until they have (or until ``readers``
+        are all done: then no step is coming)."""
         target = self.steps + steps
         for _ in range(steps):
             self.turns.release()
-        wait_until(lambda: self.steps >= target, 30, f"step {target}")
+        wait_until(lambda: self.steps >= target or (
+            readers is not None and not any(r.is_alive() for r in readers)), 30,
+            f"step {target}")
 
 
 def _gated(lm_dir: Path, gate: _Gate, **settings: Any) -> Any:
@@ -265,7 +268,7 @@ def test_streams_and_calls_in_an_ml_process_share_steps(lm_dir: Path, lm: Any) -
         call = threading.Thread(target=lambda: whole.append(ml(**requests[0])), daemon=True)
         call.start()  # a call that does not stream joins the same batch
         while any(r.is_alive() for r in readers) or call.is_alive():
-            gate.run(1)
+            gate.run(1, [*readers, call])
         for reader, want in zip(readers, expected):
             reader.join(10)
             assert reader.error is None and reader.ended == 1
@@ -296,14 +299,16 @@ def test_a_cancelled_stream_leaves_within_one_step(lm_dir: Path, lm: Any) -> Non
         readers[1].join(10)  # it closed its stream: the Cancel is on its way
         at = gate.steps
         while readers[0].is_alive() or readers[2].is_alive():
-            gate.run(1)
+            gate.run(1, [readers[0], readers[2]])
         for i in (0, 2):
             readers[i].join(10)
             assert readers[i].error is None and readers[i].items == _alone(lm, **fields[i])
+        # A step's rows are logged when it gets its turn, after its batch was chosen: step
+        # number `at` was waiting for its turn, with or without the stream, when it left.
         rows = gate.rows()
-        assert rows[:at - 1] == [3] * (at - 1)
-        assert rows[at - 1] in (2, 3)  # the step that was running when it left
-        assert set(rows[at:]) == {2}  # gone from every step after it
+        assert rows[at - 1] == 3  # all three ran until it left (they joined at steps 0-2)
+        assert rows[at] in (2, 3)
+        assert set(rows[at + 1:]) == {2}, (at, rows)  # gone from every step after it
         assert ml.status["cancelled"]["running_disconnect"] == 1
     assert multiprocessing.active_children() == []
 
@@ -319,7 +324,7 @@ def test_a_failing_step_ends_each_of_its_streams_once(lm_dir: Path, lm: Any) -> 
         for reader in readers:
             reader.start()
         while any(r.is_alive() for r in readers):
-            gate.run(1)
+            gate.run(1, readers)
         for reader, f in zip(readers, fields):
             reader.join(10)
             assert isinstance(reader.error, ModelError) and reader.ended == 1
@@ -329,7 +334,7 @@ def test_a_failing_step_ends_each_of_its_streams_once(lm_dir: Path, lm: Any) -> 
         after = _Reader(ml, fields[0])
         after.start()
         while after.is_alive():
-            gate.run(1)
+            gate.run(1, [after])
         after.join(10)
         assert after.error is None and after.items == _alone(lm, **fields[0])
         assert ml.pids == pid
@@ -357,7 +362,7 @@ def test_a_crash_mid_step_ends_every_stream_once_then_a_new_process_serves(
         after = _Reader(ml, fields[1])
         after.start()
         while after.is_alive():
-            gate.run(1)
+            gate.run(1, [after])
         after.join(10)
         assert after.error is None and after.items == _alone(lm, **fields[1])
     assert multiprocessing.active_children() == []

@@ -166,12 +166,15 @@ class BatchDecoder:
         return made
 
     def finish(self, generation: Generation) -> None:
-        """Forget ``generation``: its rows leave the batch at the next step."""
+        """Forget ``generation``: its rows leave the batch at the next step (at once when
+        no other row is left, so an idle model holds no cache)."""
         generation.ended = True
         generation.cache = None
         for choice in generation.choices:
             choice.done = True
             choice.kv = None
+        if all(c.done for c in self.rows):
+            self.rows, self.cache, self.width = [], None, 0
 
     # -- prefill ---------------------------------------------------------------------
     def _prefill(self, g: Generation, made: Made) -> int:

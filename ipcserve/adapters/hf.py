@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from ..engine.errors import ConfigError, InputError
 from ..engine.mlprocess import MLProcess
 from .decoding import TextGenerator
+from .generation import MAX_CHOICES
 from .pytorch import check_device, default_name, resolve_device, set_torch_threads
 
 if TYPE_CHECKING:
@@ -211,6 +212,12 @@ class TransformersModel(MLProcess):
         """False for text-generation: its requests stream (stepped together, see
         :attr:`stepping`), they are not collected for ``predict_batch``."""
         return self.task != "text-generation"
+
+    @property
+    def max_choices(self) -> int:
+        """The most completions (``n``) one text-generation request may ask for (the
+        OpenAI routes read it); 1 for the other tasks."""
+        return MAX_CHOICES if self.task == "text-generation" else 1
 
     @property
     def stepping(self) -> bool:

@@ -127,10 +127,11 @@ class StepRunner:
         self.active.append(_Active(item, state))
 
     def _end(self, stream: _Active, error: IPCServeError | None = None,
-             notify: bool = True) -> None:
-        """End ``stream`` once: its StreamEnd (unless nobody waits), then ``finish``."""
+             notify: bool = True) -> bool:
+        """End ``stream`` once: its StreamEnd (unless nobody waits), then ``finish``. False
+        if it had ended already."""
         if stream not in self.active:
-            return
+            return False
         self.active.remove(stream)
         if notify:
             send(stream.item.conn, StreamEnd(stream.item.request.id, error, stream.sent),
@@ -139,9 +140,13 @@ class StepRunner:
             self.model.finish(stream.state)
         except Exception:  # the stream is over either way; a leak is the model's to fix
             logger.exception("finish() of stream %s raised", stream.item.request.id)
+        return True
 
     def _cancelled(self, stream: _Active, reason: str) -> None:
-        self._end(stream, notify=False)
+        # Counted once: a channel that closes during a step is both a cancellation the
+        # watch saw and a disconnect the loop handled when the step ended.
+        if not self._end(stream, notify=False):
+            return
         self.status.count_cancelled(self.slot, "running", reason)
         logger.debug("stream %s cancelled after %d items (%s)", stream.item.request.id,
                      stream.sent, reason)
@@ -214,6 +219,8 @@ class StepRunner:
         self.status.record_step(self.slot, rows, sum(m.tokens for m in made))
         self.shown_rows = rows
         for stream, result in zip(batch, made):
+            if stream not in self.active:
+                continue  # ended while the step ran (its channel closed)
             if id(stream.item) in cancelled:
                 self._cancelled(stream, cancelled[id(stream.item)])
             else:

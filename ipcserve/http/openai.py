@@ -9,7 +9,8 @@ The contract with a text-generation model: ``predict(messages=[{"role", "content
 prompt="...", max_tokens=, temperature=, top_p=, stop=, seed=)`` returns a generator of
 ``{"text": "<delta>"}`` items and one final ``{"text": "", "finish_reason": "stop"|"length",
 "usage": {"prompt_tokens": int, "completion_tokens": int}}``. Only the fields the request set
-are passed, so the model's own defaults apply. A request for ``n`` > 1 choices passes ``n=``;
+are passed, so the model's own defaults apply. A request for ``n`` > 1 choices passes ``n=``
+(up to the model's ``max_choices`` attribute; a model without one makes one choice);
 every item then carries its choice's ``"index"`` and each choice ends with its own final
 item (its ``usage`` counts that choice's tokens; the prompt is counted once). An embedding model is called with
 ``texts=[str, ...], with_usage=True`` and returns ``{"vectors": [[float, ...]], "prompt_tokens": int}``.
@@ -113,14 +114,21 @@ def _chat() -> Response:
     body = _body()
     endpoint = _endpoint(body, GENERATION, "/v1/chat/completions")
     with exchange(endpoint) as ex:
-        return _generate(ex, *openai_fields.chat(body), chat=True)
+        return _generate(ex, *openai_fields.chat(body, _max_choices(endpoint)), chat=True)
 
 
 def _completions() -> Response:
     body = _body()
     endpoint = _endpoint(body, GENERATION, "/v1/completions")
     with exchange(endpoint) as ex:
-        return _generate(ex, *openai_fields.completion(body), chat=False)
+        return _generate(ex, *openai_fields.completion(body, _max_choices(endpoint)),
+                         chat=False)
+
+
+def _max_choices(endpoint: Endpoint) -> int:
+    """The most ``n`` a model makes: its ``max_choices`` attribute, else 1."""
+    most = getattr(endpoint.ml, "max_choices", 1)
+    return most if isinstance(most, int) and not isinstance(most, bool) and most > 1 else 1
 
 
 def _pieces(stream: Stream) -> Iterator[dict[str, Any]]:
@@ -300,8 +308,9 @@ def _request(role: str, schema_of: Any) -> Any:
         models = state.models.endpoints
         serving = [n for n, e in models.items() if getattr(e.ml, "task", None) == role]
         others = [n for n in models if n not in serving]
-        return {"required": True, "content": {"application/json": {"schema": schema_of(
-            serving, others)}}}
+        schema = (schema_of(serving, others) if role == EMBEDDING else schema_of(
+            serving, others, {n: _max_choices(models[n]) for n in serving}))
+        return {"required": True, "content": {"application/json": {"schema": schema}}}
 
     return request_body
 

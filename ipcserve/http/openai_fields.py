@@ -76,9 +76,9 @@ def _field(body: dict[str, Any], name: str, kind: Any, low: float = -math.inf,
     return value
 
 
-def _sampling(body: dict[str, Any], max_tokens_field: str) -> dict[str, Any]:
+def _sampling(body: dict[str, Any], max_tokens_field: str, max_choices: int) -> dict[str, Any]:
     """The model's keyword arguments for the sampling fields the request set."""
-    n = _field(body, "n", int, 1, MAX_CHOICES)
+    n = _field(body, "n", int, 1, max(1, min(max_choices, MAX_CHOICES)))
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
@@ -131,8 +131,11 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return messages
 
 
-def chat(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+def chat(body: dict[str, Any], max_choices: int = 1) -> tuple[dict[str, Any], bool, bool]:
     """A chat completion request: (the model's kwargs, stream, include_usage).
+
+    ``max_choices``: the most ``n`` the model makes (its ``max_choices`` attribute; a
+    model without one makes one choice per request).
 
     Raises:
         ParamError: a field is invalid, unknown or unsupported.
@@ -140,12 +143,14 @@ def chat(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
     _check_names(body, ("messages", "max_completion_tokens", *_SAMPLING))
     _field(body, "max_tokens", int, 1)  # checked even when the newer name wins
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return ({"messages": _messages(body.get("messages")), **_sampling(body, field)},
+    return ({"messages": _messages(body.get("messages")), **_sampling(body, field, max_choices)},
             *_streaming(body))
 
 
-def completion(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
-    """A (legacy) completion request: (the model's kwargs, stream, include_usage).
+def completion(body: dict[str, Any], max_choices: int = 1
+               ) -> tuple[dict[str, Any], bool, bool]:
+    """A (legacy) completion request: (the model's kwargs, stream, include_usage);
+    ``max_choices`` as for :func:`chat`.
 
     Raises:
         ParamError: a field is invalid, unknown or unsupported.
@@ -156,7 +161,7 @@ def completion(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ParamError("'prompt' must be a string (one prompt per request)", "prompt")
-    return {"prompt": prompt, **_sampling(body, "max_tokens")}, *_streaming(body)
+    return {"prompt": prompt, **_sampling(body, "max_tokens", max_choices)}, *_streaming(body)
 
 
 def embedding(body: dict[str, Any]) -> tuple[list[str], str]:
@@ -209,11 +214,19 @@ _SAMPLING_SCHEMA: dict[str, Any] = {
 }
 
 
-def _fields_schema(required: list[str], fields: dict[str, Any]) -> dict[str, Any]:
+def _fields_schema(required: list[str], fields: dict[str, Any],
+                   choices: dict[str, int] | None = None) -> dict[str, Any]:
     properties = {**fields, **{name: {} for name in _IGNORED},
                   **{name: {"enum": list(values)} for name, values in _OFF.items()}}
     schema: dict[str, Any] = {"type": "object", "required": required, "properties": properties,
                               "additionalProperties": False}
+    # Models that make fewer choices than the most: n is bounded per model.
+    fewer = {name: max(1, most) for name, most in (choices or {}).items() if most < MAX_CHOICES}
+    if fewer:
+        schema["allOf"] = [{"if": {"required": ["model"], "properties": {"model": {"const": name}}},
+                            "then": {"properties": {"n": {"type": ["integer", "null"],
+                                                          "maximum": most}}}}
+                           for name, most in fewer.items()]
     if "stream_options" in fields:  # only with "stream": true, as OpenAI says
         schema["if"] = {"required": ["stream_options"],
                         "properties": {"stream_options": {"type": "object"}}}
@@ -225,24 +238,34 @@ _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
     "type": {"const": "text"}, "text": {"type": "string"}}}
 
 
-def chat_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
-    """The JSON Schema of a chat completion request that :func:`chat` accepts."""
+def chat_schema(serving: list[str], others: list[str],
+                choices: dict[str, int] | None = None) -> dict[str, Any]:
+    """The JSON Schema of a chat completion request that :func:`chat` accepts;
+    ``choices``: the most ``n`` of each serving model (default 1)."""
     message = {"type": "object", "required": ["role", "content"], "properties": {
         "role": {"enum": list(_ROLES)},
         "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}
     return _fields_schema(["model", "messages"], {
         "model": _model_schema(serving, others),
         "messages": {"type": "array", "minItems": 1, "items": message},
-        "max_completion_tokens": _SAMPLING_SCHEMA["max_tokens"], **_SAMPLING_SCHEMA})
+        "max_completion_tokens": _SAMPLING_SCHEMA["max_tokens"], **_SAMPLING_SCHEMA},
+        _choices(serving, choices))
 
 
-def completion_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
-    """The JSON Schema of a completion request that :func:`completion` accepts."""
+def completion_schema(serving: list[str], others: list[str],
+                      choices: dict[str, int] | None = None) -> dict[str, Any]:
+    """The JSON Schema of a completion request that :func:`completion` accepts;
+    ``choices`` as for :func:`chat_schema`."""
     prompt = {"anyOf": [{"type": "string"},
                         {"type": "array", "items": {"type": "string"}, "minItems": 1,
                          "maxItems": 1}]}
     return _fields_schema(["model", "prompt"], {
-        "model": _model_schema(serving, others), "prompt": prompt, **_SAMPLING_SCHEMA})
+        "model": _model_schema(serving, others), "prompt": prompt, **_SAMPLING_SCHEMA},
+        _choices(serving, choices))
+
+
+def _choices(serving: list[str], choices: dict[str, int] | None) -> dict[str, int]:
+    return {name: (choices or {}).get(name, 1) for name in serving}
 
 
 def embedding_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
