@@ -34,7 +34,6 @@ import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from ..engine.errors import InputError
 from ..engine.runtime import Made
 from .generation import (
     MIN_TEMPERATURE,
@@ -42,7 +41,8 @@ from .generation import (
     Sampling,
     StopBuffer,
     pick,
-    read_request,
+    prepare,
+    prompt_ids,
 )
 
 __all__ = ["BatchDecoder", "Choice", "Generation", "TextGenerator"]
@@ -384,13 +384,8 @@ class TextGenerator:
             InputError: see :func:`read_request`; also a prompt that leaves no room in the
                 context, or ``messages`` for a model without a chat template.
         """
-        prompt, sampling = read_request(fields, self.max_tokens_limit)
-        ids = self.prompt_ids(prompt)
-        if len(ids) >= self.context:
-            field = "prompt" if isinstance(prompt, str) else "messages"
-            raise InputError(f"the '{field}' is {len(ids)} tokens; this model's context is "
-                             f"{self.context} tokens, which leaves no room to generate")
-        return self.batch.start(ids, sampling)
+        return self.batch.start(*prepare(self.tokenizer, fields, self.context,
+                                         self.max_tokens_limit))
 
     def step(self, generations: Sequence[Generation]) -> list[Made]:
         """One step of ``generations`` in one batch (see :class:`BatchDecoder`)."""
@@ -422,30 +417,9 @@ class TextGenerator:
             decoder.finish(generation)
 
     def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
-        """The token ids of a prompt: a string as is (with the tokenizer's BOS, if it adds
-        one), messages through the chat template with the assistant's turn opened.
+        """The token ids of a prompt (see :func:`.generation.prompt_ids`).
 
         Raises:
             InputError: ``messages`` the template rejects or cannot render, or no template.
         """
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt)["input_ids"])
-            if not ids:
-                bos = getattr(self.tokenizer, "bos_token_id", None)
-                if bos is None:
-                    raise InputError("'prompt' is empty and this model has no BOS token to "
-                                     "start from; send some text")
-                ids = [int(bos)]
-            return ids
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InputError("this model's tokenizer has no chat template, so it cannot take "
-                             "'messages'; send 'prompt' (a string) instead")
-        import jinja2
-
-        try:
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                                      tokenize=False)
-        except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
-            raise InputError(f"the chat template rejected 'messages': {exc}") from None
-        # The template writes the special tokens (BOS included) itself.
-        return list(self.tokenizer(str(text), add_special_tokens=False)["input_ids"])
+        return prompt_ids(self.tokenizer, prompt)

@@ -17,7 +17,7 @@ tokenizer splits "é" or an emoji over several tokens); the deltas joined are th
 With ``n`` > 1 choices, every item also carries the choice's ``"index"`` and each choice
 ends with its own final item.
 
-Everything heavy (torch) is imported inside functions: this module is imported by ``hf.py``
+Everything heavy (torch, jinja2) is imported inside functions: this module is imported by ``hf.py``
 in the web process too.
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 from ..engine.errors import InputError
 
 __all__ = ["MAX_CHOICES", "MIN_TEMPERATURE", "IncrementalDecoder", "Sampling", "StopBuffer", "pick",
-           "read_request"]
+           "prepare", "prompt_ids", "read_request"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,52 @@ def read_request(fields: Mapping[str, Any], max_tokens_limit: int
         raise InputError(f"'n' must be an integer from 1 to {MAX_CHOICES}, got {n!r}")
     return prompt, Sampling(min(max_tokens, max_tokens_limit), temperature, top_p,
                             tuple(stops), seed, n)
+
+
+def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    """The token ids of a prompt: a string as is (with the tokenizer's BOS, if it adds one),
+    messages through the chat template with the assistant's turn opened.
+
+    Raises:
+        InputError: ``messages`` the template rejects or cannot render, or no template.
+    """
+    if isinstance(prompt, str):
+        ids = list(tokenizer(prompt)["input_ids"])
+        if not ids:
+            bos = getattr(tokenizer, "bos_token_id", None)
+            if bos is None:
+                raise InputError("'prompt' is empty and this model has no BOS token to "
+                                 "start from; send some text")
+            ids = [int(bos)]
+        return ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("this model's tokenizer has no chat template, so it cannot take "
+                         "'messages'; send 'prompt' (a string) instead")
+    import jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
+        raise InputError(f"the chat template rejected 'messages': {exc}") from None
+    # The template writes the special tokens (BOS included) itself.
+    return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+
+def prepare(tokenizer: Any, fields: Mapping[str, Any], context: int, max_tokens_limit: int
+            ) -> tuple[list[int], Sampling]:
+    """A request's prompt ids and sampling settings, checked.
+
+    Raises:
+        InputError: see :func:`read_request`; also a prompt that leaves no room in the
+            ``context``, or ``messages`` for a model without a chat template.
+    """
+    prompt, sampling = read_request(fields, max_tokens_limit)
+    ids = prompt_ids(tokenizer, prompt)
+    if len(ids) >= context:
+        field = "prompt" if isinstance(prompt, str) else "messages"
+        raise InputError(f"the '{field}' is {len(ids)} tokens; this model's context is "
+                         f"{context} tokens, which leaves no room to generate")
+    return ids, sampling
 
 
 class IncrementalDecoder:
