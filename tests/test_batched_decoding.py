@@ -69,10 +69,13 @@ class _Recorder:
         self.model, self.rows = model, rows
         self.logits: dict[tuple[tuple[int, ...], int, int], Any] = {}
         self.forward = model.forward  # TextGenerator reads the cache argument's name here
+        self.prefills_together = 0  # prompts prefilled in one padded forward pass
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.model(*args, **kwargs)
-        if "attention_mask" in kwargs:  # a decode step: one row per sequence of self.rows
+        if kwargs["input_ids"].shape[0] > 1 and kwargs["input_ids"].shape[1] > 1:
+            self.prefills_together += 1
+        if kwargs["input_ids"].shape[1] == 1:  # a decode step: a row per sequence of rows[0]
             for b, choice in enumerate(self.rows[0]):
                 key = (tuple(choice.generation.ids), choice.index, choice.produced)
                 self.logits[key] = out.logits[b, -1].clone()
@@ -131,6 +134,7 @@ def test_eight_streams_joining_at_different_steps_decode_as_alone(
     for got, want in zip(items, expected):
         assert got == want  # token for token, text for text, the final item too
     assert steps < sum(len(e) for e in expected) / 2  # they really shared steps
+    assert recorder.prefills_together >= 1  # two that joined at once: one prefill pass
     monkeypatch.undo()
     assert expected == [_alone(lm, **r) for r in requests]  # as predict() streams them too
     # Why they are equal: the logits agree to float32 rounding, and no step was a near-tie.
@@ -197,14 +201,18 @@ def test_paused_and_long_prompts_do_not_hold_the_others(lm_dir: Path, lm: Any) -
 
 # -- through a real ML process ----------------------------------------------------------------
 class _Reader(threading.Thread):
-    """Reads one stream into ``items``; closes it (a cancel) after ``stop_after`` items."""
+    """Reads one stream into ``items``; closes it (a cancel) after ``stop_after`` items,
+    noting in ``closed_at`` how many steps had started, while ``gate`` lets no new one."""
 
-    def __init__(self, ml: Any, fields: dict[str, Any], stop_after: int = 0) -> None:
+    def __init__(self, ml: Any, fields: dict[str, Any], stop_after: int = 0,
+                 gate: _Gate | None = None) -> None:
         super().__init__(daemon=True)
-        self.ml, self.fields, self.stop_after = ml, fields, stop_after
+        self.ml, self.fields, self.stop_after, self.gate = ml, fields, stop_after, gate
         self.items: list[Any] = []
         self.error: BaseException | None = None
         self.ended = 0
+        self.closed_at = -1
+        self.closed, self.linger = threading.Event(), threading.Event()
 
     def run(self) -> None:
         try:
@@ -212,6 +220,14 @@ class _Reader(threading.Thread):
                 for item in stream:
                     self.items.append(item)
                     if len(self.items) == self.stop_after:
+                        assert self.gate is not None
+                        with self.gate.hold:  # the Cancel is sent before any other turn
+                            self.closed_at = self.gate.steps
+                            stream.close()
+                        # This thread's channel stays open (a thread that ends closes it,
+                        # and the ML process could see the close before the Cancel).
+                        self.closed.set()
+                        self.linger.wait(30)
                         break
         except BaseException as exc:
             self.error = exc
@@ -227,6 +243,7 @@ class _Gate:
         ctx = multiprocessing.get_context("spawn")
         self.turns = ctx.Semaphore(0)
         self.log = ctx.RawArray("d", 2048)
+        self.hold = threading.Lock()  # held while no turn may be given
 
     @property
     def steps(self) -> int:
@@ -238,9 +255,10 @@ class _Gate:
     def run(self, steps: int, readers: list[threading.Thread] | None = None) -> None:
         """Let ``steps`` more steps start, and wait until they have (or until ``readers``
         are all done: then no step is coming)."""
-        target = self.steps + steps
-        for _ in range(steps):
-            self.turns.release()
+        with self.hold:
+            target = self.steps + steps
+            for _ in range(steps):
+                self.turns.release()
         wait_until(lambda: self.steps >= target or (
             readers is not None and not any(r.is_alive() for r in readers)), 30,
             f"step {target}")
@@ -291,25 +309,29 @@ def test_a_cancelled_stream_leaves_within_one_step(lm_dir: Path, lm: Any) -> Non
     gate = _Gate()
     fields = [{"prompt": p, "max_tokens": 40, "temperature": 0} for p in PROMPTS[:3]]
     with _gated(lm_dir, gate) as ml:
-        readers = [_Reader(ml, f, stop_after=3 if i == 1 else 0) for i, f in enumerate(fields)]
+        readers = [_Reader(ml, f, stop_after=3 if i == 1 else 0, gate=gate)
+                   for i, f in enumerate(fields)]
         for reader in readers:
             reader.start()
-        wait_until(lambda: all(len(r.items) >= 3 for r in readers) or gate.run(1), 30,
-                   "three items of each stream")
-        readers[1].join(10)  # it closed its stream: the Cancel is on its way
-        at = gate.steps
-        while readers[0].is_alive() or readers[2].is_alive():
-            gate.run(1, [readers[0], readers[2]])
-        for i in (0, 2):
-            readers[i].join(10)
-            assert readers[i].error is None and readers[i].items == _alone(lm, **fields[i])
-        # A step's rows are logged when it gets its turn, after its batch was chosen: step
-        # number `at` was waiting for its turn, with or without the stream, when it left.
-        rows = gate.rows()
-        assert rows[at - 1] == 3  # all three ran until it left (they joined at steps 0-2)
-        assert rows[at] in (2, 3)
-        assert set(rows[at + 1:]) == {2}, (at, rows)  # gone from every step after it
-        assert ml.status["cancelled"]["running_disconnect"] == 1
+        try:
+            while not readers[1].closed.is_set():
+                gate.run(1)
+            at = readers[1].closed_at  # steps started when its Cancel was sent
+            while readers[0].is_alive() or readers[2].is_alive():
+                gate.run(1, [readers[0], readers[2]])
+            for i in (0, 2):
+                readers[i].join(10)
+                assert readers[i].error is None and readers[i].items == _alone(lm, **fields[i])
+            # A step's rows are logged when it gets its turn, after its batch was chosen:
+            # step number `at` was waiting for its turn, with or without it, when it left.
+            rows = gate.rows()
+            assert rows[at - 1] == 3  # it ran until it left, with the two others
+            assert rows[at] in (2, 3)
+            assert max(rows[at + 1:]) <= 2, (at, rows)  # gone from every step after it
+            assert ml.status["cancelled"]["running_disconnect"] == 1
+        finally:
+            readers[1].linger.set()
+            readers[1].join(10)
     assert multiprocessing.active_children() == []
 
 

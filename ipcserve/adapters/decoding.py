@@ -155,12 +155,23 @@ class BatchDecoder:
             if self.rows:
                 by_generation = {id(g): m for g, m in zip(generations, made)}
                 self._decode({id(c): by_generation[id(g)] for g, c in rows})
-            budget = self.prefill_chunk
-            for g, m in zip(generations, made):
+            waiting = [(g, m) for g, m in zip(generations, made)
+                       if not g.prefilled and not g.done]
+            # Whole prompts that fit in one chunk share one padded forward pass: on a CPU a
+            # prefill of several prompts costs less per prompt than each alone.
+            whole, used = [], 0
+            for g, m in waiting:
+                if g.position == 0 and used + len(g.ids) <= self.prefill_chunk:
+                    whole.append((g, m))
+                    used += len(g.ids)
+            if len(whole) > 1:
+                self._prefill_together(whole)
+                waiting = [w for w in waiting if w not in whole]
+            budget = self.prefill_chunk - (used if len(whole) > 1 else 0)
+            for g, m in waiting:
                 if budget <= 0:
                     break
-                if not g.prefilled and not g.done:
-                    budget -= self._prefill(g, m)
+                budget -= self._prefill(g, m)
         for g, m in zip(generations, made):
             m.done = g.done
         return made
@@ -192,16 +203,44 @@ class BatchDecoder:
         g.cache = getattr(out, self.cache_name)
         g.position = end
         if g.prefilled:
-            room = min(g.sampling.max_tokens, self.context - len(g.ids))
             kv = [(layer.keys, layer.values) for layer in g.cache.layers]
             g.cache = None
-            logits = out.logits[0, -1]
-            for index in range(g.n):
-                choice = Choice(g, index, room, self.tokenizer, self.device)
-                choice.kv, choice.length = kv, len(g.ids)  # shared: copied when it joins
-                g.choices.append(choice)
-                self._emit(choice, pick(logits, g.sampling, choice.generator), made)
+            self._first_tokens(g, kv, out.logits[0, -1], made)
         return end - start
+
+    def _prefill_together(self, batch: list[tuple[Generation, Made]]) -> None:
+        """Whole prompts in one forward pass, left-padded, each row masked and positioned
+        as if alone; each generation keeps its own rows of the cache."""
+        import torch
+        from transformers import DynamicCache
+
+        width = max(len(g.ids) for g, _ in batch)
+        pad = [width - len(g.ids) for g, _ in batch]
+        inputs = torch.tensor([[g.ids[0]] * p + g.ids for (g, _), p in zip(batch, pad)],
+                              device=self.device)
+        columns = torch.arange(width, device=self.device)
+        starts = torch.tensor(pad, device=self.device)[:, None]
+        mask = (columns[None, :] >= starts).long()
+        positions = (columns[None, :] - starts).clamp(min=0)
+        out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
+                         use_cache=True, **{self.cache_name: DynamicCache()})
+        cache = getattr(out, self.cache_name)
+        for b, ((g, made), p) in enumerate(zip(batch, pad)):
+            g.position = len(g.ids)
+            kv = [(layer.keys[b:b + 1, :, p:], layer.values[b:b + 1, :, p:])
+                  for layer in cache.layers]
+            self._first_tokens(g, kv, out.logits[b, -1], made)
+
+    def _first_tokens(self, g: Generation, kv: list[tuple[Any, Any]], logits: Any,
+                      made: Made) -> None:
+        """The prompt is in: each choice's first token, and its start in the prompt's
+        states (shared by the choices; copied into a row when each joins the batch)."""
+        room = min(g.sampling.max_tokens, self.context - len(g.ids))
+        for index in range(g.n):
+            choice = Choice(g, index, room, self.tokenizer, self.device)
+            choice.kv, choice.length = kv, len(g.ids)
+            g.choices.append(choice)
+            self._emit(choice, pick(logits, g.sampling, choice.generator), made)
 
     # -- the batch -------------------------------------------------------------------
     def _sync(self, wanted: list[Choice]) -> None:
