@@ -8,10 +8,11 @@ official ``openai`` client: 1, 4, 8 and 16 concurrent streams, each asking for `
 tokens (greedy). ``--model tiny`` serves the tiny random Llama of the tests instead
 (``tests/tiny_lm.py``; nothing to install).
 
-Measured in the same run, before the server starts, in this process on one thread: the
-in-process limit, ``model.generate`` on a batch of 1, 4, 8 and 16 copies of the same prompt
-(no padding, ``min_new_tokens`` = ``max_new_tokens``: every row makes every token), and the
-prefill time of the prompt alone.
+Measured in the same run, in this process on one thread (the server idle meanwhile): the
+in-process limit, ``model.generate`` on a batch of 1, 4, 8 or 16 copies of the same prompt
+(no padding, ``min_new_tokens`` = ``max_new_tokens``: every row makes every token), right
+before each served round of as many streams (the ratio is the median of those pairs), and
+the prefill time of the prompt alone.
 
 Reports per concurrency: tokens/s in all (every stream's completion tokens over the round's
 wall time, median of ``--repeats`` rounds in which all streams start at once), p50/p95 of the
@@ -120,36 +121,42 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def in_process(model_dir: Path, tokens: int) -> dict[str, Any]:
-    """The in-process limit on one thread: generate() on batches of the same prompt, and the
-    prompt's prefill alone."""
-    import torch
-    import transformers
+class InProcess:
+    """The in-process limit on one thread: ``generate()`` on a batch of copies of the prompt
+    (no padding; every row makes every token), and the prompt's prefill alone."""
 
-    torch.set_num_threads(1)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    limits: dict[int, float] = {}
-    with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                       do_sample=False, pad_token_id=tokenizer.pad_token_id)  # warm up
-        prefills = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            model(input_ids=ids)
-            prefills.append(time.perf_counter() - t0)
-        for batch in CONCURRENCY:
-            t0 = time.perf_counter()
-            rows = ids.repeat(batch, 1)
-            out = model.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=tokens,
-                                 min_new_tokens=tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            made = (out.shape[1] - ids.shape[1]) * batch
-            limits[batch] = made / (time.perf_counter() - t0)
-    return {"prompt_tokens": int(ids.shape[1]), "prefill_ms": statistics.median(prefills) * 1000,
-            "limits": limits}
+    def __init__(self, model_dir: Path, tokens: int) -> None:
+        import torch
+        import transformers
+
+        torch.set_num_threads(1)
+        self.torch, self.tokens = torch, tokens
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        text = self.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True,
+                                                  tokenize=False)
+        self.ids = self.tokenizer(text, add_special_tokens=False,
+                                  return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            self.generate(1, 4)  # warm up
+            prefills = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                self.model(input_ids=self.ids)
+                prefills.append(time.perf_counter() - t0)
+        self.prefill_ms = statistics.median(prefills) * 1000
+
+    def generate(self, batch: int, tokens: int) -> float:
+        """Tokens/s of ``generate()`` on ``batch`` rows of ``tokens`` tokens each."""
+        torch = self.torch
+        rows = self.ids.repeat(batch, 1)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(rows, attention_mask=torch.ones_like(rows),
+                                      max_new_tokens=tokens, min_new_tokens=tokens,
+                                      do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        return (out.shape[1] - rows.shape[1]) * batch / (time.perf_counter() - t0)
 
 
 def model_dir_of(name: str, tmp: str) -> tuple[Path, str]:
@@ -173,7 +180,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, label = model_dir_of(args.model, tmp)
-        limit = in_process(model_dir, args.tokens)
+        limit = InProcess(model_dir, args.tokens)
         proc, url = start(model_dir)
         try:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0,
@@ -183,8 +190,12 @@ def main() -> None:
             rows = []
             alone = 0.0  # seconds one stream takes: the spread of the staggered starts
             for streams in CONCURRENCY:
-                rounds = [round_of(client, model, streams, args.tokens)
-                          for _ in range(args.repeats)]
+                # Each round right after its in-process twin: on a shared machine the load
+                # changes within minutes, so each ratio compares neighbours in time.
+                limits, rounds = [], []
+                for _ in range(args.repeats):
+                    limits.append(limit.generate(streams, args.tokens))
+                    rounds.append(round_of(client, model, streams, args.tokens))
                 ttft = [t for r in rounds for t in r["ttft"]]
                 gaps = [g for r in rounds for g in r["gaps"]]
                 if streams == 1:
@@ -195,7 +206,9 @@ def main() -> None:
                 rows.append({
                     "streams": streams,
                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rounds),
-                    "in_process_tokens_per_s": limit["limits"][streams],
+                    "in_process_tokens_per_s": statistics.median(limits),
+                    "ratio": statistics.median(r["tokens_per_s"] / x
+                                               for r, x in zip(rounds, limits)),
                     "ttft_p50_ms": quantile(ttft, 0.5) * 1000,
                     "ttft_p95_ms": quantile(ttft, 0.95) * 1000,
                     "staggered_ttft_p50_ms": quantile(staggered, 0.5) * 1000,
@@ -208,8 +221,8 @@ def main() -> None:
     one = rows[0]
     lines = [
         f"{label}; {args.tokens} tokens per stream, greedy; torch on one thread; "
-        f"{args.repeats} rounds per row; prompt {limit['prompt_tokens']} tokens "
-        f"(prefill alone in process: {limit['prefill_ms']:.0f} ms); "
+        f"{args.repeats} rounds per row, each after its in-process twin; prompt "
+        f"{limit.ids.shape[1]} tokens (prefill alone in process: {limit.prefill_ms:.0f} ms); "
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
         f"1-minute load {load:.2f} at the start",
         "",
@@ -220,7 +233,7 @@ def main() -> None:
     for row in rows:
         lines.append(
             f"| {row['streams']} | {row['tokens_per_s']:.1f} | {row['in_process_tokens_per_s']:.1f} "
-            f"| {row['tokens_per_s'] / row['in_process_tokens_per_s']:.2f} "
+            f"| {row['ratio']:.2f} "
             f"| {row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} ms "
             f"| {row['staggered_ttft_p50_ms']:.0f} / {row['staggered_ttft_p95_ms']:.0f} ms "
             f"| {row['itl_p50_ms']:.0f} / {row['itl_p95_ms']:.0f} ms |")
@@ -228,8 +241,7 @@ def main() -> None:
     lines += ["", "8 streams: tokens/s {:.2f}x the in-process batch of 8; 1 stream: {:.2f}x the "
               "in-process batch of 1; time to first token (p50) {:.2f}x one stream's all at once, "
               "{:.2f}x staggered".format(
-                  eight["tokens_per_s"] / eight["in_process_tokens_per_s"],
-                  one["tokens_per_s"] / one["in_process_tokens_per_s"],
+                  eight["ratio"], one["ratio"],
                   eight["ttft_p50_ms"] / one["ttft_p50_ms"],
                   eight["staggered_ttft_p50_ms"] / one["ttft_p50_ms"])]
     text = "\n".join(lines)
