@@ -8,9 +8,11 @@ process (gunicorn) made the calls.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..engine.statusblock import STEP_BUCKETS
 from .history import History
 
 __all__ = ["Metrics", "SHED_ESTIMATE", "SHED_INFLIGHT", "SHED_QUEUE_DEADLINE"]
@@ -75,8 +77,10 @@ class _StatusCollector:
             "ipcserve_supervisor_failures",
             "Supervisor ticks that raised (the model is not ready until one completes)",
             labels=["model"])
+        steps = _StepFamilies()
         for name, ml in self._models().items():
             status = ml.status
+            steps.add(name, ml, status.get("steps"))
             workers = status.get("workers", [])
             restarts.add_metric([name], sum(w["restarts"] for w in workers))
             crashes.add_metric([name], status.get("crashes", 0))
@@ -93,6 +97,7 @@ class _StatusCollector:
         yield from (restarts, crashes, hangs, depth, ready, circuit, cancelled, saved, handovers,
                     supervisor)
 
+        yield from steps.families()
 
 class _VersionCollector:
     """Yields the model pool's and the versions' series at scrape time: what is loaded,
@@ -148,6 +153,57 @@ class _VersionCollector:
                                    "loaded versions' ML processes (max_loaded_memory caps it)")
         memory.add_metric([], pool["memory_bytes"])
         yield from (loaded, loads, unloads, failures, share, rollbacks, shadow, count, memory)
+
+
+class _StepFamilies:
+    """The generation figures of the ML processes' step schedulers (engine/stepping.py),
+    for text-generation models and any model that steps its streams."""
+
+    def __init__(self) -> None:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        self.running = GaugeMetricFamily(
+            "ipcserve_running_batch_size",
+            "Sequences in the generation step running now (the continuous batch), over the "
+            "model's ML processes", labels=["model"])
+        self.steps = CounterMetricFamily(
+            "ipcserve_generation_steps",
+            "Generation steps (one model call for every active stream)", labels=["model"])
+        self.rows = CounterMetricFamily(
+            "ipcserve_generation_rows",
+            "Sequences over all generation steps (per step: the average batch size)",
+            labels=["model"])
+        self.tokens = CounterMetricFamily(
+            "ipcserve_generated_tokens", "Tokens generated (its rate: tokens/s)",
+            labels=["model"])
+        self.first = HistogramMetricFamily(
+            "ipcserve_time_to_first_token_seconds",
+            "Per stream: from the ML process reading the request to its first token",
+            labels=["model"])
+        self.between = HistogramMetricFamily(
+            "ipcserve_inter_token_latency_seconds",
+            "Per stream: time between its successive tokens", labels=["model"])
+
+    def add(self, name: str, ml: Any, steps: Any) -> None:
+        if not isinstance(steps, dict) or not (steps.get("steps") or getattr(
+                ml, "task", None) == "text-generation"):
+            return
+        self.running.add_metric([name], steps["rows"])
+        self.steps.add_metric([name], steps["steps"])
+        self.rows.add_metric([name], steps["rows_total"])
+        self.tokens.add_metric([name], steps["tokens"])
+        for family, figures in ((self.first, steps["first_item"]),
+                                (self.between, steps["between_items"])):
+            bounds = [*map(str, STEP_BUCKETS), "+Inf"]
+            cumulative = list(itertools.accumulate(figures["buckets"]))
+            family.add_metric([name], list(zip(bounds, cumulative)), figures["sum"])
+
+    def families(self) -> Iterator[Any]:
+        yield from (self.running, self.steps, self.rows, self.tokens, self.first, self.between)
 
 
 class Metrics:
