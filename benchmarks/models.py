@@ -76,3 +76,21 @@ class SlowSteps(MLProcess):
         for _ in range(steps):
             time.sleep(0.01)
         return {"steps": steps}
+
+
+class TensorSum(MLProcess):
+    """The V2 tensor benchmark's model (benchmarks/tensors.py): each row of ``x`` (FP32, any
+    length) answers its sum, so the answer is a few bytes whatever the input's size and the
+    numbers measure how a tensor gets in."""
+
+    tensor_signature = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
+        "outputs": [{"name": "sum", "datatype": "FP64", "shape": [-1]}]}
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(name="tensorsum", **settings)
+
+    def predict_batch(self, xs: list[Any]) -> list[Any]:
+        import numpy as np
+
+        return [{"sum": float(np.asarray(x, dtype=np.float64).sum())} for x in xs]

@@ -536,3 +536,84 @@ class SupervisorFails(Doubler):
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
         _inject_supervisor_fault()
+
+
+# -- many models and versions (test_many_models.py) -----------------------------------------
+class Tagged(MLProcess):
+    """Answers ``{"y": 2x, "tag": TAG, "pid": ...}``: which version answered it."""
+
+    tag = "a"
+
+    def load(self) -> None:
+        self.calls = 0
+
+    def predict(self, x: int = 0) -> Any:
+        self.calls += 1
+        return {"y": 2 * x, "tag": self.tag, "pid": os.getpid()}
+
+
+class TaggedB(Tagged):
+    tag = "b"
+
+
+class FailsHalf(Tagged):
+    """A canary that fails every other request (50 %), with a ModelError (500)."""
+
+    tag = "flaky"
+
+    def predict(self, x: int = 0) -> Any:
+        if self.calls % 2 == 0:
+            self.calls += 1
+            raise ValueError("the flaky canary fails every other request")
+        return super().predict(x)
+
+
+class PidlessTagged(Tagged):
+    """:class:`Tagged` without the pid, so a shadow can agree with it."""
+
+    def predict(self, x: int = 0) -> Any:
+        return {"y": 2 * x, "tag": self.tag}
+
+
+class ShadowTagged(Tagged):
+    """A shadow whose answers differ on odd inputs (tag "shadow"): they must never reach a
+    client."""
+
+    def predict(self, x: int = 0) -> Any:
+        return {"y": 2 * x, "tag": "shadow" if x % 2 else "a"}
+
+
+class SlowFirstCall(MLProcess):
+    """The first call in each ML process takes ``FIRST_CALL`` seconds (a one-time cost:
+    allocators, lazy kernels, caches); every later call is fast."""
+
+    FIRST_CALL = 2.0
+
+    def load(self) -> None:
+        self.warm = False
+
+    def predict(self, x: int = 0) -> Any:
+        import time
+
+        if not self.warm:
+            time.sleep(self.FIRST_CALL)
+            self.warm = True
+        return {"y": 2 * x, "pid": os.getpid()}
+
+
+class WarmInCode(SlowFirstCall):
+    """:class:`SlowFirstCall` that declares its warm-up request in code."""
+
+    warmup_requests = ({"x": 1},)
+
+
+class SlowLoad(Doubler):
+    """A Doubler whose load takes ``LOAD`` seconds (a big model's weights)."""
+
+    LOAD = 1.5
+
+    def load(self) -> None:
+        import time
+
+        time.sleep(self.LOAD)
+        super().load()

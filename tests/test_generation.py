@@ -223,7 +223,10 @@ BAD_REQUESTS = [
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "'stop' must be .* up to 4"),
     ({"prompt": "a", "stop": [1]}, "'stop'"),
     ({"prompt": "a", "seed": 1.5}, "'seed' must be an integer"),
-    ({"prompt": "a", "n": 2}, r"unknown field\(s\) 'n'"),
+    ({"prompt": "a", "n": 0}, "'n' must be an integer from 1 to 16"),
+    ({"prompt": "a", "n": 17}, "'n' must be an integer from 1 to 16"),
+    ({"prompt": "a", "n": "2"}, "'n' must be an integer"),
+    ({"prompt": "a", "best_of": 2}, r"unknown field\(s\) 'best_of'"),
 ]
 
 

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "ipcserve"
-SURFACES = ("native", "openai", "v2", "status", "openapi")
+SURFACES = ("native", "openai", "v2", "v2_grpc", "status", "openapi")
 
 
 def _modules() -> dict[str, Path]:

@@ -203,6 +203,17 @@ def test_a_request_whose_replica_died_is_a_json_502_and_answers_pass_untouched()
     assert [(m.get("status"), m.get("body")) for m in sent] == [(503, None), (None, b"busy")]
     assert _through_middleware(replica_died, {"type": "lifespan"}) == []
 
+    # The replica died after its answer's headers, before the body (seen in test_ray's
+    # cluster test as a client's IncompleteRead): the headers were held, the client gets
+    # the 502 instead of a broken response.
+    async def died_after_the_start(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"68")]})
+
+    sent = _through_middleware(died_after_the_start, {"type": "http", "path": "/predict"})
+    assert [m.get("status") for m in sent] == [502, None], sent
+    assert json.loads(sent[1]["body"])["type"] == "WorkerCrashedError"
+
 
 def test_proxy_middlewares_are_starlette_middlewares() -> None:
     pytest.importorskip("starlette",

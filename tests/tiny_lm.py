@@ -10,6 +10,9 @@ The output rows of the special tokens are zeroed: their logit is exactly 0, whil
 random logits) and never ends early on ``</s>``. Tests that need an end-of-sequence token
 name one of the words as an extra ``eos_token_id`` in ``generation_config.json``
 (:func:`with_eos`), the way chat models list several.
+
+:class:`GatedLM` is the real adapter with a gate before each step, for tests that must
+know which step a cancellation or a crash lands in.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any
+
+from ipcserve.adapters.hf import TransformersModel
 
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 WORDS = tuple(
@@ -119,3 +124,29 @@ def build_encoder(directory: Path, *, seed: int = 0) -> Path:
     transformers.BertModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+
+class GatedLM(TransformersModel):
+    """A TransformersModel whose every step first takes a turn from ``turns`` (a semaphore
+    the test releases, so the test decides when each step runs) and logs its rows:
+    ``log[0]`` counts the steps, ``log[1 + i]`` holds the rows of step ``i``. Step number
+    ``fail_at`` raises."""
+
+    def __init__(self, path: Any, turns: Any, log: Any, fail_at: int = -1,
+                 **settings: Any) -> None:
+        super().__init__(path, **settings)
+        self.turns = turns
+        self.log = log
+        self.fail_at = fail_at
+
+    def step(self, states: list[Any]) -> list[Any]:
+        if not self.turns.acquire(timeout=60):
+            raise RuntimeError("the test gave no turn for a minute")
+        number = int(self.log[0])
+        if number + 1 < len(self.log):
+            self.log[number + 1] = sum(state.rows for state in states)
+        self.log[0] = number + 1
+        if number == self.fail_at:
+            raise RuntimeError(f"step {number} fails on purpose")
+        return super().step(states)

@@ -1,9 +1,9 @@
-"""Causal-LM text generation, one token per step, for TransformersModel (adapters.hf).
+"""Causal-LM text generation requests and their items, for TransformersModel (adapters.hf).
 
-``TextGenerator.stream(fields)`` checks a request and returns a generator; each ``next()``
-runs the model once (with its key/value cache) and samples one token, so the ML process can
-take turns between concurrent streams token by token, and a cancelled stream stops at its
-next ``yield``. The items::
+What a request takes (:func:`read_request`, :class:`Sampling`), how a token is picked
+(:func:`pick`) and how tokens become text (:class:`IncrementalDecoder`, :class:`StopBuffer`).
+The token loop itself, one step per token for a batch of streams, is :mod:`.decoding`. The
+items of a stream::
 
     {"text": " the"}                     # one per generated token; "" while text is held back
     ...
@@ -14,35 +14,39 @@ Text is held back while it could still be the start of a ``stop`` sequence (then
 or cut before the stop), and while the token so far ends inside a character (a byte-level
 tokenizer splits "é" or an emoji over several tokens); the deltas joined are the completion.
 
-Everything heavy (torch, jinja2) is imported inside functions: this module is imported by
-``hf.py`` in the web process too.
+With ``n`` > 1 choices, every item also carries the choice's ``"index"`` and each choice
+ends with its own final item.
+
+Everything heavy (torch, jinja2) is imported inside functions: this module is imported by ``hf.py``
+in the web process too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
-import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..engine.errors import InputError
 
-__all__ = ["IncrementalDecoder", "Sampling", "StopBuffer", "TextGenerator", "read_request"]
+__all__ = ["MAX_CHOICES", "MIN_TEMPERATURE", "IncrementalDecoder", "Sampling", "StopBuffer", "pick",
+           "prepare", "prompt_ids", "read_request"]
 
 logger = logging.getLogger(__name__)
 
-FIELDS = ("messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed")
+FIELDS = ("messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n")
 # As the OpenAI routes accept (openai_fields); the chat template may still refuse a role.
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
+#: Most choices (``n``) one request may ask for: each takes a row of the running batch.
+MAX_CHOICES = 16
 # Prompt tokens decoded with the first new token, so that it gets the space it would have in
 # the whole text ("the cat" + "sat" -> " sat"), as vLLM's detokenizer does.
 _PROMPT_CONTEXT = 5
 # Below it, dividing logits by the temperature overflows float32: sample greedily instead.
-_MIN_TEMPERATURE = 1e-5
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Sampling:
         top_p: sample from the smallest set of tokens whose probability reaches it.
         stop: generation ends before any of these texts, which are not returned.
         seed: the same seed, prompt and settings give the same tokens; None: random.
+            Choice ``i`` of ``n`` samples with ``seed + i``.
+        n: how many completions (choices) to generate from the one prompt.
     """
 
     max_tokens: int = 64
@@ -62,6 +68,7 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    n: int = 1
 
 
 def _is_int(value: Any) -> bool:
@@ -151,8 +158,59 @@ def read_request(fields: Mapping[str, Any], max_tokens_limit: int
     seed = fields.get("seed")
     if seed is not None and not _is_int(seed):
         raise InputError(f"'seed' must be an integer, got {seed!r}")
+    n = fields.get("n")
+    if n is None:
+        n = 1
+    elif not _is_int(n) or not 1 <= n <= MAX_CHOICES:
+        raise InputError(f"'n' must be an integer from 1 to {MAX_CHOICES}, got {n!r}")
     return prompt, Sampling(min(max_tokens, max_tokens_limit), temperature, top_p,
-                            tuple(stops), seed)
+                            tuple(stops), seed, n)
+
+
+def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    """The token ids of a prompt: a string as is (with the tokenizer's BOS, if it adds one),
+    messages through the chat template with the assistant's turn opened.
+
+    Raises:
+        InputError: ``messages`` the template rejects or cannot render, or no template.
+    """
+    if isinstance(prompt, str):
+        ids = list(tokenizer(prompt)["input_ids"])
+        if not ids:
+            bos = getattr(tokenizer, "bos_token_id", None)
+            if bos is None:
+                raise InputError("'prompt' is empty and this model has no BOS token to "
+                                 "start from; send some text")
+            ids = [int(bos)]
+        return ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("this model's tokenizer has no chat template, so it cannot take "
+                         "'messages'; send 'prompt' (a string) instead")
+    import jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
+        raise InputError(f"the chat template rejected 'messages': {exc}") from None
+    # The template writes the special tokens (BOS included) itself.
+    return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+
+def prepare(tokenizer: Any, fields: Mapping[str, Any], context: int, max_tokens_limit: int
+            ) -> tuple[list[int], Sampling]:
+    """A request's prompt ids and sampling settings, checked.
+
+    Raises:
+        InputError: see :func:`read_request`; also a prompt that leaves no room in the
+            ``context``, or ``messages`` for a model without a chat template.
+    """
+    prompt, sampling = read_request(fields, max_tokens_limit)
+    ids = prompt_ids(tokenizer, prompt)
+    if len(ids) >= context:
+        field = "prompt" if isinstance(prompt, str) else "messages"
+        raise InputError(f"the '{field}' is {len(ids)} tokens; this model's context is "
+                         f"{context} tokens, which leaves no room to generate")
+    return ids, sampling
 
 
 class IncrementalDecoder:
@@ -224,121 +282,11 @@ class StopBuffer:
         return out
 
 
-class TextGenerator:
-    """Generate from a causal LM one token per ``next()``; made in the ML process.
-
-    Args:
-        model: a transformers ``...ForCausalLM`` in eval mode on ``device``.
-        tokenizer: its tokenizer (with a chat template for ``messages``).
-        device: where the model is, e.g. "cpu" or "cuda:0".
-        context: most tokens of prompt plus completion.
-        max_tokens_limit: the largest ``max_tokens`` a request gets.
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, device: str, context: int,
-                 max_tokens_limit: int) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = device
-        self.context = context
-        self.max_tokens_limit = max_tokens_limit
-        ends: set[int] = set()
-        values: list[Any] = [getattr(tokenizer, "eos_token_id", None), getattr(
-            getattr(model, "generation_config", None), "eos_token_id", None)]
-        for value in values:
-            ends.update([value] if _is_int(value) else value or ())
-        self.end_ids = frozenset(ends)  # chat models often end on several (Llama 3: eot too)
-        # The key-value cache's argument and output field: ``cache`` in recent transformers
-        # (which warns about the old name), ``past_key_values`` before.
-        forward = inspect.signature(model.forward).parameters
-        self.cache_name = "cache" if "cache" in forward else "past_key_values"
-
-    def stream(self, fields: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-        """Check and tokenize the request now; the tokens come from the returned generator.
-
-        Raises:
-            InputError: see :func:`read_request`; also a prompt that leaves no room in the
-                context, or ``messages`` for a model without a chat template.
-        """
-        prompt, sampling = read_request(fields, self.max_tokens_limit)
-        ids = self.prompt_ids(prompt)
-        if len(ids) >= self.context:
-            field = "prompt" if isinstance(prompt, str) else "messages"
-            raise InputError(f"the '{field}' is {len(ids)} tokens; this model's context is "
-                             f"{self.context} tokens, which leaves no room to generate")
-        return self._generate(ids, sampling)
-
-    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
-        """The token ids of a prompt: a string as is (with the tokenizer's BOS, if it adds
-        one), messages through the chat template with the assistant's turn opened.
-
-        Raises:
-            InputError: ``messages`` the template rejects or cannot render, or no template.
-        """
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt)["input_ids"])
-            if not ids:
-                bos = getattr(self.tokenizer, "bos_token_id", None)
-                if bos is None:
-                    raise InputError("'prompt' is empty and this model has no BOS token to "
-                                     "start from; send some text")
-                ids = [int(bos)]
-            return ids
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InputError("this model's tokenizer has no chat template, so it cannot take "
-                             "'messages'; send 'prompt' (a string) instead")
-        import jinja2
-
-        try:
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                                      tokenize=False)
-        except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
-            raise InputError(f"the chat template rejected 'messages': {exc}") from None
-        # The template writes the special tokens (BOS included) itself.
-        return list(self.tokenizer(str(text), add_special_tokens=False)["input_ids"])
-
-    def _generate(self, ids: list[int], sampling: Sampling) -> Iterator[dict[str, Any]]:
-        import torch
-
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(sampling.seed if sampling.seed is not None
-                              else secrets.randbits(63))
-        decoder, stops = IncrementalDecoder(self.tokenizer, ids), StopBuffer(sampling.stop)
-        room = min(sampling.max_tokens, self.context - len(ids))
-        inputs = torch.tensor([ids], device=self.device)
-        cache: Any = None
-        produced, finish = 0, "length"
-        while produced < room:
-            # inference_mode per step, not around the loop: it is thread state, and a yield
-            # inside it would leak it to whoever calls next() (the ML process's loop).
-            with torch.inference_mode():
-                out = self.model(input_ids=inputs, use_cache=True, **{self.cache_name: cache})
-                cache = getattr(out, self.cache_name)
-                token = _pick(out.logits[0, -1], sampling, generator)
-            produced += 1
-            inputs = torch.tensor([[token]], device=self.device)
-            if token in self.end_ids:
-                text, stopped = stops.push(decoder.flush())
-                finish = "stop"
-                yield {"text": text if stopped else text + stops.flush()}
-                break
-            text, stopped = stops.push(decoder.add(token))
-            if not stopped and produced == room:
-                tail, stopped = stops.push(decoder.flush())
-                text += tail if stopped else tail + stops.flush()
-            yield {"text": text}
-            if stopped:
-                finish = "stop"
-                break
-        yield {"text": "", "finish_reason": finish,
-               "usage": {"prompt_tokens": len(ids), "completion_tokens": produced}}
-
-
-def _pick(logits: Any, sampling: Sampling, generator: Any) -> int:
+def pick(logits: Any, sampling: Sampling, generator: Any) -> int:
     """The next token from the last position's logits: greedy, or temperature + top-p."""
     import torch
 
-    if sampling.temperature < _MIN_TEMPERATURE:
+    if sampling.temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p >= 1.0:

@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine.errors import ConfigError, InputError
 from ..engine.mlprocess import MLProcess
-from .generation import TextGenerator
+from .decoding import TextGenerator
+from .generation import MAX_CHOICES
 from .pytorch import check_device, default_name, resolve_device, set_torch_threads
 
 if TYPE_CHECKING:
@@ -143,6 +144,12 @@ class TransformersModel(MLProcess):
         max_new_tokens: image-text-to-text: generation length limit.
         max_new_tokens_limit: text-generation: the largest ``max_tokens`` a request gets
             (a larger one is lowered to it).
+        batched_decoding: text-generation: run the streams of one ML process as one batch,
+            one forward pass per token for all of them (continuous batching; see
+            :mod:`.decoding`); at most ``max_batch_size`` sequences per step. False: each
+            stream makes its own forward pass per token.
+        prefill_chunk: text-generation: most prompt tokens per forward pass and per step,
+            so a long prompt delays the other streams by one chunk at a time.
         pipeline_kwargs: extra keyword arguments for ``transformers.pipeline(...)``.
         warmup: run one dummy input before the process reports ready.
         name: the model's name; defaults to the directory's name.
@@ -157,6 +164,7 @@ class TransformersModel(MLProcess):
                  num_threads: int | None = None, normalize: bool = False, pooling: str = "mean",
                  max_length: int | None = None, top_k: int | None = None, prompt: str = "",
                  max_new_tokens: int = 30, max_new_tokens_limit: int = 512,
+                 batched_decoding: bool = True, prefill_chunk: int = 256,
                  pipeline_kwargs: Mapping[str, Any] | None = None,
                  warmup: bool = True, name: str | None = None, **settings: Any) -> None:
         super().__init__(name=name or default_name(path, "transformersmodel"), **settings)
@@ -172,7 +180,8 @@ class TransformersModel(MLProcess):
         for label, value in (("batch_size", batch_size), ("num_threads", num_threads),
                              ("max_length", max_length), ("top_k", top_k),
                              ("max_new_tokens", max_new_tokens),
-                             ("max_new_tokens_limit", max_new_tokens_limit)):
+                             ("max_new_tokens_limit", max_new_tokens_limit),
+                             ("prefill_chunk", prefill_chunk)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ConfigError(f"{label} must be an integer >= 1, got {value!r}")
@@ -188,6 +197,8 @@ class TransformersModel(MLProcess):
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.max_new_tokens_limit = max_new_tokens_limit
+        self.batched_decoding = bool(batched_decoding)
+        self.prefill_chunk = prefill_chunk
         self.pipeline_kwargs = dict(pipeline_kwargs or {})
         self.run_warmup = warmup
         self.pipe: Any = None
@@ -198,8 +209,44 @@ class TransformersModel(MLProcess):
 
     @property
     def batching(self) -> bool:
-        """False for text-generation: each request streams from its own generator."""
+        """False for text-generation: its requests stream (stepped together, see
+        :attr:`stepping`), they are not collected for ``predict_batch``."""
         return self.task != "text-generation"
+
+    @property
+    def max_choices(self) -> int:
+        """The most completions (``n``) one text-generation request may ask for (the
+        OpenAI routes read it); 1 for the other tasks."""
+        return MAX_CHOICES if self.task == "text-generation" else 1
+
+    @property
+    def stepping(self) -> bool:
+        """True (after ``load``) for text-generation with ``batched_decoding`` on a model
+        whose key/value cache can batch: the ML process runs every stream through
+        :meth:`begin` / :meth:`step` / :meth:`finish`, one forward pass per token for all."""
+        return (self.batched_decoding and self.generator is not None
+                and self.generator.batchable)
+
+    def begin(self, *args: Any, **kwargs: Any) -> Any:
+        """text-generation: check a request (as :meth:`predict`) and return its state for
+        :meth:`step`.
+
+        Raises:
+            InputError: see :func:`ipcserve.adapters.generation.read_request`.
+        """
+        if self.generator is None:
+            raise InputError("begin() is for text generation, after load()")
+        return self.generator.start(self._fields(args, kwargs))
+
+    def step(self, states: list[Any]) -> list[Any]:
+        """One token for every sequence of ``states``, in one forward pass."""
+        assert self.generator is not None
+        return list(self.generator.step(states))
+
+    def finish(self, state: Any) -> None:
+        """``state`` ended: its sequences leave the batch."""
+        if self.generator is not None:
+            self.generator.finish(state)
 
     # -- ML process ------------------------------------------------------------------
     def load(self) -> None:
@@ -238,7 +285,8 @@ class TransformersModel(MLProcess):
                 self.max_length = min(limit, positions or limit, 10**6)
         if self.task == "text-generation":
             self.generator = TextGenerator(self.model, self.tokenizer, self._device,
-                                           self.max_length or 2048, self.max_new_tokens_limit)
+                                           self.max_length or 2048, self.max_new_tokens_limit,
+                                           self.prefill_chunk)
         logger.info("transformers model %s (%s) loaded on %s", self.name, self.task, self._device)
 
     def warmup(self) -> None:
@@ -261,12 +309,16 @@ class TransformersModel(MLProcess):
         """
         if self.task != "text-generation" or self.generator is None:
             return super().predict(*args, **kwargs)
+        return self.generator.stream(self._fields(args, kwargs))
+
+    @staticmethod
+    def _fields(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         if len(args) == 1 and isinstance(args[0], str) and "prompt" not in kwargs:
-            kwargs = {"prompt": args[0], **kwargs}
-        elif args:
+            return {"prompt": args[0], **kwargs}
+        if args:
             raise InputError("text generation takes keyword fields: prompt= or messages=, "
-                             "and max_tokens, temperature, top_p, stop, seed")
-        return self.generator.stream(kwargs)
+                             "and max_tokens, temperature, top_p, stop, seed, n")
+        return kwargs
 
     def predict_batch(self, xs: list[Any]) -> list[Any]:
         """Answer a batch; list inputs are flattened into it and regrouped afterwards.

@@ -158,6 +158,42 @@ def _positive_seconds(text: str) -> float:
 _positive_seconds.__name__ = "a number of seconds > 0"
 
 
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb": 1000 ** 2,
+          "mib": 1024 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "tib": 1024 ** 4}
+
+
+def _optional_bytes(text: str) -> int | None:
+    """A number of bytes > 0 (``2GiB``, ``512MB``, ``1000000``), or none."""
+    value = text.strip().lower().replace(" ", "")
+    if value in ("", "none"):
+        return None
+    number = value.rstrip("kmgtib")
+    unit = value[len(number):]
+    if unit not in _UNITS or not number:
+        raise ValueError(text)
+    result = int(float(number) * _UNITS[unit])
+    if result < 1:
+        raise ValueError(text)
+    return result
+
+
+_optional_bytes.__name__ = "a number of bytes such as 2GiB or 512MB, or none"
+
+
+def _optional_count(text: str) -> int | None:
+    """An integer >= 1, or none."""
+    if text.strip().lower() in ("", "none"):
+        return None
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_optional_count.__name__ = "an integer >= 1, or none"
+
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -252,10 +288,24 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
     Setting("cache_timeout", "http", 0.25,
             "seconds a response cache backend on the network (Redis) may take per operation "
             "before the model answers instead", _positive_seconds),
+    # The model pool (ipcserve.http.pool): past either limit, a load on demand first evicts
+    # the least recently used idle model version.
+    Setting("max_loaded_models", "http", None,
+            "model versions loaded at once; past it the least recently used idle one is "
+            "evicted (loaded again on its next request); none: no limit", _optional_count),
+    Setting("max_loaded_memory", "http", None,
+            "resident memory of the loaded models' ML processes (e.g. 8GiB); past it the least "
+            "recently used idle one is evicted; none: no limit", _optional_bytes),
     # -- server: ipcserve serve / python app.py --
     Setting("host", "server", "127.0.0.1",
             "address to bind; another one without an API key logs a warning", str),
-    Setting("port", "server", 8000, "port to listen on; 0 picks a free one", int),
+    Setting("port", "server", 8000, "port to listen on; 0 picks a free one (KServe's "
+            "--http_port is this flag)", int),
+    # Off unless asked for: a second listener is a second thing to secure and monitor.
+    Setting("grpc_port", "server", None,
+            "also serve the Open Inference Protocol V2 over gRPC on this port (same host, "
+            "models and API key; 0 picks a free one; needs ipcserve[grpc]); none: no gRPC "
+            "(KServe's --grpc_port is this flag)", _optional_int),
     Setting("threads", "server", None,
             "waitress threads that run requests; none: the models' max_inflight + 4",
             _optional_int),
@@ -273,7 +323,11 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
             "(docs/configuration.md)", str),
     Setting("model", "server", "digits",
             "'digits', package.module:attribute, or the path of a transformers model "
-            "directory or an .onnx/.pt2/.pt/.ts file; repeat the flag to serve several", str),
+            "directory, an .onnx/.pt2/.pt/.ts file or a directory holding one such file "
+            "(KServe's --model_dir is this flag); repeat the flag to serve several", str),
+    Setting("model_name", "server", None,
+            "the name to serve the one --model under (URLs, V2, metrics); none: from the "
+            "model (KServe's --model_name is this flag)", str),
     Setting("task", "server", None,
             "the task of a transformers model directory given by path; none: from its "
             "config.json", str),

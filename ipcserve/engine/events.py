@@ -1,8 +1,10 @@
 """What happened to the models lately: a bounded, process-wide event log for the status page.
 
 The supervisor (ML process started, crashed with its exit cause, restarted, killed by the
-watchdog, circuit opened, the supervisor itself failed or recovered) and the Flask extension (model reloaded or not, drain started)
-call :func:`record`; ``GET /v1/events`` reads :data:`LOG` newest first. The log keeps the
+watchdog, circuit opened, the supervisor itself failed or recovered), the Flask extension
+(model reloaded or not, drain started), the model pool (a version loaded on demand or not,
+evicted, unloaded when idle) and the versions (promoted, rolled back, weight changed) call
+:func:`record`; ``GET /v1/events`` reads :data:`LOG` newest first. The log keeps the
 last :data:`MAX_EVENTS` events in a deque: old ones fall off, memory stays bounded.
 
 It is per process, like the supervisor that writes most of it: under gunicorn the ML
@@ -22,7 +24,11 @@ __all__ = ["EventLog", "KINDS", "LOG", "MAX_EVENTS", "record"]
 
 #: Every kind of event, as the page and scripts see it.
 KINDS = ("started", "crashed", "restarted", "hung-killed", "circuit-opened", "reloaded",
-         "reload-failed", "drain-started", "supervisor-failed", "supervisor-recovered")
+         "reload-failed", "drain-started", "supervisor-failed", "supervisor-recovered",
+         # the model pool (http/pool.py): loads on demand, evictions, idle unloads
+         "loaded", "load-failed", "evicted", "unloaded",
+         # versions (http/versions.py): promotions, rollbacks, weights
+         "promoted", "rolled-back", "weight-changed")
 
 #: Events kept by :data:`LOG`.
 MAX_EVENTS = 500

@@ -115,6 +115,14 @@ class MLProcess:
     def warmup(self) -> None:
         """Optional: run a dummy input through the model after load(), before ready."""
 
+    #: Example requests, each the keyword arguments of one call (a JSON request body's
+    #: fields): after :meth:`load` and :meth:`warmup`, every ML process runs each one through
+    #: the model as a request would go (``predict_batch`` with a batch of one for a batching
+    #: model; a stream is read to its end) before it reports ready, so the first real
+    #: request does not pay the one-time costs (allocators, lazy kernels, caches). Set it
+    #: on the class, on an instance, or with ``warmup = "FILE"`` in a config file.
+    warmup_requests: tuple[dict[str, Any], ...] | list[dict[str, Any]] = ()
+
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         """Answer one request. Runs inside the ML process.
 

@@ -7,6 +7,10 @@
       errors, config, protocol, statusblock, runtime  <-  channel, worker, batching
                                                       <-  supervisor  <-  mlprocess
 
+* :class:`SteppedModel` and :class:`Made`: the step hook of a model that can advance many
+  streams in one call (continuous batching of generation): the ML process's step scheduler
+  (``stepping``) is typed against it.
+
 * :class:`Plumbing`: the shared queue, the status block, the Shutdown token and the
   settings, made once by ``MLProcess.start()`` and handed whole to the supervisor, the
   callers and (pickled) to every ML process.
@@ -20,7 +24,7 @@ from typing import Any, Protocol
 from .config import Config
 from .statusblock import StatusBlock
 
-__all__ = ["Plumbing", "ServedModel"]
+__all__ = ["Made", "Plumbing", "ServedModel", "SteppedModel"]
 
 
 class ServedModel(Protocol):
@@ -39,6 +43,53 @@ class ServedModel(Protocol):
     @property
     def batching(self) -> bool:
         """True when concurrent calls should be handed to ``predict_batch`` together."""
+        ...
+
+
+@dataclasses.dataclass
+class Made:
+    """What one step made for one stream.
+
+    Attributes:
+        items: the stream's items, in order (none while its request is still prefilled).
+        done: the stream is over: its last item is among ``items``.
+        tokens: how many tokens (units of work) the step made for it, for tokens/s.
+    """
+
+    items: list[Any]
+    done: bool = False
+    tokens: int = 0
+
+
+class SteppedModel(Protocol):
+    """A model that advances many streams in one call (``stepping`` is True).
+
+    The ML process calls :meth:`begin` for each streaming request instead of ``predict``,
+    then, once per turn, :meth:`step` with the states of every active stream that can take
+    more (up to ``max_batch_size`` rows), and :meth:`finish` exactly once per started state,
+    whatever ended it (done, cancelled, expired, failed). A state may have a ``rows``
+    attribute: the batch rows it takes (1 if it has none).
+    """
+
+    @property
+    def stepping(self) -> bool:
+        """True when streaming requests go through :meth:`begin` / :meth:`step`."""
+        ...
+
+    def begin(self, *args: Any, **kwargs: Any) -> Any:
+        """Check a request and return its state; nothing heavy yet.
+
+        Raises:
+            InputError: the request is invalid (the caller gets it before any item).
+        """
+        ...
+
+    def step(self, states: list[Any]) -> list[Made]:
+        """Advance every state by one step; one :class:`Made` per state, in order."""
+        ...
+
+    def finish(self, state: Any) -> None:
+        """Forget ``state`` and free what it holds."""
         ...
 
 

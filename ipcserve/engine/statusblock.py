@@ -18,6 +18,11 @@ most requests a batch can take (that process is their single writer), for admiss
 estimate (:mod:`ipcserve.engine.admission`). A restarted
 process keeps its predecessor's: it runs the same model.
 
+Step fields (after the caller fields): per slot, the figures of the step scheduler
+(:mod:`.stepping`), written by the ML process: the rows of its last step (0 when idle),
+counters of steps, rows and tokens, and histograms of the time to first item and between
+items (bucket counts, sum, count; the buckets are :data:`STEP_BUCKETS`).
+
 Caller fields: every process that calls the model claims one ``(pid, in flight)`` pair
 (under a lock, once per process) and stores its count of admitted calls there. The ML
 processes read their sum to tell requests known to be on their way (admitted, not yet
@@ -34,7 +39,7 @@ from typing import Any
 from . import admission
 from .admission import Pace
 
-__all__ = ["State", "StatusBlock"]
+__all__ = ["STEP_BUCKETS", "State", "StatusBlock"]
 
 
 class State(enum.IntEnum):
@@ -75,6 +80,12 @@ _PACE_FIELDS = 3
 # batch, quick enough to follow a change of load within a few batches.
 _PACE_WEIGHT = 0.2
 
+# Step figures per slot, after the pace fields (the ML process of each slot writes its own).
+#: Upper bounds (seconds) of the step histograms' buckets; one more bucket counts the rest.
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_ROWS, _STEPS, _ROWS_TOTAL, _TOKENS, _FIRST, _BETWEEN = 0, 1, 2, 3, 4, 4 + len(STEP_BUCKETS) + 3
+_STEP_SLOT = _BETWEEN + len(STEP_BUCKETS) + 3  # per histogram: buckets + overflow, sum, count
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -92,7 +103,7 @@ class StatusBlock:
     def __init__(self, ctx: Any, workers: int) -> None:
         self.workers = workers
         self._array = ctx.RawArray("d", workers * _SLOT + _COMMON + 2 * CALLER_FIELDS
-                                   + _PACE_FIELDS * workers)
+                                   + _PACE_FIELDS * workers + workers * _STEP_SLOT)
         for slot in range(workers):
             self._set(slot, _EXITCODE, _NO_EXITCODE)
 
@@ -384,6 +395,61 @@ class StatusBlock:
         found = admission.estimate(self.callers_inflight(), self.paces())
         return None if found is None else found.wait
 
+    # -- step figures (the ML process of each slot writes its own) ---------------------------
+    def _step_base(self, slot: int) -> int:
+        return (self._caller_base() + 2 * CALLER_FIELDS + _PACE_FIELDS * self.workers
+                + slot * _STEP_SLOT)
+
+    def record_step(self, slot: int, rows: int, tokens: int) -> None:
+        """ML process: a step of ``rows`` batch rows made ``tokens`` tokens (rows 0: idle)."""
+        base, array = self._step_base(slot), self._array
+        array[base + _ROWS] = rows
+        if rows:
+            array[base + _STEPS] += 1
+            array[base + _ROWS_TOTAL] += rows
+            array[base + _TOKENS] += tokens
+
+    def _observe(self, slot: int, histogram: int, seconds: float) -> None:
+        base, array = self._step_base(slot) + histogram, self._array
+        bucket = next((i for i, bound in enumerate(STEP_BUCKETS) if seconds <= bound),
+                      len(STEP_BUCKETS))
+        array[base + bucket] += 1
+        array[base + len(STEP_BUCKETS) + 1] += seconds
+        array[base + len(STEP_BUCKETS) + 2] += 1
+
+    def record_first_item(self, slot: int, seconds: float) -> None:
+        """ML process: a stream's first items went out ``seconds`` after it read the request."""
+        self._observe(slot, _FIRST, seconds)
+
+    def record_between_items(self, slot: int, seconds: float) -> None:
+        """ML process: a stream's items of one step went out ``seconds`` after its last."""
+        self._observe(slot, _BETWEEN, seconds)
+
+    def _histogram(self, histogram: int) -> dict[str, Any]:
+        n = len(STEP_BUCKETS) + 3
+        totals = [0.0] * n
+        for slot in range(self.workers):
+            base = self._step_base(slot) + histogram
+            for i in range(n):
+                totals[i] += self._array[base + i]
+        return {"buckets": [int(c) for c in totals[:len(STEP_BUCKETS) + 1]],
+                "sum": round(totals[-2], 6), "count": int(totals[-1])}
+
+    def steps(self) -> dict[str, Any]:
+        """The step figures over every slot: ``rows`` (of the steps running now), counters
+        ``steps``, ``rows_total``, ``tokens``, and histograms ``first_item`` and
+        ``between_items`` (``buckets``: counts per :data:`STEP_BUCKETS` bound, then above;
+        ``sum``; ``count``)."""
+        totals = [0.0] * 4
+        for slot in range(self.workers):
+            base = self._step_base(slot)
+            for i in range(4):
+                totals[i] += self._array[base + i]
+        return {"rows": int(totals[_ROWS]), "steps": int(totals[_STEPS]),
+                "rows_total": int(totals[_ROWS_TOTAL]), "tokens": int(totals[_TOKENS]),
+                "first_item": self._histogram(_FIRST),
+                "between_items": self._histogram(_BETWEEN)}
+
     # -- summaries -----------------------------------------------------------------------
     def all_stopped(self) -> bool:
         """No ML process is running, starting or about to restart."""
@@ -431,4 +497,5 @@ class StatusBlock:
             "supervisor_failures": self.supervisor_failures,
             "supervisor_failing": self.supervisor_failing,
             "estimated_wait": None if wait is None else round(wait, 6),
+            "steps": self.steps(),
         }

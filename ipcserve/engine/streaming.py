@@ -16,6 +16,10 @@ the error if the generator raised). Three rules keep one ML process fair and bou
 
 The deadline of a streaming request covers its first item; after it, the caller enforces
 the idle time between items and sends ``Cancel`` when it runs out.
+
+A model that steps many streams at once (``stepping``) runs its streams in a
+:class:`~ipcserve.engine.stepping.StepRunner` instead, which this runner holds: the serving
+loop cancels, advances and closes both through it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .cancel import Cancelled, CancelWatch
 from .protocol import StreamEnd, StreamItem
 from .reply import model_error, send
 from .statusblock import StatusBlock
+from .stepping import StepRunner
 
 __all__ = ["StreamRunner", "is_stream"]
 
@@ -62,20 +67,30 @@ class _Stream:
 
 
 class StreamRunner:
-    """The active streams of one ML process."""
+    """The active streams of one ML process (``steps``: those of a stepping model)."""
 
-    def __init__(self, status: StatusBlock, slot: int, watch: CancelWatch, threshold: int) -> None:
+    def __init__(self, status: StatusBlock, slot: int, watch: CancelWatch, threshold: int,
+                 steps: StepRunner | None = None) -> None:
         self.status = status
         self.slot = slot
         self.watch = watch
         self.threshold = threshold
         self.streams: list[_Stream] = []
+        self.steps = steps
 
     def __bool__(self) -> bool:
-        return bool(self.streams)
+        return bool(self.streams) or bool(self.steps)
 
     def __len__(self) -> int:
-        return len(self.streams)
+        return len(self.streams) + (len(self.steps) if self.steps is not None else 0)
+
+    def join(self, item: Any) -> bool:
+        """Start request ``item`` in the step scheduler, if the model steps; False if not
+        (then the caller runs ``predict`` as for any model)."""
+        if self.steps is None or item.request.items is not None:
+            return False
+        self.steps.start(item)
+        return True
 
     def add(self, item: Any, gen: collections.abc.Iterator[Any]) -> None:
         self.streams.append(_Stream(item, gen))
@@ -95,7 +110,7 @@ class StreamRunner:
     def cancel(self, conn: Any, request_id: int | None, reason: str) -> bool:
         """Stop the stream of (``conn``, ``request_id``) — every stream of ``conn`` when
         ``request_id`` is None — without a StreamEnd: nobody waits for it."""
-        found = False
+        found = self.steps is not None and self.steps.cancel(conn, request_id, reason)
         for stream in [s for s in self.streams if s.item.conn is conn and
                        (request_id is None or s.item.request.id == request_id)]:
             self._end(stream, notify=False)
@@ -108,10 +123,13 @@ class StreamRunner:
     def close_all(self, error: Any) -> None:
         for stream in list(self.streams):
             self._end(stream, error)
+        if self.steps is not None:
+            self.steps.close_all(error)
 
     def advance(self) -> bool:
-        """One item from every stream whose caller can take it. True if any advanced."""
-        advanced = False
+        """One item from every stream whose caller can take it, and one step of the
+        stepping model's streams. True if any advanced."""
+        advanced = self.steps is not None and self.steps.advance()
         for stream in list(self.streams):
             if stream in self.streams and stream.can_send():
                 self._step(stream)

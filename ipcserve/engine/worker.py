@@ -37,6 +37,7 @@ from typing import Any
 from . import batching, shm
 from .cancel import Cancelled, CancelWatch, Undecoded
 from .reply import model_error, send, signature_error
+from .stepping import StepRunner, steps_of
 from .streaming import StreamRunner, is_stream
 from .errors import (
     InputError,
@@ -129,7 +130,11 @@ class _Loop:
         self.batchable = model.batching
         self.watch = CancelWatch(bool(getattr(model, "interruptible", True)), self._handle)
         model._cancel_probe = self.watch.cancelled  # type: ignore[attr-defined]
-        self.streams = StreamRunner(self.status, slot, self.watch, self.config.shm_threshold)
+        steps = (StepRunner(model, self.status, slot, self.watch,  # type: ignore[arg-type]
+                            self.config.shm_threshold, self.config.max_batch_size)
+                 if steps_of(model) else None)
+        self.streams = StreamRunner(self.status, slot, self.watch, self.config.shm_threshold,
+                                    steps)
         self.item_time = 0.0  # moving average of model seconds per item, for "time saved"
 
     # -- input -----------------------------------------------------------------------
@@ -373,6 +378,8 @@ class _Loop:
         self.status.beat(self.slot)
 
     def _run_single(self, item: _Pending) -> None:
+        if self.streams.join(item):  # a stepping model: the stream joins the next step
+            return
         if item.request.items is not None:
             self._run_items(item)
             return
@@ -595,6 +602,18 @@ class _Loop:
             self.poll_once(min(remaining, _GATHER_SLICE))
 
 
+def _warm_up(model: ServedModel) -> None:
+    """Run the model's example requests (``MLProcess.warmup_requests``) as requests run."""
+    for kwargs in getattr(model, "warmup_requests", ()):
+        if model.batching:
+            answer = model.predict_batch([batching.item_of((), dict(kwargs))])[0]
+        else:
+            answer = model.predict(**kwargs)
+        if is_stream(answer):  # a stream: its items too
+            for _ in answer:
+                pass
+
+
 def worker_main(model: ServedModel, plumbing: Plumbing, slot: int, generation: int,
                 ready: Connection, parent_pid: int) -> None:
     """Entry point of an ML process (module level, plain arguments, so spawn can import it)."""
@@ -617,6 +636,7 @@ def worker_main(model: ServedModel, plumbing: Plumbing, slot: int, generation: i
     try:
         model.load()
         model.warmup()
+        _warm_up(model)
     except BaseException as exc:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         try:

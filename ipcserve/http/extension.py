@@ -30,8 +30,12 @@ from ..engine.errors import IPCServeError
 from ..engine.mlprocess import MLProcess
 from . import native, openai, openapi, reload, routes, status, v2
 from .cache import CacheSettings, ResponseCache, key_salt
+from .pool import resident_bytes
 from .serving import Endpoint, Models, Served, check_api_key, error_response as _respond
 from .serving import failure_of, served
+from .shadow import Shadow
+from .rollback import Rollback
+from .versions import DEFAULT_VERSION, Version
 
 __all__ = ["IPCServe", "error_response"]
 
@@ -109,7 +113,9 @@ class IPCServe:
     # -- models --------------------------------------------------------------------
     def add_model(self, ml: MLProcess, kind: str = "json", *, schema: Any = None,
                   preprocess: Callable[[Any], Any] | None = None, default: bool | None = None,
-                  response_schema: Any = None, cache: CacheSettings | bool | None = None) -> None:
+                  response_schema: Any = None, cache: CacheSettings | bool | None = None,
+                  version: str = DEFAULT_VERSION, lazy: bool = False,
+                  idle_unload: float | None = None, rollback: Rollback | None = None) -> None:
         """Serve ``ml`` at ``/v1/models/<ml.name>/predict``.
 
         Args:
@@ -128,10 +134,18 @@ class IPCServe:
             cache: keep this model's answers to identical requests
                 (:class:`~ipcserve.http.cache.CacheSettings`, or True for the defaults:
                 300 s, 1024 answers); see :mod:`ipcserve.http.cache`.
+            version: the name of ``ml``'s version (more with :meth:`add_version`).
+            lazy: load it on its first request instead of at :meth:`start` (see
+                :mod:`ipcserve.http.pool`).
+            idle_unload: unload it after this many seconds without a request; the next
+                request loads it again.
+            rollback: when a canary of this model is rolled back on its own (default:
+                :class:`~ipcserve.http.rollback.Rollback`'s defaults).
 
         Raises:
             ValueError: a model of that name is served already, or ``preprocess`` is given
-                for a JSON model.
+                for a JSON model (``ConfigError``, a ValueError: a bad version name,
+                ``idle_unload`` or ``rollback``).
         """
         if ml.name in self.models.endpoints:
             raise ValueError(f"a model named {ml.name!r} is already served")
@@ -143,26 +157,77 @@ class IPCServe:
             ml.configure(keep_keywords=True, **self._engine_settings)
         settings = (cache if isinstance(cache, CacheSettings) else CacheSettings()) if cache else None
         endpoint = Endpoint(ml, kind, schema=schema, preprocess=preprocess,
-                            response_schema=response_schema, cache=settings)
+                            response_schema=response_schema, cache=settings, version=version,
+                            lazy=lazy, idle_unload=idle_unload, rollback=rollback)
         if settings is not None and self._app is not None:
             self._make_cache(self._app, endpoint)
-        self.models.endpoints[ml.name] = endpoint
+        self.models.add(endpoint)
         if default or (default is None and self.models.default is None):
             self.models.default = ml.name
 
+    def add_version(self, name: str, version: str, ml: MLProcess, *, weight: float = 0.0,
+                    shadow: bool = False, tolerance: float = 1e-6, lazy: bool | None = None,
+                    idle_unload: float | None = None) -> None:
+        """Serve ``ml`` as version ``version`` of model ``name`` (added with
+        :meth:`add_model`, whose version is the stable one).
+
+        Args:
+            name: the model.
+            version: the new version's name (``X-IPCServe-Version`` pins it).
+            ml: its MLProcess; it takes the model's name.
+            weight: percent of the model's traffic it gets (a canary); 0: only pinned
+                requests (a standby, or promoted later).
+            shadow: it gets a copy of every answered request instead, its answers compared
+                with the ones the client got (never sent to a client); loaded at start,
+                never evicted.
+            tolerance: a shadow's numbers agree when this close (relative or absolute).
+            lazy / idle_unload: as for :meth:`add_model` (default: the stable version's).
+
+        Raises:
+            ValueError: no such model, a model with a response cache, a version of that
+                name already, a second shadow, or canary weights past 100 (``ConfigError``).
+        """
+        endpoint = self.models.endpoints.get(name)
+        if endpoint is None:
+            raise ValueError(f"no model named {name!r}; add_model() it first")
+        if endpoint.cache_settings is not None:
+            raise ValueError(f"model {name!r} has a response cache: a cached answer would skip "
+                             "the traffic split; serve versions without a cache")
+        stable = endpoint.split.versions[endpoint.split.stable]
+        if shadow:
+            lazy, idle_unload = False, None  # compared from the first request on
+        ml.name = name
+        if self._engine_settings and not ml.started:
+            ml.configure(keep_keywords=True, **self._engine_settings)
+        added = Version(name, version, ml, weight=weight,
+                        lazy=stable.lazy if lazy is None else lazy,
+                        idle_unload=stable.idle_unload if idle_unload is None else idle_unload)
+        if shadow:
+            added.pinned += 1  # copies go straight to its MLProcess: never evicted
+            endpoint.shadow = Shadow(endpoint.split, tolerance)
+        endpoint.split.add(added, shadow=shadow)
+        self.models.pool.register(added)
+
     def start(self, *, wait: bool = True) -> None:
-        """Start every model that is not started yet.
+        """Start every model version that is not started yet and does not load on demand.
 
         Args:
             wait: False returns at once: models load in the background, requests get 503
                 ("loading") meanwhile, and :meth:`wait_started` waits and raises load errors.
 
         Raises:
+            ConfigError: more versions load at start than ``max_loaded_models``.
             ModelError / WorkerUnavailableError: a model failed to load (``wait=True``).
         """
-        for endpoint in self.models.endpoints.values():
-            if not endpoint.ml.started:
-                endpoint.ml.start(wait=wait)
+        self.models.pool.check_start()
+        for version in self._eager():
+            if not version.ml.started:
+                version.ml.start(wait=wait)
+                version.loads["start"] += 1
+        self.models.pool.start()  # the idle-unload thread, if a version has idle_unload
+
+    def _eager(self) -> list[Version]:
+        return [v for e in self.models.endpoints.values() for v in e.versions if not v.lazy]
 
     def wait_started(self, timeout: float | None = None) -> bool:
         """After ``start(wait=False)``: True once every model is started, False when
@@ -172,10 +237,13 @@ class IPCServe:
             what a model's load raised.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        for endpoint in self.models.endpoints.values():
+        for version in self._eager():
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not endpoint.ml.wait_started(remaining):
+            if not version.ml.wait_started(remaining):
                 return False
+            version.last_used = time.monotonic()  # idle_unload counts from the load
+            if version.ml.started:  # what it weighs, for max_loaded_memory
+                version.rss = resident_bytes(version.ml.pids)
         return True
 
     @property
@@ -217,7 +285,11 @@ class IPCServe:
         if delay > 0 and not models.draining.is_set():
             self._hurry.wait(delay)
         models.draining.set()
-        serving = [endpoint.ml for endpoint in models.endpoints.values()]
+        loading = models.pool.close()  # no load or unload starts from now on
+        for endpoint in models.endpoints.values():
+            if endpoint.shadow is not None:
+                endpoint.shadow.stop()
+        serving = [v.ml for endpoint in models.endpoints.values() for v in endpoint.versions]
         if grace is None:
             grace = max((ml.config.shutdown_grace for ml in serving), default=0.0)
         for ml in serving:  # every model's intake stops at the same moment
@@ -228,8 +300,15 @@ class IPCServe:
             idle = ml.shutdown(grace=max(0.0, deadline - time.monotonic())) and idle
         # A reload that swapped in its new version while the drain began.
         for endpoint in models.endpoints.values():
-            if all(endpoint.ml is not ml for ml in serving):
-                idle = endpoint.ml.shutdown(grace=max(0.0, deadline - time.monotonic())) and idle
+            for version in endpoint.versions:
+                if all(version.ml is not ml for ml in serving):
+                    idle = version.ml.shutdown(grace=max(0.0, deadline - time.monotonic())) \
+                        and idle
+        for thread in loading:  # their MLProcesses stopped above: they end now
+            thread.join(max(1.0, deadline - time.monotonic()))
+        for endpoint in models.endpoints.values():
+            if endpoint.shadow is not None:
+                endpoint.shadow.join()
         return idle
 
     def shutdown(self, grace: float | None = None) -> None:
@@ -288,8 +367,11 @@ class IPCServe:
         # model's constructor win).
         self._engine_settings = read_settings(app.config, "engine")
         for endpoint in self.models.endpoints.values():
-            if self._engine_settings and not endpoint.ml.started:
-                endpoint.ml.configure(keep_keywords=True, **self._engine_settings)
+            for version in endpoint.versions:
+                if self._engine_settings and not version.ml.started:
+                    version.ml.configure(keep_keywords=True, **self._engine_settings)
+        self.models.pool.configure(app.config["IPCSERVE_MAX_LOADED_MODELS"],
+                                   app.config["IPCSERVE_MAX_LOADED_MEMORY"])
         state = Served(self.models, app.config, self)
         state.url_prefix = self.url_prefix
         app.extensions["ipcserve"] = state

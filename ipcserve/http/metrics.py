@@ -8,9 +8,11 @@ process (gunicorn) made the calls.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..engine.statusblock import STEP_BUCKETS
 from .history import History
 
 __all__ = ["Metrics", "SHED_ESTIMATE", "SHED_INFLIGHT", "SHED_QUEUE_DEADLINE"]
@@ -75,8 +77,10 @@ class _StatusCollector:
             "ipcserve_supervisor_failures",
             "Supervisor ticks that raised (the model is not ready until one completes)",
             labels=["model"])
+        steps = _StepFamilies()
         for name, ml in self._models().items():
             status = ml.status
+            steps.add(name, ml, status.get("steps"))
             workers = status.get("workers", [])
             restarts.add_metric([name], sum(w["restarts"] for w in workers))
             crashes.add_metric([name], status.get("crashes", 0))
@@ -93,11 +97,129 @@ class _StatusCollector:
         yield from (restarts, crashes, hangs, depth, ready, circuit, cancelled, saved, handovers,
                     supervisor)
 
+        yield from steps.families()
+
+class _VersionCollector:
+    """Yields the model pool's and the versions' series at scrape time: what is loaded,
+    loads and unloads by reason, the traffic split, rollbacks and shadow comparisons."""
+
+    def __init__(self, versions: Callable[[], list[dict[str, Any]]],
+                 pool: Callable[[], dict[str, Any]]) -> None:
+        self._versions = versions
+        self._pool = pool
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        both = ["model", "version"]
+        loaded = GaugeMetricFamily("ipcserve_model_loaded", "1 while the version's ML "
+                                   "processes are loaded (0: not loaded yet, evicted or "
+                                   "unloaded; loaded again on demand)", labels=both)
+        loads = CounterMetricFamily("ipcserve_model_loads", "Loads by the model pool, by "
+                                    "reason (demand: a request needed it)",
+                                    labels=[*both, "reason"])
+        unloads = CounterMetricFamily("ipcserve_model_unloads", "Versions stopped by the "
+                                      "model pool, by reason (evicted: room for another "
+                                      "model; idle: idle_unload passed)", labels=[*both, "reason"])
+        failures = CounterMetricFamily("ipcserve_model_load_failures", "Loads on demand that "
+                                       "failed (retried after a backoff)", labels=both)
+        share = GaugeMetricFamily("ipcserve_version_share", "Percent of the model's traffic "
+                                  "the version gets (the stable one: what the canaries leave)",
+                                  labels=both)
+        rollbacks = CounterMetricFamily("ipcserve_rollbacks", "Canaries rolled back, by reason "
+                                        "(auto: error rate over the threshold; api)",
+                                        labels=[*both, "reason"])
+        shadow = CounterMetricFamily("ipcserve_shadow_results", "Copies of requests sent to a "
+                                     "shadow version, by result (agree, disagree, error, "
+                                     "dropped, skipped)", labels=[*both, "result"])
+        for row in self._versions():
+            key = [row["model"], row["version"]]
+            loaded.add_metric(key, 1.0 if row["loaded"] else 0.0)
+            for reason, count in row["loads"].items():
+                loads.add_metric([*key, reason], count)
+            for reason, count in row["unloads"].items():
+                unloads.add_metric([*key, reason], count)
+            failures.add_metric(key, row["load_failures"])
+            share.add_metric(key, row["share"])
+            for reason, count in row["rollbacks"].items():
+                rollbacks.add_metric([*key, reason], count)
+            for result, count in row["shadow_results"].items():
+                shadow.add_metric([*key, result], count)
+        pool = self._pool()
+        count = GaugeMetricFamily("ipcserve_loaded_models", "Model versions loaded in the "
+                                  "model pool (max_loaded_models caps it)")
+        count.add_metric([], pool["loaded"])
+        memory = GaugeMetricFamily("ipcserve_loaded_memory_bytes", "Resident memory of the "
+                                   "loaded versions' ML processes (max_loaded_memory caps it)")
+        memory.add_metric([], pool["memory_bytes"])
+        yield from (loaded, loads, unloads, failures, share, rollbacks, shadow, count, memory)
+
+
+class _StepFamilies:
+    """The generation figures of the ML processes' step schedulers (engine/stepping.py),
+    for text-generation models and any model that steps its streams."""
+
+    def __init__(self) -> None:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        self.running = GaugeMetricFamily(
+            "ipcserve_running_batch_size",
+            "Sequences in the generation step running now (the continuous batch), over the "
+            "model's ML processes", labels=["model"])
+        self.steps = CounterMetricFamily(
+            "ipcserve_generation_steps",
+            "Generation steps (one model call for every active stream)", labels=["model"])
+        self.rows = CounterMetricFamily(
+            "ipcserve_generation_rows",
+            "Sequences over all generation steps (per step: the average batch size)",
+            labels=["model"])
+        self.tokens = CounterMetricFamily(
+            "ipcserve_generated_tokens", "Tokens generated (its rate: tokens/s)",
+            labels=["model"])
+        self.first = HistogramMetricFamily(
+            "ipcserve_time_to_first_token_seconds",
+            "Per stream: from the ML process reading the request to its first token",
+            labels=["model"])
+        self.between = HistogramMetricFamily(
+            "ipcserve_inter_token_latency_seconds",
+            "Per stream: time between its successive tokens", labels=["model"])
+
+    def add(self, name: str, ml: Any, steps: Any) -> None:
+        if not isinstance(steps, dict) or not (steps.get("steps") or getattr(
+                ml, "task", None) == "text-generation"):
+            return
+        self.running.add_metric([name], steps["rows"])
+        self.steps.add_metric([name], steps["steps"])
+        self.rows.add_metric([name], steps["rows_total"])
+        self.tokens.add_metric([name], steps["tokens"])
+        for family, figures in ((self.first, steps["first_item"]),
+                                (self.between, steps["between_items"])):
+            bounds = [*map(str, STEP_BUCKETS), "+Inf"]
+            cumulative = list(itertools.accumulate(figures["buckets"]))
+            family.add_metric([name], list(zip(bounds, cumulative)), figures["sum"])
+
+    def families(self) -> Iterator[Any]:
+        yield from (self.running, self.steps, self.rows, self.tokens, self.first, self.between)
+
 
 class Metrics:
-    """The request-level metrics of one ipcserve app."""
+    """The request-level metrics of one ipcserve app.
 
-    def __init__(self, models: Callable[[], dict[str, Any]]) -> None:
+    Args:
+        models: ``{name: MLProcess}`` of the models' stable versions, read at scrape time.
+        versions: one row per version (``model``, ``version``, ``loaded``, ``loads``,
+            ``unloads``, ``load_failures``, ``share``, ``rollbacks``, ``shadow_results``),
+            read at scrape time.
+        pool: the model pool's counts (``loaded``, ``memory_bytes``), read at scrape time.
+    """
+
+    def __init__(self, models: Callable[[], dict[str, Any]],
+                 versions: Callable[[], list[dict[str, Any]]] | None = None,
+                 pool: Callable[[], dict[str, Any]] | None = None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()
@@ -125,7 +247,17 @@ class Metrics:
                                     "operation (get, set, clear); a failed get is neither a hit "
                                     "nor a miss: the model answers",
                                     ["model", "op"], registry=self.registry)
+        self.version_requests = Counter(
+            "ipcserve_version_requests", "Requests of models with several versions, by the "
+            "version that answered and status", ["model", "version", "status"],
+            registry=self.registry)
+        self.version_latency = Histogram(
+            "ipcserve_version_request_latency_seconds", "Whole request time of models with "
+            "several versions, by the version that answered", ["model", "version"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_StatusCollector(models))
+        if versions is not None and pool is not None:
+            self.registry.register(_VersionCollector(versions, pool))
         # The last 15 minutes of each model, for the status page (GET /v1/history).
         self.history = History()
         # Labelled children resolved once: labels() costs a lock and a dict lookup per call.
@@ -158,6 +290,13 @@ class Metrics:
             inference.observe(stats.inference_time)
             batch_size.observe(batch)
         self.history.record(model, status, seconds, batch, queue_depth)
+
+    def observe_version(self, model: str, version: str, status: int, seconds: float) -> None:
+        """Record one finished request of a model with several versions, by version (also
+        in :attr:`history`, as ``model@version``)."""
+        self.version_requests.labels(model, version, str(status)).inc()
+        self.version_latency.labels(model, version).observe(seconds)
+        self.history.record(f"{model}@{version}", status, seconds)
 
     def shed_request(self, model: str, reason: str, seconds: float | None = None,
                      status: int = 503) -> None:

@@ -6,8 +6,11 @@
   answers with NDJSON, or SSE when the request accepts ``text/event-stream``.
 * ``GET /v1/models`` (OpenAI's list shape, with each model's status) and
   ``GET /v1/models/<name>``.
-* ``POST /v1/models/<name>/reload``: a new version without dropping a request
-  (:mod:`.reload`).
+* ``POST /v1/models/<name>/reload``: a new copy of its code and weights without dropping a
+  request (:mod:`.reload`).
+* ``GET /v1/models/<name>/versions`` and ``POST /v1/models/<name>/versions/<version>/promote``,
+  ``.../<version>/weight`` (``{"weight": 10}``), ``.../versions/rollback``: the traffic split
+  between a model's versions (:mod:`.versions`).
 
 The request lifecycle is the serving core's (:func:`.serving.exchange`): this module only
 turns the body into the model's arguments and the answer into JSON.
@@ -52,7 +55,17 @@ def describe(endpoint: Endpoint) -> dict[str, Any]:
                 "ttl": settings.ttl, "size": settings.size,
                 "backend": endpoint.cache.backend if endpoint.cache else None,
                 **(endpoint.cache.describe() if endpoint.cache else {})},
-            "status": ml.status, "recent_latency": endpoint.latency()}
+            "status": ml.status, "recent_latency": endpoint.latency(),
+            # Loaded on demand or at start, and where it stands; every version with its share.
+            "load": _load_of(endpoint), **endpoint.split.describe(),
+            "versions_url": url_for("ipcserve.versions", name=endpoint.name)}
+
+
+def _load_of(endpoint: Endpoint) -> dict[str, Any]:
+    stable = endpoint.split.versions[endpoint.split.stable]
+    return {"mode": "lazy" if stable.lazy else "eager", "state": stable.state,
+            "unloaded_by": stable.unloaded_by, "idle_unload": stable.idle_unload,
+            "managed": endpoint.pool.managed(stable)}
 
 
 def _inputs(endpoint: Endpoint, state: Served) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -170,11 +183,31 @@ def _reload(name: str) -> Response:
     return jsonify(reload.reload(state.models, state.models.get(name).name))
 
 
+def _versions(name: str) -> Response:
+    return jsonify(served().models.get(name).split.describe())
+
+
+def _promote(name: str, version: str) -> Response:
+    return jsonify(served().models.get(name).split.promote(version))
+
+
+def _roll_back(name: str) -> Response:
+    return jsonify(served().models.get(name).split.roll_back("api"))
+
+
+def _weight(name: str, version: str) -> Response:
+    endpoint = served().models.get(name)
+    body = decode.parse_json_object(request.get_data(cache=False))
+    if set(body) != {"weight"}:
+        raise InputError('send {"weight": <percent from 0 to 100>}')
+    return jsonify(endpoint.split.set_weight(version, body["weight"]))
+
+
 def _models() -> Response:
     # OpenAI's list shape, so that openai's client.models.list() works; "default" is ours.
     models = served().models
     return jsonify({"object": "list", "data": [describe(e) for e in models.endpoints.values()],
-                    "default": models.default})
+                    "default": models.default, "pool": models.pool.counts()})
 
 
 def _model(name: str) -> Response:
@@ -205,6 +238,13 @@ def request_schema(endpoint: Endpoint) -> dict[str, Any]:
 
 def _each_model(state: Served) -> list[dict[str, str]]:
     return [{"name": name} for name in state.models.endpoints]
+
+
+def _each_version(state: Served) -> list[dict[str, str]]:
+    # Every version, the stable one too (promoting it changes nothing; its weight is a 409):
+    # a model without versions still documents the rules, as its version "1".
+    return [{"name": name, "version": label} for name, e in state.models.endpoints.items()
+            for label in e.split.versions]
 
 
 def _default_model(state: Served) -> list[dict[str, str]]:
@@ -249,7 +289,24 @@ _RELOADED = {"type": "object",
              "required": ["model", "revision", "previous_revision", "load_seconds", "drained"],
              "properties": {"model": {"type": "string"}, "revision": {"type": "integer"},
                             "previous_revision": {"type": "integer"},
-                            "load_seconds": {"type": "number"}, "drained": {"type": "boolean"}}}
+                            "load_seconds": {"type": "number"}, "drained": {"type": "boolean"},
+                            "versions": {"type": "array", "items": {"type": "string"}}}}
+_VERSION_ENTRY = {"type": "object", "required": ["version", "weight", "share", "role", "state"],
+                  "properties": {"version": {"type": "string"}, "weight": {"type": "number"},
+                                 "share": {"type": "number"},
+                                 "role": {"enum": ["stable", "canary", "shadow", "standby"]},
+                                 "state": {"enum": ["unloaded", "loading", "loaded",
+                                                    "unloading", "failed"]}}}
+_VERSIONS = {"type": "object", "required": ["model", "stable", "shadow", "versions"],
+             "properties": {"model": {"type": "string"}, "stable": {"type": "string"},
+                            "shadow": {"type": ["string", "null"]},
+                            "rollback": {"type": "object"},
+                            "versions": {"type": "array", "items": _VERSION_ENTRY}}}
+_VERSIONS_OK = {"description": "the model's versions, their weights and shares",
+                "content": {_JSON: {"schema": _VERSIONS}}}
+_WEIGHT_BODY = {"required": True, "content": {_JSON: {"schema": {
+    "type": "object", "required": ["weight"], "additionalProperties": False,
+    "properties": {"weight": {"type": "number", "minimum": 0, "maximum": 100}}}}}}
 _PREDICT_ERRORS = (400, 413, 415, 429, 499, 500, 502, 503, 504)
 
 ROUTES = [
@@ -268,6 +325,20 @@ ROUTES = [
     Route("/v1/models/<name>", "model", _model, IPCSERVE_ERRORS, summary="model {name}",
           tag="models", ok={"description": "OK", "content": {_JSON: {"schema": _MODEL_ENTRY}}},
           expand=_each_model),
+    Route("/v1/models/<name>/versions", "versions", _versions, IPCSERVE_ERRORS,
+          summary="the versions of {name}: weights, shares, load state, outcomes",
+          tag="models", ok=_VERSIONS_OK, expand=_each_model),
+    Route("/v1/models/<name>/versions/<version>/promote", "promote", _promote,
+          IPCSERVE_ERRORS, ("POST",), tag="models", ok=_VERSIONS_OK, expand=_each_version,
+          summary="make version {version} of {name} the stable one (it gets the traffic the "
+                  "canaries do not)"),
+    Route("/v1/models/<name>/versions/<version>/weight", "weight", _weight, IPCSERVE_ERRORS,
+          ("POST",), tag="models", ok=_VERSIONS_OK, errors=(400, 409), expand=_each_version,
+          request=lambda state, params: _WEIGHT_BODY,
+          summary="give canary {version} of {name} a percent of the traffic"),
+    Route("/v1/models/<name>/versions/rollback", "rollback", _roll_back, IPCSERVE_ERRORS,
+          ("POST",), tag="models", ok=_VERSIONS_OK, expand=_each_model,
+          summary="every canary of {name} to weight 0: all traffic to the stable version"),
     Route("/v1/models/<name>/reload", "reload", _reload, IPCSERVE_ERRORS, ("POST",),
           summary="load a new version of {name} and switch to it without dropping a request",
           tag="models", ok={"description": "the new version serves",

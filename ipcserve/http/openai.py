@@ -9,7 +9,10 @@ The contract with a text-generation model: ``predict(messages=[{"role", "content
 prompt="...", max_tokens=, temperature=, top_p=, stop=, seed=)`` returns a generator of
 ``{"text": "<delta>"}`` items and one final ``{"text": "", "finish_reason": "stop"|"length",
 "usage": {"prompt_tokens": int, "completion_tokens": int}}``. Only the fields the request set
-are passed, so the model's own defaults apply. An embedding model is called with
+are passed, so the model's own defaults apply. A request for ``n`` > 1 choices passes ``n=``
+(up to the model's ``max_choices`` attribute; a model without one makes one choice);
+every item then carries its choice's ``"index"`` and each choice ends with its own final
+item (its ``usage`` counts that choice's tokens; the prompt is counted once). An embedding model is called with
 ``texts=[str, ...], with_usage=True`` and returns ``{"vectors": [[float, ...]], "prompt_tokens": int}``.
 
 The request lifecycle (deadline from arrival, admission, cancellation when the client
@@ -111,14 +114,21 @@ def _chat() -> Response:
     body = _body()
     endpoint = _endpoint(body, GENERATION, "/v1/chat/completions")
     with exchange(endpoint) as ex:
-        return _generate(ex, *openai_fields.chat(body), chat=True)
+        return _generate(ex, *openai_fields.chat(body, _max_choices(endpoint)), chat=True)
 
 
 def _completions() -> Response:
     body = _body()
     endpoint = _endpoint(body, GENERATION, "/v1/completions")
     with exchange(endpoint) as ex:
-        return _generate(ex, *openai_fields.completion(body), chat=False)
+        return _generate(ex, *openai_fields.completion(body, _max_choices(endpoint)),
+                         chat=False)
+
+
+def _max_choices(endpoint: Endpoint) -> int:
+    """The most ``n`` a model makes: its ``max_choices`` attribute, else 1."""
+    most = getattr(endpoint.ml, "max_choices", 1)
+    return most if isinstance(most, int) and not isinstance(most, bool) and most > 1 else 1
 
 
 def _pieces(stream: Stream) -> Iterator[dict[str, Any]]:
@@ -132,13 +142,26 @@ def _pieces(stream: Stream) -> Iterator[dict[str, Any]]:
             yield piece
 
 
-def _usage(final: dict[str, Any] | None, pieces: int) -> dict[str, int]:
-    usage = final.get("usage") if final else None
-    if not isinstance(usage, dict):  # a model that does not count: what we can tell
-        usage = {"prompt_tokens": 0, "completion_tokens": pieces}
-    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+def _usage(finals: dict[int, dict[str, Any]], pieces: int) -> dict[str, int]:
+    """OpenAI's usage from each choice's final item: the prompt once, every choice's
+    completion tokens."""
+    counts: list[dict[str, Any]] = [f["usage"] for f in finals.values()
+                                    if isinstance(f.get("usage"), dict)]
+    if not counts or len(counts) < len(finals):
+        # a model that does not count: what we can tell
+        counts = [{"prompt_tokens": 0, "completion_tokens": pieces}]
+    prompt = int(counts[0].get("prompt_tokens", 0))
+    completion = sum(int(u.get("completion_tokens", 0)) for u in counts)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
+
+
+def _index(piece: dict[str, Any], n: int) -> int:
+    index = piece.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+        raise ModelError(f"the text-generation model yielded an item of choice {index!r}; "
+                         f"the request asked for {n} choice(s)")
+    return index
 
 
 class _Reply:
@@ -150,21 +173,25 @@ class _Reply:
                      "object": "chat.completion" if chat else "text_completion",
                      "created": int(time.time()), "model": model, "system_fingerprint": None}
 
-    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
-        else:
-            choice["text"] = text
-        return {**self.head, "choices": [choice], "usage": usage}
+    def whole(self, texts: list[str], finishes: list[str], usage: dict[str, int]
+              ) -> dict[str, Any]:
+        choices = []
+        for index, (text, finish) in enumerate(zip(texts, finishes)):
+            choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+            else:
+                choice["text"] = text
+            choices.append(choice)
+        return {**self.head, "choices": choices, "usage": usage}
 
     def chunk(self, text: str | None, finish: str | None = None, role: bool = False,
-              usage: Any = ..., choices: bool = True) -> bytes:
+              usage: Any = ..., choices: bool = True, index: int = 0) -> bytes:
         body: dict[str, Any] = {**self.head, "choices": []}
         if self.chat:
             body["object"] = "chat.completion.chunk"
         if choices:
-            choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+            choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
             if self.chat:
                 choice["delta"] = ({"role": "assistant"} if role else {}) | (
                     {} if text is None else {"content": text})
@@ -187,43 +214,59 @@ _DONE = b"data: [DONE]\n\n"
 def _generate(ex: Exchange, kwargs: dict[str, Any], wants_stream: bool, include_usage: bool,
               chat: bool) -> Response:
     reply = _Reply(ex.endpoint.name, chat)
+    n = int(kwargs.get("n", 1))
     ex.admit()
     pieces = _pieces(ex.stream((), kwargs))
     if not wants_stream:
-        texts, final = [], None
+        texts: list[list[str]] = [[] for _ in range(n)]
+        finals: dict[int, dict[str, Any]] = {}
+        count = 0
         for piece in pieces:
-            texts.append(piece["text"])
-            final = piece if "finish_reason" in piece else final
-        finish = str(final["finish_reason"]) if final else "stop"
-        return jsonify(reply.whole("".join(texts), finish, _usage(final, len(texts))))
+            index = _index(piece, n)
+            count += 1
+            texts[index].append(piece["text"])
+            if "finish_reason" in piece:
+                finals[index] = piece
+        finishes = [str(finals[i]["finish_reason"]) if i in finals else "stop"
+                    for i in range(n)]
+        return jsonify(reply.whole(["".join(t) for t in texts], finishes,
+                                   _usage(finals, count)))
     # The first piece is awaited here, so an error before any token gets its status.
     first = next(pieces, None)
-    return Response(ex.body(_events(ex, reply, pieces, first, include_usage)),
+    return Response(ex.body(_events(ex, reply, pieces, first, include_usage, n)),
                     mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _events(ex: Exchange, reply: _Reply, pieces: Iterator[dict[str, Any]],
-            first: dict[str, Any] | None, include_usage: bool) -> Iterator[bytes]:
-    """The SSE body: a chunk per piece as the model makes it, a chunk with finish_reason,
-    the usage chunk if asked for, then ``[DONE]``; an error mid-stream is an ``error`` event
-    before ``[DONE]``."""
+            first: dict[str, Any] | None, include_usage: bool, n: int) -> Iterator[bytes]:
+    """The SSE body: a chunk per piece as the model makes it (with its choice's index), a
+    chunk with finish_reason as each choice ends, the usage chunk if asked for, then
+    ``[DONE]``; an error mid-stream is an ``error`` event before ``[DONE]``."""
     usage_field: Any = None if include_usage else ...  # OpenAI: null on every chunk but the last
     try:
-        if reply.chat:  # OpenAI's first chat chunk says who speaks
-            yield reply.chunk("", role=True, usage=usage_field)
-        piece, final, count = first, None, 0
+        if reply.chat:  # OpenAI's first chat chunk of each choice says who speaks
+            for index in range(n):
+                yield reply.chunk("", role=True, usage=usage_field, index=index)
+        piece, finals, count = first, {}, 0
         while piece is not None:
             count += 1
+            index = _index(piece, n)
             if piece["text"]:
-                yield reply.chunk(piece["text"], usage=usage_field)
+                yield reply.chunk(piece["text"], usage=usage_field, index=index)
             if "finish_reason" in piece:
-                final = piece
+                finals[index] = piece
+                if n > 1:  # each choice's end as it comes; one choice's at the very end
+                    yield reply.chunk(None, str(piece["finish_reason"]), usage=usage_field,
+                                      index=index)
             piece = next(pieces, None)
-        finish = str(final["finish_reason"]) if final else "stop"
-        yield reply.chunk(None, finish, usage=usage_field)
+        for index in range(n):
+            if n == 1 or index not in finals:
+                final = finals.get(index)
+                finish = str(final["finish_reason"]) if final else "stop"
+                yield reply.chunk(None, finish, usage=usage_field, index=index)
         if include_usage:
-            yield reply.chunk(None, usage=_usage(final, count), choices=False)
+            yield reply.chunk(None, usage=_usage(finals, count), choices=False)
     except IPCServeError as exc:
         yield sse(error_body(ex.failed(exc)))
     yield _DONE
@@ -265,8 +308,9 @@ def _request(role: str, schema_of: Any) -> Any:
         models = state.models.endpoints
         serving = [n for n, e in models.items() if getattr(e.ml, "task", None) == role]
         others = [n for n in models if n not in serving]
-        return {"required": True, "content": {"application/json": {"schema": schema_of(
-            serving, others)}}}
+        schema = (schema_of(serving, others) if role == EMBEDDING else schema_of(
+            serving, others, {n: _max_choices(models[n]) for n in serving}))
+        return {"required": True, "content": {"application/json": {"schema": schema}}}
 
     return request_body
 

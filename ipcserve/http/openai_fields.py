@@ -2,7 +2,7 @@
 
 Pure functions over the parsed JSON body (no Flask); :mod:`ipcserve.openai_api` serves them.
 A field that would change the answer but is not implemented (``logit_bias``, ``tools``,
-``n`` > 1...) is refused rather than ignored, and so is a field this server does not know,
+``best_of``...) is refused rather than ignored, and so is a field this server does not know,
 as OpenAI does.
 """
 
@@ -13,7 +13,10 @@ from typing import Any
 
 from ..engine.errors import InputError
 
-__all__ = ["ParamError", "chat", "completion", "embedding"]
+__all__ = ["MAX_CHOICES", "ParamError", "chat", "completion", "embedding"]
+
+#: Most choices (``n``) a request may ask for: each is a sequence of the model's running batch.
+MAX_CHOICES = 16
 
 # Fields a client may send that change nothing here, and fields accepted only at the value
 # that means "off" (anything else would silently give a different answer than asked for).
@@ -73,10 +76,9 @@ def _field(body: dict[str, Any], name: str, kind: Any, low: float = -math.inf,
     return value
 
 
-def _sampling(body: dict[str, Any], max_tokens_field: str) -> dict[str, Any]:
+def _sampling(body: dict[str, Any], max_tokens_field: str, max_choices: int) -> dict[str, Any]:
     """The model's keyword arguments for the sampling fields the request set."""
-    if body.get("n") is not None and not _equal(body["n"], 1):
-        raise ParamError(f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
+    n = _field(body, "n", int, 1, max(1, min(max_choices, MAX_CHOICES)))
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
@@ -84,7 +86,9 @@ def _sampling(body: dict[str, Any], max_tokens_field: str) -> dict[str, Any]:
     kwargs = {"max_tokens": _field(body, max_tokens_field, int, 1),
               "temperature": _field(body, "temperature", (int, float), 0, 2),
               "top_p": _field(body, "top_p", (int, float), 0, 1), "stop": stop,
-              "seed": _field(body, "seed", int)}
+              "seed": _field(body, "seed", int),
+              # Only when asked for: a model that makes one choice need not know the field.
+              "n": n if n is not None and n > 1 else None}
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
@@ -127,8 +131,11 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return messages
 
 
-def chat(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+def chat(body: dict[str, Any], max_choices: int = 1) -> tuple[dict[str, Any], bool, bool]:
     """A chat completion request: (the model's kwargs, stream, include_usage).
+
+    ``max_choices``: the most ``n`` the model makes (its ``max_choices`` attribute; a
+    model without one makes one choice per request).
 
     Raises:
         ParamError: a field is invalid, unknown or unsupported.
@@ -136,12 +143,14 @@ def chat(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
     _check_names(body, ("messages", "max_completion_tokens", *_SAMPLING))
     _field(body, "max_tokens", int, 1)  # checked even when the newer name wins
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return ({"messages": _messages(body.get("messages")), **_sampling(body, field)},
+    return ({"messages": _messages(body.get("messages")), **_sampling(body, field, max_choices)},
             *_streaming(body))
 
 
-def completion(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
-    """A (legacy) completion request: (the model's kwargs, stream, include_usage).
+def completion(body: dict[str, Any], max_choices: int = 1
+               ) -> tuple[dict[str, Any], bool, bool]:
+    """A (legacy) completion request: (the model's kwargs, stream, include_usage);
+    ``max_choices`` as for :func:`chat`.
 
     Raises:
         ParamError: a field is invalid, unknown or unsupported.
@@ -152,7 +161,7 @@ def completion(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ParamError("'prompt' must be a string (one prompt per request)", "prompt")
-    return {"prompt": prompt, **_sampling(body, "max_tokens")}, *_streaming(body)
+    return {"prompt": prompt, **_sampling(body, "max_tokens", max_choices)}, *_streaming(body)
 
 
 def embedding(body: dict[str, Any]) -> tuple[list[str], str]:
@@ -197,18 +206,27 @@ _SAMPLING_SCHEMA: dict[str, Any] = {
     "max_tokens": {"type": ["integer", "null"], "minimum": 1},
     "temperature": {"type": _NUMBER, "minimum": 0, "maximum": 2},
     "top_p": {"type": _NUMBER, "minimum": 0, "maximum": 1},
-    "stop": _STOP, "seed": {"type": ["integer", "null"]}, "n": {"enum": [1, None]},
+    "stop": _STOP, "seed": {"type": ["integer", "null"]},
+    "n": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHOICES},
     "stream": {"type": ["boolean", "null"]},
     "stream_options": {"type": ["object", "null"], "additionalProperties": False,
                        "properties": {"include_usage": {"type": "boolean"}}},
 }
 
 
-def _fields_schema(required: list[str], fields: dict[str, Any]) -> dict[str, Any]:
+def _fields_schema(required: list[str], fields: dict[str, Any],
+                   choices: dict[str, int] | None = None) -> dict[str, Any]:
     properties = {**fields, **{name: {} for name in _IGNORED},
                   **{name: {"enum": list(values)} for name, values in _OFF.items()}}
     schema: dict[str, Any] = {"type": "object", "required": required, "properties": properties,
                               "additionalProperties": False}
+    # Models that make fewer choices than the most: n is bounded per model.
+    fewer = {name: max(1, most) for name, most in (choices or {}).items() if most < MAX_CHOICES}
+    if fewer:
+        schema["allOf"] = [{"if": {"required": ["model"], "properties": {"model": {"const": name}}},
+                            "then": {"properties": {"n": {"type": ["integer", "null"],
+                                                          "maximum": most}}}}
+                           for name, most in fewer.items()]
     if "stream_options" in fields:  # only with "stream": true, as OpenAI says
         schema["if"] = {"required": ["stream_options"],
                         "properties": {"stream_options": {"type": "object"}}}
@@ -220,24 +238,34 @@ _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
     "type": {"const": "text"}, "text": {"type": "string"}}}
 
 
-def chat_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
-    """The JSON Schema of a chat completion request that :func:`chat` accepts."""
+def chat_schema(serving: list[str], others: list[str],
+                choices: dict[str, int] | None = None) -> dict[str, Any]:
+    """The JSON Schema of a chat completion request that :func:`chat` accepts;
+    ``choices``: the most ``n`` of each serving model (default 1)."""
     message = {"type": "object", "required": ["role", "content"], "properties": {
         "role": {"enum": list(_ROLES)},
         "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}
     return _fields_schema(["model", "messages"], {
         "model": _model_schema(serving, others),
         "messages": {"type": "array", "minItems": 1, "items": message},
-        "max_completion_tokens": _SAMPLING_SCHEMA["max_tokens"], **_SAMPLING_SCHEMA})
+        "max_completion_tokens": _SAMPLING_SCHEMA["max_tokens"], **_SAMPLING_SCHEMA},
+        _choices(serving, choices))
 
 
-def completion_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
-    """The JSON Schema of a completion request that :func:`completion` accepts."""
+def completion_schema(serving: list[str], others: list[str],
+                      choices: dict[str, int] | None = None) -> dict[str, Any]:
+    """The JSON Schema of a completion request that :func:`completion` accepts;
+    ``choices`` as for :func:`chat_schema`."""
     prompt = {"anyOf": [{"type": "string"},
                         {"type": "array", "items": {"type": "string"}, "minItems": 1,
                          "maxItems": 1}]}
     return _fields_schema(["model", "prompt"], {
-        "model": _model_schema(serving, others), "prompt": prompt, **_SAMPLING_SCHEMA})
+        "model": _model_schema(serving, others), "prompt": prompt, **_SAMPLING_SCHEMA},
+        _choices(serving, choices))
+
+
+def _choices(serving: list[str], choices: dict[str, int] | None) -> dict[str, int]:
+    return {name: (choices or {}).get(name, 1) for name in serving}
 
 
 def embedding_schema(serving: list[str], others: list[str]) -> dict[str, Any]:

@@ -12,6 +12,9 @@ Every route that runs a model (native predict, the OpenAI routes, V2 infer) goes
 
 A surface only parses its protocol's request and shapes its answer and error body; what an
 error means (status, Retry-After, log level) is decided once, by :func:`failure_of`.
+A surface outside Flask (the V2 gRPC service) runs the same lifecycle with
+:func:`lifecycle`, giving the arrival time, the "client gone" probe and the client's own
+deadline itself; :func:`exchange` is that, read from the Flask request.
 Readiness is computed once, by :meth:`Models.readiness`, for ``/readyz``, the V2 health
 routes and Ray Serve's health check.
 """
@@ -29,7 +32,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from flask import Flask, Response, current_app, jsonify, request
+from flask import (Flask, Response, after_this_request, current_app, has_request_context,
+                   jsonify, request)
 from werkzeug.exceptions import HTTPException
 
 from ..engine.channel import Admission, CallResult, Stream
@@ -49,10 +53,14 @@ from ..engine.mlprocess import MLProcess
 from .cache import CacheSettings, ResponseCache
 from .decode import DecodeBudget
 from .metrics import Metrics
+from .pool import Pool
+from .rollback import Rollback
+from .shadow import Shadow
+from .versions import DEFAULT_VERSION, LOADED, VERSION_HEADER, Split, Version
 
 __all__ = ["DISCONNECTED_KEY", "KINDS", "RECEIVED_KEY", "Endpoint", "Exchange", "Failure",
            "Models", "Readiness", "Served", "check_api_key", "error_response", "exchange",
-           "failure_of", "served"]
+           "failure_of", "lifecycle", "served"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,26 +76,37 @@ KINDS = ("json", "image")
 
 
 class Endpoint:
-    """One served model: the version serving now, and what the HTTP layer keeps about it.
+    """One served model: its versions, the share of traffic each gets, and what the HTTP
+    layer keeps about it.
 
     Args:
-        ml: the MLProcess.
+        ml: the MLProcess (its first version, the stable one).
         kind: "json" or "image" (:data:`KINDS`).
         schema: JSON Schema dict, pydantic model or protobuf message class for JSON bodies.
         preprocess: image models: ``preprocess(PIL.Image)`` makes the model's input.
         response_schema: a protobuf message class the (non-streamed) answer must parse as.
         cache: the response cache's settings, or None for no cache.
+        version: the name of ``ml``'s version.
+        lazy: load ``ml`` on the first request instead of at start.
+        idle_unload: unload it after this many seconds without a request (None: never).
+        rollback: when a canary of this model is rolled back on its own.
     """
 
     def __init__(self, ml: MLProcess, kind: str = "json", *, schema: Any = None,
                  preprocess: Callable[[Any], Any] | None = None, response_schema: Any = None,
-                 cache: CacheSettings | None = None) -> None:
+                 cache: CacheSettings | None = None, version: str = DEFAULT_VERSION,
+                 lazy: bool = False, idle_unload: float | None = None,
+                 rollback: Rollback | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        # The version serving now; a reload swaps in the next one (one attribute write, so a
-        # request reads either the old or the new, never a mix).
-        self.ml = ml
         self.name = ml.name
+        # Every version of the model; the one serving unpinned traffic by default is
+        # split.stable. A reload swaps a version's ml (one attribute write, so a request
+        # reads either the old or the new, never a mix).
+        self.split = Split(ml.name, Version(ml.name, version, ml, lazy=lazy,
+                                            idle_unload=idle_unload), rollback)
+        self.pool = Pool()  # the app's pool once added to Models
+        self.shadow: Shadow | None = None  # set when a shadow version is added
         self.kind = kind
         self.schema = schema
         self.preprocess = preprocess
@@ -102,28 +121,73 @@ class Endpoint:
         self.recent: collections.deque[float] = collections.deque(maxlen=200)
         self.created = int(time.time())  # OpenAI's "created" of the model entry
 
-    def admit(self, received: float | None = None) -> tuple[MLProcess, Admission]:
-        """A place among the calls in flight of the version serving now, and that version.
+    @property
+    def ml(self) -> MLProcess:
+        """The stable version's MLProcess (its signature, task and status describe the model)."""
+        return self.split.versions[self.split.stable].ml
 
-        A request that read the old version just before a reload swapped it out, and found
-        it no longer admitting, is admitted by the new one: a reload never refuses anyone.
+    @property
+    def versions(self) -> list[Version]:
+        """Every version of the model."""
+        return list(self.split.versions.values())
+
+    def admit(self, received: float | None = None, pin: str | None = None,
+              limit: float | None = None) -> tuple[MLProcess, Admission, Version]:
+        """A place among the calls in flight of the version the split chooses (loaded first
+        if it is not), and that version.
+
+        A request that read a version just before a reload swapped it out, and found it no
+        longer admitting, is admitted by the new one: a reload never refuses anyone.
 
         Args:
             received: when the request arrived (``time.monotonic()``): its deadline is that
                 plus the version's ``timeout``, and a request the estimate says cannot be
-                answered by then is refused at once.
+                answered by then is refused at once; a load on demand waits until then.
+            pin: the request's ``X-IPCServe-Version`` header: that version, whatever the
+                weights.
+            limit: the client's own deadline (``time.monotonic()``), if it set one (a gRPC
+                deadline): the request's deadline is the earlier of the two.
 
         Raises:
-            OverloadedError / WorkerUnavailableError: as ``MLProcess.admit``.
+            InputError: ``pin`` names no version.
+            OverloadedError / WorkerUnavailableError: as ``MLProcess.admit``; also while
+                the version's last load on demand failed.
+            QueueDeadlineError: the deadline passed while the version was loading.
         """
+        version = self.split.choose(pin)
         while True:
-            ml = self.ml
+            ml = version.ml
             deadline = None if received is None else received + ml.config.timeout
-            try:
-                return ml, ml.admit(deadline=deadline)
-            except WorkerUnavailableError:
-                if self.ml is ml:
-                    raise
+            if limit is not None:
+                deadline = limit if deadline is None else min(deadline, limit)
+            with self.pool.using(version, deadline) as ml:
+                try:
+                    return ml, ml.admit(deadline=deadline), version
+                except WorkerUnavailableError:
+                    if version.ml is ml:
+                        raise
+
+    def finished(self, version: Version, status: int, error: BaseException | None) -> None:
+        """A request admitted by ``version`` was answered with ``status``: its outcome counts
+        toward the canary's error rate, and the pool may now find the version idle."""
+        self.pool.released(version)
+        # The version's side failed: not the client's (4xx), not a refusal (shed).
+        self.split.outcome(version, status >= 500 and not isinstance(error, OverloadedError))
+
+    def ready(self) -> bool:
+        """Every version that should be serving is: a version loaded on demand that is not
+        loaded (yet, or any more) does not hold readiness back; its requests load it."""
+        for version in self.split.versions.values():
+            if self.pool.managed(version) and version.state != LOADED:
+                continue
+            if not version.ml.ready:
+                return False
+        return True
+
+    @property
+    def inflight(self) -> int:
+        """Requests admitted and not yet answered, over every version (this web process)."""
+        return sum(v.ml.inflight for v in self.split.versions.values())
 
     def latency(self) -> dict[str, Any] | None:
         """p50/p95 of the last successful requests in milliseconds, or None before any."""
@@ -172,11 +236,20 @@ class Models:
     def __init__(self) -> None:
         self.endpoints: dict[str, Endpoint] = {}
         self.default: str | None = None
+        # Which versions are loaded, for every model (lazy loads, eviction, idle unload).
+        self.pool = Pool()
         # Set when a drain begins, before its delay: readiness turns 503 and responses close
         # their connections, while requests are still admitted and answered.
         self.unready = threading.Event()
         # Set once new requests are refused (503 at once).
         self.draining = threading.Event()
+
+    def add(self, endpoint: Endpoint) -> None:
+        """Serve ``endpoint`` (its versions join the app's pool)."""
+        endpoint.pool = self.pool
+        for version in endpoint.versions:
+            self.pool.register(version)
+        self.endpoints[endpoint.name] = endpoint
 
     def get(self, name: str | None = None) -> Endpoint:
         """Model ``name`` (None: the default one).
@@ -200,7 +273,7 @@ class Models:
         models = {}
         for name, endpoint in self.endpoints.items():
             ml = endpoint.ml
-            models[name] = bool(ml.ready)
+            models[name] = endpoint.ready()
             if not models[name]:
                 status = ml.status
                 # Past what ipcserve repairs itself: restarts exhausted (circuit open), or
@@ -212,7 +285,33 @@ class Models:
     @property
     def inflight(self) -> int:
         """Requests admitted and not yet answered, over every model (this web process)."""
-        return sum(endpoint.ml.inflight for endpoint in self.endpoints.values())
+        return sum(endpoint.inflight for endpoint in self.endpoints.values())
+
+    def history_names(self) -> list[str]:
+        """The series of the status page's history: each model, then ``model@version`` for
+        each version of a model with several."""
+        names = list(self.endpoints)
+        for name, endpoint in list(self.endpoints.items()):
+            if endpoint.split.several:
+                names.extend(f"{name}@{label}" for label in list(endpoint.split.versions))
+        return names
+
+    def version_rows(self) -> list[dict[str, Any]]:
+        """One row per version of every model, for the metrics."""
+        rows = []
+        for name, endpoint in list(self.endpoints.items()):
+            split = endpoint.split
+            shares = split.shares()
+            for label, version in list(split.versions.items()):
+                rows.append({"model": name, "version": label,
+                             "loaded": version.state == LOADED and version.ml.started,
+                             "loads": dict(version.loads), "unloads": dict(version.unloads),
+                             "load_failures": version.load_failures,
+                             "share": shares.get(label, 0.0),
+                             "rollbacks": {reason: n for (v, reason), n in split.rollbacks.items()
+                                           if v == label},
+                             "shadow_results": dict(version.shadow_results)})
+        return rows
 
 
 def check_api_key(key: Any) -> bytes | None:
@@ -255,7 +354,8 @@ class Served:
         self.max_pixels = int(config["IPCSERVE_MAX_IMAGE_PIXELS"])
         # One budget per app: decoded images held at once, across its threads.
         self.decode_budget = DecodeBudget(int(config["IPCSERVE_DECODE_MEMORY_BUDGET"]))
-        self.metrics = Metrics(lambda: {n: e.ml for n, e in models.endpoints.items()})
+        self.metrics = Metrics(lambda: {n: e.ml for n, e in models.endpoints.items()},
+                               versions=models.version_rows, pool=models.pool.counts)
         self.shed_status = int(config["IPCSERVE_SHED_STATUS"])
         if self.shed_status not in (503, 429):
             raise ConfigError(f"IPCSERVE_SHED_STATUS must be 503 or 429, got {self.shed_status}")
@@ -352,23 +452,39 @@ def error_response(failure: Failure, body: Any) -> Response:
 
 # -- the lifecycle ---------------------------------------------------------------------
 class Exchange:
-    """One model request on its way through the core; made by :func:`exchange`.
+    """One model request on its way through the core; made by :func:`lifecycle` (or
+    :func:`exchange` inside a Flask view).
 
     A surface calls :meth:`admit` once it has checked what is cheap to check (before
     decoding what is expensive), then one of :meth:`call`, :meth:`call_batch` or
     :meth:`stream`. A streamed answer hands the rest of the lifecycle to :meth:`body`.
+
+    Args:
+        state: the app's state.
+        endpoint: the model.
+        received: when the request had arrived (``time.monotonic()``; None: now).
+        gone: says whether the client has gone (its work is then cancelled), or None.
+        limit: the client's own deadline (``time.monotonic()``), or None.
+        pin: the version the request asks for (``X-IPCServe-Version``), or None.
     """
 
-    def __init__(self, state: Served, endpoint: Endpoint) -> None:
+    def __init__(self, state: Served, endpoint: Endpoint, received: float | None = None,
+                 gone: Callable[[], bool] | None = None, limit: float | None = None,
+                 pin: str | None = None) -> None:
         self.state = state
         self.endpoint = endpoint
         self.started = time.perf_counter()
-        self.received: float = request.environ.get(RECEIVED_KEY) or time.monotonic()
-        self.cancel_if: Callable[[], bool] | None = request.environ.get(DISCONNECTED_KEY)
+        self.received: float = received or time.monotonic()
+        self.cancel_if = gone
+        self.limit = limit
+        self.pin = pin
         self.deadline: float | None = None
         self.status = 500
         self.stats: CallResult | None = None  # timings of the model call that answered
         self.handed_off = False
+        self.version: Version | None = None  # the version that admitted it
+        self.error: BaseException | None = None  # what it failed with, if it did
+        self._inputs: tuple[str, Any] | None = None  # for the shadow version's copy
         self._admission: Admission | None = None
         self._stream: Stream | None = None
         self._failed = False
@@ -383,8 +499,18 @@ class Exchange:
                 take it past its deadline).
             WorkerUnavailableError: loading, restarting, draining or circuit open.
         """
-        ml, self._admission = self.endpoint.admit(self.received)
+        endpoint = self.endpoint
+        ml, self._admission, self.version = endpoint.admit(self.received, self.pin, self.limit)
         self.deadline = self.received + ml.config.timeout
+        if self.limit is not None:
+            self.deadline = min(self.deadline, self.limit)
+        if endpoint.split.several and has_request_context():  # the answer names its version
+            label = self.version.label
+
+            @after_this_request
+            def name_version(response: Response) -> Response:
+                response.headers[VERSION_HEADER] = label
+                return response
         return ml
 
     def _admitted(self) -> Admission:
@@ -394,18 +520,24 @@ class Exchange:
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallResult:
         """Run one model call (the errors of ``MLProcess.call``)."""
+        if self.endpoint.shadow is not None:
+            self._inputs = ("call", (args, kwargs))
         self.stats = self._admitted().call(args, kwargs, deadline=self.deadline,
                                            cancel_if=self.cancel_if)
         return self.stats
 
     def call_batch(self, items: list[Any]) -> CallResult:
         """Run several items as one request (``MLProcess.call_batch``)."""
+        if self.endpoint.shadow is not None:
+            self._inputs = ("batch", items)
         self.stats = self._admitted().call_batch(items, deadline=self.deadline,
                                                  cancel_if=self.cancel_if)
         return self.stats
 
     def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Stream:
         """The model's items as it makes them (``MLProcess.stream``); closed by the core."""
+        if self.endpoint.shadow is not None:
+            self._inputs = ("call", (args, kwargs))
         self._stream = self._admitted().stream(args, kwargs, deadline=self.deadline,
                                                cancel_if=self.cancel_if)
         return self._stream
@@ -415,7 +547,7 @@ class Exchange:
         one log line at the level the error deserves (unexpected errors are logged, with
         their traceback, by the surface's error handler instead)."""
         failure = failure_of(error, self.state.shed_status)
-        self.status, self._failed = failure.status, True
+        self.status, self._failed, self.error = failure.status, True, error
         name = self.endpoint.name
         if isinstance(error, OverloadedError):
             self.state.metrics.shed_request(name, error.reason)
@@ -465,6 +597,18 @@ class Exchange:
                                    endpoint.ml.inflight)
         if self.status == 200:
             endpoint.recent.append(elapsed)
+        version = self.version
+        if version is not None:
+            endpoint.finished(version, self.status, self.error)
+            if endpoint.split.several:
+                self.state.metrics.observe_version(endpoint.name, version.label, self.status,
+                                                   elapsed)
+            if self._inputs is not None and self.status == 200 and endpoint.shadow is not None \
+                    and version.label != endpoint.split.shadow:
+                how, inputs = self._inputs
+                streamed = stream is not None and stream.streaming is not False
+                endpoint.shadow.submit(how, inputs, None if self.stats is None else
+                                       self.stats.value, streamed)
 
 
 @contextlib.contextmanager
@@ -473,13 +617,33 @@ def exchange(endpoint: Endpoint) -> Iterator[Exchange]:
     ``with exchange(endpoint) as ex: ...``. A draining server refuses at once; leaving the
     block normally answers 200, an exception answers (through the surface's error handler)
     with what :func:`failure_of` says; either way the request is counted once, unless a
-    streamed :meth:`Exchange.body` took over.
+    streamed :meth:`Exchange.body` took over. The deadline counts from the request's
+    arrival (stamped by ipcserve's waitress), and a client that disconnects (waitress's
+    probe) cancels the work: :func:`lifecycle` with both read from the request.
 
     Raises:
         WorkerUnavailableError: the server is draining.
     """
-    state = served()
-    current = Exchange(state, endpoint)
+    environ = request.environ
+    with lifecycle(served(), endpoint, received=environ.get(RECEIVED_KEY),
+                   gone=environ.get(DISCONNECTED_KEY),
+                   pin=request.headers.get(VERSION_HEADER)) as current:
+        yield current
+
+
+@contextlib.contextmanager
+def lifecycle(state: Served, endpoint: Endpoint, *, received: float | None = None,
+              gone: Callable[[], bool] | None = None, limit: float | None = None,
+              pin: str | None = None) -> Iterator[Exchange]:
+    """The lifecycle of one request to ``endpoint``, outside Flask too (the gRPC service):
+    as :func:`exchange`, with the arrival time, the "client gone" probe and the client's
+    own deadline given (see :class:`Exchange`). An exception leaving the block is recorded
+    (:meth:`Exchange.failed`) and raised again, for the surface to answer.
+
+    Raises:
+        WorkerUnavailableError: the server is draining.
+    """
+    current = Exchange(state, endpoint, received, gone, limit, pin)
     try:
         if state.models.draining.is_set():
             raise WorkerUnavailableError("the server is shutting down")

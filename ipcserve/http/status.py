@@ -62,7 +62,8 @@ def _static(filename: str) -> Response:
 def _history() -> Response:
     state = served()
     # "pid": which web process answered (each gunicorn worker has its own history).
-    snapshot = state.metrics.history.snapshot(list(state.models.endpoints))
+    # Each model, and each version of a model with several ("model@version").
+    snapshot = state.metrics.history.snapshot(state.models.history_names())
     return jsonify({**snapshot, "pid": os.getpid()})
 
 

@@ -3,7 +3,13 @@
 Routes: ``GET /v2/health/live``, ``GET /v2/health/ready`` (open, like ``/healthz`` and
 ``/readyz``, and as ready as ``/readyz``), ``GET /v2``, ``GET /v2/models/<name>``,
 ``GET /v2/models/<name>/ready`` and ``POST /v2/models/<name>/infer`` with typed tensors
-(JSON: ``datatype``, ``shape``, ``data``).
+(JSON: ``datatype``, ``shape``, ``data``), or with the binary tensor data extension: the
+``Inference-Header-Content-Length`` header says how long the JSON header is, and the raw
+bytes of each input with ``parameters.binary_data_size`` follow it, in order; an output
+asked for with ``parameters.binary_data`` (or every output, with the request's
+``parameters.binary_data_output``) is answered the same way. tritonclient's HTTP client
+sends and asks for binary data by default. A raw tensor reaches the model as a numpy view
+on the request's bytes: never JSON text, never a Python list.
 
 A model takes part when it has a tensor signature (:mod:`.tensors`). The first dimension of
 each tensor is the batch: the rows of one request go to the model as ONE request of
@@ -16,21 +22,25 @@ Errors answer the protocol's ``{"error": "<message>"}`` with ipcserve's status.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask import Response, jsonify, request
 
 from .. import __version__
-from ..engine.errors import InputError, ModelError, NotFoundError
+from ..engine.errors import InputError, NotFoundError
 from . import decode, encode, tensors
 from .routes import Route, Surface
 from .serving import Endpoint, Failure, Served, exchange, served
 
-__all__ = ["MAX_ROWS", "ROUTES", "V2_ERRORS"]
+__all__ = ["BINARY_HEADER", "MAX_ROWS", "ROUTES", "V2_ERRORS"]
 
 #: The most rows (first dimension) one request may carry.
-MAX_ROWS = 1024
+MAX_ROWS = tensors.MAX_ROWS
+#: The binary tensor data extension's header: the length of the body's JSON part.
+BINARY_HEADER = "Inference-Header-Content-Length"
 _KEYS = ("id", "parameters", "inputs", "outputs")
+_BINARY = "application/octet-stream"
 
 
 def _error_body(failure: Failure) -> dict[str, Any]:
@@ -66,7 +76,7 @@ def _ready() -> Response:
 
 
 def _server() -> Response:
-    return jsonify({"name": "ipcserve", "version": __version__, "extensions": []})
+    return jsonify({"name": "ipcserve", "version": __version__, "extensions": list(tensors.EXTENSIONS)})
 
 
 def _model(name: str) -> Response:
@@ -84,70 +94,105 @@ def _model_ready(name: str) -> Response:
 
 
 # -- infer ----------------------------------------------------------------------------
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _header_length(data: bytes) -> int | None:
+    """The binary extension's JSON header length, or None for a JSON-only request."""
+    raw = request.headers.get(BINARY_HEADER)
+    if raw is None:
+        return None
+    if not raw.strip().isdigit() or int(raw) > len(data):
+        raise InputError(f"the {BINARY_HEADER} header must be the JSON header's length in "
+                         f"bytes, from 0 to the body's {len(data)}, got {raw!r}")
+    return int(raw)
 
 
-def _tensor(item: Any, where: str, declared: dict[str, dict[str, Any]]) -> tuple[str, Any]:
-    """One input tensor, checked against the model's signature, as a numpy array."""
-    import numpy as np
-
-    if not isinstance(item, dict):
-        raise InputError(f"{where} must be an object with name, datatype, shape and data")
-    name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
-    if not isinstance(name, str):
-        raise InputError(f"{where}.name must be a string")
-    spec = declared.get(name)
-    if spec is None:
-        raise InputError(f"{where}.name: this model takes the inputs {list(declared)}, "
-                         f"got {name!r}")
-    if not isinstance(datatype, str) or datatype not in tensors.DATATYPES:
-        raise InputError(f"{where}.datatype must be one of {', '.join(tensors.DATATYPES)}, "
-                         f"got {datatype!r}")
-    if datatype != spec["datatype"]:
-        raise InputError(f"{where}.datatype: input {name!r} is {spec['datatype']}, got {datatype}")
-    if not isinstance(shape, list) or not shape or not all(_is_count(d) for d in shape):
-        raise InputError(f"{where}.shape must be a non-empty list of integers >= 0")
-    expected = spec["shape"]
-    if len(shape) != len(expected) or any(e >= 0 and d != e for d, e in zip(shape[1:], expected[1:])):
-        raise InputError(f"{where}.shape: input {name!r} has the shape {expected} (-1: any), "
-                         f"got {shape}")
-    if not 1 <= shape[0] <= MAX_ROWS:
-        raise InputError(f"{where}.shape: the first (batch) dimension must be from 1 to "
-                         f"{MAX_ROWS}, got {shape[0]}")
-    if not isinstance(item.get("parameters", {}), dict):
-        raise InputError(f"{where}.parameters must be an object")
-    data = item.get("data")
-    if not isinstance(data, list):
-        raise InputError(f"{where}.data must be a list of {datatype} values")
-    try:
-        array = np.asarray(data, dtype=tensors.DATATYPES[datatype])
-    except (ValueError, TypeError, OverflowError):
-        raise InputError(f"{where}.data does not convert to {datatype}") from None
-    count = int(np.prod(shape))
-    if array.size != count:
-        raise InputError(f"{where}.data: shape {shape} needs {count} values, got {array.size}")
-    if datatype.startswith("FP") and not np.isfinite(array).all():
-        raise InputError(f"{where}.data: values must be finite")
-    return name, array.reshape(shape)
+def _binary_size(params: dict[str, Any], where: str) -> int | None:
+    size = params.get("binary_data_size")
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InputError(f"{where}.parameters.binary_data_size must be an integer >= 0")
+    return size
 
 
-def _outputs_wanted(body: dict[str, Any], signature: dict[str, Any]) -> list[str]:
+def _inputs(body: dict[str, Any], signature: dict[str, Any], binary: memoryview | None
+            ) -> dict[str, Any]:
+    """The input tensors by name, as numpy arrays: from ``data`` (JSON), or views on the
+    binary part of the body (``binary_data_size``), in the order of ``inputs``."""
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InputError("'inputs' must be a non-empty list of tensors")
+    declared = {spec["name"]: spec for spec in signature["inputs"]}
+    given: dict[str, Any] = {}
+    offset = 0
+    for i, item in enumerate(inputs):
+        where = f"inputs[{i}]"
+        if not isinstance(item, dict):
+            raise InputError(f"{where} must be an object with name, datatype, shape and data")
+        name, datatype, shape = tensors.check_input(item.get("name"), item.get("datatype"),
+                                                    item.get("shape"), where, declared)
+        params = item.get("parameters", {})
+        if not isinstance(params, dict):
+            raise InputError(f"{where}.parameters must be an object")
+        size = _binary_size(params, where)
+        if size is None:
+            if not isinstance(item.get("data"), list):
+                raise InputError(f"{where}.data must be a list of {datatype} values")
+            array = tensors.array_from_values(item["data"], datatype, shape, f"{where}.data")
+        elif binary is None:
+            raise InputError(f"{where}.parameters.binary_data_size: binary data needs the "
+                             f"{BINARY_HEADER} header (the JSON header's length)")
+        elif "data" in item:
+            raise InputError(f"{where}.data: a tensor sent as binary data "
+                             "(binary_data_size) has no data field")
+        elif offset + size > len(binary):
+            raise InputError(f"{where}.parameters.binary_data_size: {size} bytes from offset "
+                             f"{offset}, but the binary data is {len(binary)} bytes")
+        else:
+            array = tensors.array_from_bytes(binary[offset:offset + size], datatype, shape,
+                                             f"{where}.parameters.binary_data_size")
+            offset += size
+        if name in given:
+            raise InputError(f"{where}.name: input {name!r} is given twice")
+        given[name] = array
+    if binary is not None and offset != len(binary):
+        raise InputError(f"the body has {len(binary) - offset} bytes of binary data that no "
+                         "input's parameters.binary_data_size claims")
+    return given
+
+
+def _flag(params: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise InputError(f"{where}.{key} must be true or false")
+    return value
+
+
+def _outputs_wanted(body: dict[str, Any], signature: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The outputs to answer, each with whether it goes as binary data."""
     names = [spec["name"] for spec in signature["outputs"]]
+    binary = _flag(body.get("parameters", {}), "binary_data_output", "parameters", False)
     wanted = body.get("outputs")
     if wanted is None:
-        return names
+        return [(name, binary) for name in names]
     if not isinstance(wanted, list):
         raise InputError(f"'outputs' must be a list of {{\"name\"}} objects; outputs: {names}")
+    chosen = []
     for i, out in enumerate(wanted):
         if not isinstance(out, dict) or out.get("name") not in names:
             raise InputError(f"outputs[{i}].name must be an output of this model: {names}")
-        if not isinstance(out.get("parameters", {}), dict):
+        params = out.get("parameters", {})
+        if not isinstance(params, dict):
             raise InputError(f"outputs[{i}].parameters must be an object")
-    return [out["name"] for out in wanted]
+        if params.get("classification"):
+            raise InputError(f"outputs[{i}].parameters.classification: this server does not "
+                             "have the classification extension")
+        chosen.append((out["name"], _flag(params, "binary_data", f"outputs[{i}].parameters",
+                                          binary)))
+    return chosen
 
 
-def _items(body: dict[str, Any], signature: dict[str, Any]) -> list[Any]:
+def _items(body: dict[str, Any], signature: dict[str, Any], binary: memoryview | None
+           ) -> list[Any]:
     """The model's items, one per row: the row of the one input, or ``{name: row}``."""
     unknown = sorted(set(body) - set(_KEYS))
     if unknown:
@@ -156,57 +201,49 @@ def _items(body: dict[str, Any], signature: dict[str, Any]) -> list[Any]:
         raise InputError("'id' must be a string")
     if not isinstance(body.get("parameters", {}), dict):
         raise InputError("'parameters' must be an object")
-    inputs = body.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise InputError("'inputs' must be a non-empty list of tensors")
-    declared = {spec["name"]: spec for spec in signature["inputs"]}
-    given: dict[str, Any] = {}
-    for i, item in enumerate(inputs):
-        name, array = _tensor(item, f"inputs[{i}]", declared)
-        if name in given:
-            raise InputError(f"inputs[{i}].name: input {name!r} is given twice")
-        given[name] = array
-    if sorted(given) != sorted(declared):
-        raise InputError(f"this model takes the inputs {list(declared)}, got {list(given)}")
-    rows = {len(a) for a in given.values()}
-    if len(rows) != 1:
-        raise InputError("every input must have the same first (batch) dimension")
-    names = list(declared)
-    if len(names) == 1:
-        return list(given[names[0]])
-    return [{name: given[name][row] for name in names} for row in range(rows.pop())]
+    return tensors.items_of(_inputs(body, signature, binary), signature)
 
 
-def _output(results: list[Any], name: str, signature: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np
-
-    values = [r[name] if isinstance(r, dict) and name in r else r for r in results]
-    if any(isinstance(v, dict) for v in values):
-        raise ModelError(f"the model's answer has no tensor {name!r}")
-    array = np.asarray([np.asarray(v) for v in values])
-    declared = next((o.get("datatype") for o in signature["outputs"] if o["name"] == name), None)
-    if declared in tensors.DATATYPES:
-        array = array.astype(tensors.DATATYPES[declared])
-    datatype = tensors.FROM_NUMPY.get(array.dtype.name)
-    if datatype is None:
-        array, datatype = array.astype("float64"), "FP64"
-    return {"name": name, "datatype": datatype, "shape": list(array.shape),
-            "data": encode.to_jsonable(array.reshape(-1))}
+def _answer(name: str, body: dict[str, Any], outputs: list[tuple[str, Any, bool]]) -> Response:
+    """The infer answer: JSON, or (an output asked for as binary data) the JSON header then
+    each binary output's raw bytes, its length in the extension's header."""
+    answer: dict[str, Any] = {"model_name": name, "model_version": "1", "outputs": []}
+    raw: list[bytes] = []
+    for out, array, binary in outputs:
+        datatype = tensors.FROM_NUMPY[array.dtype.name]
+        tensor: dict[str, Any] = {"name": out, "datatype": datatype, "shape": list(array.shape)}
+        if binary:
+            raw.append(tensors.raw_bytes(array))
+            tensor["parameters"] = {"binary_data_size": len(raw[-1])}
+        else:
+            tensor["data"] = encode.to_jsonable(array.reshape(-1))
+        answer["outputs"].append(tensor)
+    if "id" in body:
+        answer["id"] = body["id"]
+    if not raw:
+        return jsonify(answer)
+    header = json.dumps(answer, separators=(",", ":")).encode()
+    response = Response(b"".join([header, *raw]), content_type=_BINARY)
+    response.headers[BINARY_HEADER] = str(len(header))
+    return response
 
 
 def _infer(name: str) -> Response:
     endpoint, signature = _tensor_model(name)
     with exchange(endpoint) as ex:
         ex.admit()  # before the body is parsed: under overload it never is
-        body = decode.parse_json_object(request.get_data(cache=False))
-        items = _items(body, signature)
-        names = _outputs_wanted(body, signature)
+        data = request.get_data(cache=False)
+        length = _header_length(data)
+        if length is None:
+            body, binary = decode.parse_json_object(data), None
+        else:
+            body = decode.parse_json_object(data[:length])
+            binary = memoryview(data)[length:]  # the tensors are views on it: no copy
+        items = _items(body, signature, binary)
+        wanted = _outputs_wanted(body, signature)
         results = ex.call_batch(items).value
-        answer: dict[str, Any] = {"model_name": name, "model_version": "1",
-                                  "outputs": [_output(results, n, signature) for n in names]}
-        if "id" in body:
-            answer["id"] = body["id"]
-        return jsonify(answer)
+        return _answer(name, body, [(out, tensors.output_array(results, out, signature), raw)
+                                    for out, raw in wanted])
 
 
 # -- the OpenAPI rows ------------------------------------------------------------------
@@ -242,7 +279,7 @@ def _infer_body(state: Served, params: dict[str, str]) -> dict[str, Any]:
     signature = tensors.signature_of(state.models.get(params["name"]).ml) or {}
     inputs = signature.get("inputs", [])
     outputs = [o["name"] for o in signature.get("outputs", [])]
-    return {"required": True, "content": {_JSON: {"schema": {
+    json_body = {"schema": {
         "type": "object", "required": ["inputs"], "additionalProperties": False,
         "properties": {"id": {"type": "string"}, "parameters": {"type": "object"},
                        "inputs": {"type": "array", "minItems": len(inputs),
@@ -251,20 +288,40 @@ def _infer_body(state: Served, params: dict[str, str]) -> dict[str, Any]:
                        "outputs": {"type": "array", "items": {
                            "type": "object", "required": ["name"], "additionalProperties": False,
                            "properties": {"name": {"enum": outputs},
-                                          "parameters": {"type": "object"}}}}}}}}}
+                                          "parameters": {"type": "object"}}}}}}}
+    return {"required": True, "content": {_JSON: json_body, _BINARY: {"schema": {
+        "type": "string", "format": "binary",
+        "description": f"the binary tensor data extension: the JSON request (its length in "
+                       f"the {BINARY_HEADER} header), then the raw little-endian bytes of "
+                       "each input whose parameters.binary_data_size says how many, in the "
+                       "order of inputs"}}}}
 
 
 def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {_JSON: {"schema": schema}}}
 
 
+def _binary_ok(ok: dict[str, Any]) -> dict[str, Any]:
+    ok["content"][_BINARY] = {"schema": {
+        "type": "string", "format": "binary",
+        "description": f"an output was asked for as binary data: the JSON answer (its length "
+                       f"in the {BINARY_HEADER} header), then those outputs' raw bytes"}}
+    ok["headers"] = {BINARY_HEADER: {"schema": {"type": "integer", "minimum": 0},
+                                     "description": "with binary outputs: the JSON part's length"}}
+    return ok
+
+
+_BINARY_PARAMETER = {"name": BINARY_HEADER, "in": "header", "required": False,
+                     "schema": {"type": "integer", "minimum": 0},
+                     "description": "the binary tensor data extension: the length in bytes of "
+                                    "the JSON part of an application/octet-stream body"}
 _READY = {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}
 _MODEL_READY = {"type": "object", "required": ["name", "ready"],
                 "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}}
-_OUTPUT = {"type": "object", "required": ["name", "datatype", "shape", "data"],
+_OUTPUT = {"type": "object", "required": ["name", "datatype", "shape"],
            "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
                           "shape": {"type": "array", "items": {"type": "integer"}},
-                          "data": {"type": "array"}}}
+                          "data": {"type": "array"}, "parameters": {"type": "object"}}}
 
 ROUTES = [
     Route("/v2/health/live", "v2_live", _live, V2_ERRORS, open=True, tag="v2",
@@ -289,10 +346,11 @@ ROUTES = [
           responses={"503": _ok(_MODEL_READY, "not ready, or draining")}),
     Route("/v2/models/<name>/infer", "v2_infer", _infer, V2_ERRORS, ("POST",), tag="v2",
           summary="V2 inference on {name}", expand=_tensor_models, request=_infer_body,
-          errors=(400, 413, 429, 499, 500, 502, 503, 504),
-          ok=_ok({"type": "object", "required": ["model_name", "outputs"],
-                  "properties": {"model_name": {"type": "string"},
-                                 "model_version": {"type": "string"}, "id": {"type": "string"},
-                                 "outputs": {"type": "array", "items": _OUTPUT}}},
-                 "the output tensors")),
+          errors=(400, 413, 429, 499, 500, 502, 503, 504), parameters=(_BINARY_PARAMETER,),
+          ok=_binary_ok(_ok({"type": "object", "required": ["model_name", "outputs"],
+                             "properties": {"model_name": {"type": "string"},
+                                            "model_version": {"type": "string"},
+                                            "id": {"type": "string"},
+                                            "outputs": {"type": "array", "items": _OUTPUT}}},
+                            "the output tensors"))),
 ]

@@ -8,6 +8,10 @@ over the config file's ``[server]`` table, which wins over the default.
 Models: ``--model`` (repeat it for several), or ``--config models.toml`` for several models
 with their own settings (:mod:`ipcserve.server.config_file`). Running, stopping and
 reloading: :mod:`ipcserve.server.lifecycle`. ``ipcserve --version`` says which ipcserve.
+
+KServe starts a custom runtime's container with its own argument names: ``--model_dir``,
+``--model_name``, ``--http_port`` and ``--grpc_port`` are accepted as the same flags as
+``--model``, ``--model-name``, ``--port`` and ``--grpc-port`` (:data:`ALIASES`).
 """
 
 from __future__ import annotations
@@ -24,9 +28,16 @@ from .. import __version__
 from ..engine.config import SETTINGS, Config, Setting, settings_of
 from ..engine.errors import ConfigError
 
-__all__ = ["build_app", "build_model", "create_app", "help_of", "main", "resolve"]
+__all__ = ["ALIASES", "build_app", "build_model", "create_app", "help_of", "main", "resolve"]
 
 _BY_NAME = {s.name: s for s in SETTINGS}
+
+#: Other names of some flags: ``--grace`` (ipcserve 0.1's), and the arguments KServe's
+#: model servers take (``--model_dir=/mnt/models --http_port=8080 ...``), so a KServe
+#: ServingRuntime can pass them as it passes them to its own runtimes.
+ALIASES = {"shutdown_grace": ("--grace",), "model": ("--model_dir",),
+           "model_name": ("--model_name",), "port": ("--http_port",),
+           "grpc_port": ("--grpc_port",)}
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +91,18 @@ def _model_at(path: str, config: Config, task: str | None) -> Any:
 
         return TorchModel(path, config=config)
     if os.path.isdir(path):
-        raise ConfigError(f"--model {path} is a directory without a config.json; serve one "
-                          "written by save_pretrained")
+        # KServe's storage initializer puts the model's files in /mnt/models: a directory
+        # holding one model file is that file.
+        files = sorted(name for name in os.listdir(path)
+                       if os.path.splitext(name)[1].lower() in _MODEL_FILES
+                       and os.path.isfile(os.path.join(path, name)))
+        if len(files) == 1:
+            return _model_at(os.path.join(path, files[0]), config, task)
+        what = f"holds {len(files)} model files ({', '.join(files)})" if files else \
+            f"holds no {'/'.join(_MODEL_FILES)} file"
+        raise ConfigError(f"--model {path} is a directory without a config.json that {what}; "
+                          "serve a transformers directory written by save_pretrained, or "
+                          "a directory with one model file")
     what = "is not a model file" if os.path.exists(path) else "does not exist"
     raise ConfigError(f"--model must be 'digits', 'package.module:attribute', a transformers "
                       f"model directory or a {'/'.join(_MODEL_FILES)} file; {path!r} {what}")
@@ -94,7 +115,8 @@ def create_app(models: Sequence[tuple[Any, ...]], *, cache_backend: Any = None,
     Args:
         models: ``(MLProcess, kind)`` pairs, or ``(MLProcess, kind, options)`` where options
             are keywords of :meth:`IPCServe.add_model <ipcserve.http.extension.IPCServe.add_model>`
-            (``cache``, ``default``).
+            (``cache``, ``default``, ``lazy``...), and ``versions``: the model's other
+            versions as ``(name, MLProcess, add_version keywords)``.
         cache_backend: flask-caching ``CACHE_*`` settings for the models' response caches.
         http_settings: the ``http`` settings by name (``api_key=...``,
             ``max_content_length=...``), put into ``app.config`` as ``IPCSERVE_*``.
@@ -113,11 +135,15 @@ def create_app(models: Sequence[tuple[Any, ...]], *, cache_backend: Any = None,
         app.config[known[name].env] = value
     ipc = IPCServe(app)
     for ml, kind, *more in models:
-        options = more[0] if more else {}
+        options = dict(more[0]) if more else {}
+        versions = options.pop("versions", ())
         if ml.name in ipc.endpoints:
             raise ConfigError(f"two models are named {ml.name!r}; name them in a config file "
                               "([models.NAME] tables)")
         ipc.add_model(ml, kind=kind, **options)
+        for label, version_ml, version_options in versions:
+            ipc.add_version(ml.name, label, version_ml, **version_options)
+    ipc.models.pool.check_start()  # exit 2 now rather than fail to start later
     app.register_error_handler(HTTPException, error_response)
     return app
 
@@ -137,9 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model over HTTP on waitress",
                        description="Every flag also reads IPCSERVE_<NAME> from the environment.")
     for setting in SETTINGS:
-        names = [setting.flag]
-        if setting.name == "shutdown_grace":
-            names.append("--grace")  # the 0.1 name
+        names = [setting.flag, *ALIASES.get(setting.name, ())]
         default = f"{setting.default!r}" if setting.default not in (None, ()) else "none"
         s.add_argument(*names, dest=setting.name, metavar=setting.name.upper(),
                        choices=setting.choices, type=_typed(setting), default=None,
@@ -185,29 +209,64 @@ def _models_of(values: dict[str, Any], plan: Any, args: Any) -> list[tuple[Any, 
     """The (MLProcess, kind, options) to serve: the config file's models, or ``--model``'s."""
     engine = {s.name: values[s.name] for s in settings_of("engine")}
     if plan is None:
+        if values["model_name"] is not None and len(values["model"]) != 1:
+            raise ConfigError(f"--model-name names one model; {len(values['model'])} are "
+                              "given: name several in a config file ([models.NAME] tables)")
         kinds = []
         for spec in values["model"]:
             ml = build_model(spec, Config(**engine), values["task"])
+            if values["model_name"] is not None:
+                ml.name = _checked_name(values["model_name"])
             kinds.append((ml, values["kind"] or ("image" if spec == "digits" else "json")))
         return kinds
+    if values["model_name"] is not None:
+        raise ConfigError(f"--model-name and --config {plan.path} both name models; name "
+                          "them in the config file")
     if getattr(args, "model", None):
         raise ConfigError(f"--model and --config {plan.path} both name models; put every model "
                           "in the config file")
     models: list[tuple[Any, ...]] = []
     for entry in plan.models:
         where = f"{plan.path}: [models.{entry.name}]"
-        try:
-            ml = build_model(entry.model, Config(**{**engine, **entry.engine}), entry.task)
-        except ConfigError as exc:
-            raise ConfigError(f"{where} model: {exc}") from None
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"{where} model: cannot import {entry.model!r}: {exc}") from None
-        if entry.engine:  # also over the settings of an MLProcess instance the spec names
-            ml.configure(**entry.engine)
-        ml.name = entry.name
+        built = []
+        for version in entry.versions:
+            at = where if len(entry.versions) == 1 else \
+                f"{plan.path}: [models.{entry.name}.versions.{version.name}]"
+            built.append(_build_version(entry.name, version, engine, at))
         kind = entry.kind or ("image" if entry.model == "digits" else "json")
-        models.append((ml, kind, {"cache": entry.cache, "default": entry.default or None}))
+        stable, *others = entry.versions
+        options: dict[str, Any] = {
+            "cache": entry.cache, "default": entry.default or None, "version": stable.name,
+            "lazy": entry.lazy, "idle_unload": entry.idle_unload, "rollback": entry.rollback}
+        if others:
+            options["versions"] = [
+                (v.name, ml, {"weight": v.weight, "shadow": v.name == entry.shadow,
+                              "tolerance": entry.shadow_tolerance})
+                for v, ml in zip(others, built[1:])]
+        models.append((built[0], kind, options))
     return models
+
+
+def _build_version(name: str, version: Any, engine: dict[str, Any], where: str) -> Any:
+    """The MLProcess of one version of a config file's model, named after the model."""
+    try:
+        ml = build_model(version.model, Config(**{**engine, **version.engine}), version.task)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} model: {exc}") from None
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{where} model: cannot import {version.model!r}: {exc}") from None
+    if version.engine:  # also over the settings of an MLProcess instance the spec names
+        ml.configure(**version.engine)
+    ml.name = name
+    if version.warmup:  # run in every ML process before it reports ready (engine/worker.py)
+        ml.warmup_requests = version.warmup
+    return ml
+
+
+def _checked_name(name: str) -> str:
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"--model-name must be letters, digits, '-', '_' or '.', got {name!r}")
+    return name
 
 
 def build_app(args: Any, environ: Any = None) -> tuple[Any, dict[str, Any]]:
@@ -262,4 +321,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     return serve(app, host=values["host"], port=values["port"], threads=values["threads"],
                  grace=values["shutdown_grace"], detect_disconnects=values["detect_disconnects"],
-                 limits=limits, drain_delay=values["drain_delay"])
+                 limits=limits, drain_delay=values["drain_delay"], grpc_port=values["grpc_port"])

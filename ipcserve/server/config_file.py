@@ -20,6 +20,17 @@ TOML file, checked before anything starts.
     workers = 2                       # any engine setting: timeout, max_batch_size, devices
     cache = true                      # with cache_ttl (seconds) and cache_size (answers)
     default = true                    # also served at POST /predict
+    warmup = "sentiment.jsonl"        # example request bodies, run in every ML process
+                                      # before it is ready (relative to this file)
+    load = "lazy"                     # loaded on its first request; idle_unload = SECONDS
+
+    [models.ranker]                   # versions: stable, shadow, rollback_* here
+    stable = "v1"
+    [models.ranker.versions.v1]       # each: model, task, weight (%), warmup, engine keys
+    model = "team.models:RankerV1"
+    [models.ranker.versions.v2]
+    model = "/models/ranker-v2.onnx"
+    weight = 10                       # a canary: 10 % of the traffic
 
 Every error names the file, the table and the key (``models.toml: [models.sentiment]
 workers: must be an integer >= 1, got 0``); ``ipcserve serve`` exits 2 on one.
@@ -28,12 +39,16 @@ workers: must be an integer >= 1, got 0``); ``ipcserve serve`` exits 2 on one.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import sys
 from collections.abc import Mapping
 from typing import Any
 
 from ..http.cache import CacheSettings
+from ..http.rollback import Rollback
+from ..http.versions import DEFAULT_VERSION, check_label
 from ..engine.config import Config, Setting, settings_of
 from ..engine.errors import ConfigError
 
@@ -42,13 +57,33 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["ModelEntry", "ServerFile", "load"]
+__all__ = ["ModelEntry", "ServerFile", "VersionEntry", "load"]
 
 #: Server-table keys that are not settings of the [server] table itself.
 _NOT_IN_SERVER = ("model", "task", "kind", "config")
 #: Model-table keys besides the engine settings.
-_MODEL_KEYS = ("model", "kind", "task", "default", "cache", "cache_ttl", "cache_size")
+_MODEL_KEYS = ("model", "kind", "task", "default", "cache", "cache_ttl", "cache_size", "load",
+               "idle_unload", "warmup", "versions", "stable", "shadow", "shadow_tolerance",
+               "rollback_error_rate", "rollback_window", "rollback_min_requests")
+#: Version-table keys ([models.NAME.versions.V]) besides the engine settings.
+_VERSION_KEYS = ("model", "task", "weight", "warmup")
+#: Model-table keys that describe one version: in each version table when there are several.
+_PER_VERSION = ("model", "task")
 _KINDS = ("json", "image")
+_LOADS = ("eager", "lazy")
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionEntry:
+    """One version of a model: a ``[models.NAME.versions.V]`` table, or the model table
+    itself for a model without versions."""
+
+    name: str
+    model: str
+    task: str | None = None
+    weight: float = 0.0
+    engine: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    warmup: tuple[dict[str, Any], ...] = ()  # example request bodies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +91,20 @@ class ModelEntry:
     """One ``[models.NAME]`` table."""
 
     name: str
-    model: str
+    model: str  # the stable version's
     kind: str | None = None
     task: str | None = None
     default: bool = False
     engine: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     cache: CacheSettings | None = None
+    lazy: bool = False
+    idle_unload: float | None = None
+    warmup: tuple[dict[str, Any], ...] = ()
+    #: Every version, the stable one first; one (named ``1``) for a model without versions.
+    versions: tuple[VersionEntry, ...] = ()
+    shadow: str | None = None
+    shadow_tolerance: float = 1e-6
+    rollback: Rollback = dataclasses.field(default_factory=Rollback)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,21 +204,20 @@ def _model(path: str, name: str, table: Any) -> ModelEntry:
     if unknown:
         raise ConfigError(f"{where} {unknown[0]}: unknown key; known: "
                           f"{', '.join(_MODEL_KEYS + tuple(engine_settings))}")
-    model = table.get("model")
-    if not isinstance(model, str) or not model:
-        raise ConfigError(f"{where} model: required: \"digits\", \"package.module:Attr\" or the "
-                          "path of a model directory or file")
     kind = _typed(table, "kind", str, where)
     if kind is not None and kind not in _KINDS:
         raise ConfigError(f"{where} kind: must be one of {', '.join(_KINDS)}, got {kind!r}")
-    task = _typed(table, "task", str, where)
     default = bool(_typed(table, "default", bool, where))
-    engine = {key: _convert(engine_settings[key], raw, f"{where} {key}")
-              for key, raw in table.items() if key in engine_settings}
-    try:
-        Config(**engine)  # every engine check, per model, before anything starts
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    engine = _engine(table, where)
+    warmup = _warmup(path, table, where)
+    load = _typed(table, "load", str, where) or "eager"
+    if load not in _LOADS:
+        raise ConfigError(f"{where} load: must be \"eager\" (at start) or \"lazy\" (on the "
+                          f"first request), got {load!r}")
+    idle_unload = _number(table, "idle_unload", where)
+    if idle_unload is not None and idle_unload <= 0:
+        raise ConfigError(f"{where} idle_unload: must be a number of seconds > 0, got "
+                          f"{idle_unload!r}")
     cache = None
     if _typed(table, "cache", bool, where):
         options = {field: table[f"cache_{field}"] for field in ("ttl", "size")
@@ -186,7 +228,150 @@ def _model(path: str, name: str, table: Any) -> ModelEntry:
             raise ConfigError(f"{where}: {exc}") from None
     elif "cache_ttl" in table or "cache_size" in table:
         raise ConfigError(f"{where}: cache_ttl and cache_size need cache = true")
-    return ModelEntry(name, model, kind, task, default, engine, cache)
+    try:
+        rollback = Rollback(**{key: table[f"rollback_{key}"] for key in
+                               ("error_rate", "window", "min_requests") if f"rollback_{key}" in table})
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    tolerance = _number(table, "shadow_tolerance", where)
+    if tolerance is not None and tolerance < 0:
+        raise ConfigError(f"{where} shadow_tolerance: must be a number >= 0, got {tolerance!r}")
+    if "versions" in table:
+        versions, shadow = _versions(path, name, table, where, engine, warmup)
+        if cache is not None:
+            raise ConfigError(f"{where} cache: a model with versions has no response cache "
+                              "(a cached answer would skip the traffic split)")
+    else:
+        for key in ("stable", "shadow"):
+            if key in table:
+                raise ConfigError(f"{where} {key}: names a version; add the versions as "
+                                  f"[models.{name}.versions.V] tables")
+        versions = (_version(table, DEFAULT_VERSION, where, engine, warmup, per_model=True),)
+        shadow = None
+    first = versions[0]
+    return ModelEntry(name, first.model, kind, first.task, default, first.engine, cache,
+                      load == "lazy", idle_unload, first.warmup, versions, shadow,
+                      1e-6 if tolerance is None else tolerance, rollback)
+
+
+def _engine(table: Mapping[str, Any], where: str,
+            base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The engine settings of a table, over ``base``, each checked as ``Config`` would."""
+    engine_settings = {s.name: s for s in settings_of("engine")}
+    engine = dict(base or {})
+    engine.update({key: _convert(engine_settings[key], raw, f"{where} {key}")
+                   for key, raw in table.items() if key in engine_settings})
+    try:
+        Config(**engine)  # every engine check, per model, before anything starts
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return engine
+
+
+def _version(table: Mapping[str, Any], label: str, where: str, engine: Mapping[str, Any],
+             warmup: tuple[dict[str, Any], ...], per_model: bool = False) -> VersionEntry:
+    model = table.get("model")
+    if not isinstance(model, str) or not model:
+        raise ConfigError(f"{where} model: required: \"digits\", \"package.module:Attr\" or the "
+                          "path of a model directory or file")
+    task = _typed(table, "task", str, where)
+    weight = 0.0 if per_model else _number(table, "weight", where) or 0.0
+    if not 0 <= weight <= 100:
+        raise ConfigError(f"{where} weight: must be a percentage from 0 to 100, got {weight!r}")
+    return VersionEntry(label, model, task, float(weight), engine, warmup)
+
+
+def _versions(path: str, name: str, table: Mapping[str, Any], where: str,
+              engine: Mapping[str, Any], warmup: tuple[dict[str, Any], ...]
+              ) -> tuple[tuple[VersionEntry, ...], str | None]:
+    """The ``[models.NAME.versions.V]`` tables, the stable one first, and the shadow."""
+    for key in _PER_VERSION:
+        if key in table:
+            raise ConfigError(f"{where} {key}: with versions, each [models.{name}.versions.V] "
+                              f"table says its own {key}")
+    tables = table["versions"]
+    if not isinstance(tables, dict) or not tables \
+            or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(f"{where} versions: add one [models.{name}.versions.V] table per "
+                          "version")
+    engine_settings = {s.name for s in settings_of("engine")}
+    versions = {}
+    for label, version_table in tables.items():
+        at = f"{path}: [models.{name}.versions.{label}]"
+        try:
+            check_label(label)
+        except ConfigError as exc:
+            raise ConfigError(f"{at}: {exc}") from None
+        unknown = sorted(set(version_table) - set(_VERSION_KEYS) - engine_settings)
+        if unknown:
+            raise ConfigError(f"{at} {unknown[0]}: unknown key; known: "
+                              f"{', '.join(_VERSION_KEYS)} and the engine settings")
+        versions[label] = _version(version_table, label, at, _engine(version_table, at, engine),
+                                   _warmup(path, version_table, at) or warmup)
+    stable = _typed(table, "stable", str, where)
+    if stable is None:
+        if len(versions) > 1:
+            raise ConfigError(f"{where} stable: required with several versions: the version "
+                              f"that gets what the canaries leave, one of {', '.join(versions)}")
+        stable = next(iter(versions))
+    shadow = _typed(table, "shadow", str, where)
+    for key, label in (("stable", stable), ("shadow", shadow)):
+        if label is not None and label not in versions:
+            raise ConfigError(f"{where} {key}: no version {label!r}; versions: "
+                              f"{', '.join(versions)}")
+    if shadow == stable:
+        raise ConfigError(f"{where} shadow: the stable version cannot be its own shadow")
+    for key, label in (("stable", stable), ("shadow", shadow)):
+        if label is not None and "weight" in tables[label]:
+            raise ConfigError(f"{path}: [models.{name}.versions.{label}] weight: the {key} "
+                              "version has no weight (" + ("it gets what the canaries leave)"
+                              if key == "stable" else "it gets copies, not a share)"))
+    total = sum(v.weight for v in versions.values())
+    if total > 100:
+        raise ConfigError(f"{where} versions: the canaries' weights add up to {total:g} %, "
+                          "more than 100")
+    ordered = (versions[stable], *(v for label, v in versions.items() if label != stable))
+    return ordered, shadow
+
+
+def _warmup(path: str, table: Mapping[str, Any], where: str) -> tuple[dict[str, Any], ...]:
+    """The example requests of ``warmup = "FILE"``: JSON lines, one request body (a JSON
+    object) per line, the path relative to the config file."""
+    name = _typed(table, "warmup", str, where)
+    if name is None:
+        return ()
+    full = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(name))
+    try:
+        with open(full, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where} warmup: cannot read {full}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    bodies = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            body = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"{where} warmup: {full}, line {number}: not JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where} warmup: {full}, line {number}: each line is one request "
+                              f"body, a JSON object; got {type(body).__name__}")
+        bodies.append(body)
+    if not bodies:
+        raise ConfigError(f"{where} warmup: {full} has no example request (one JSON object per "
+                          "line)")
+    return tuple(bodies)
+
+
+def _number(table: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where} {key}: must be a number, got {value!r}")
+    return float(value)
 
 
 def _typed(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:

@@ -17,6 +17,11 @@ Signals (handled by :class:`ServerLifecycle`):
 * SIGHUP: reload every model (:mod:`ipcserve.http.reload`): new ML processes load the
   model's code and weights afresh, traffic switches to them once they are ready, the old
   ones drain; a model whose new version fails to load keeps its old one.
+
+With ``grpc_port``, the Open Inference Protocol V2 over gRPC (:mod:`ipcserve.http.v2_grpc`)
+is served beside HTTP from the same process: the same models, admission, drain and API key.
+It starts before the HTTP server says it is serving and stops after the drain, when every
+call it admitted has been answered.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ import threading
 import time
 from typing import Any
 
+from ..engine.errors import ConfigError
 from ..http.extension import IPCServe
 from . import waitress_conf
 
-__all__ = ["ServerLifecycle", "serve"]
+__all__ = ["ServerLifecycle", "serve", "start_grpc"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +57,14 @@ class ServerLifecycle:
         server: the waitress server (bound, not yet serving).
         grace: seconds for requests in flight at a drain or reload (None: the models').
         drain_delay: seconds readiness says 503 before requests are refused.
+        grpc_server: the V2 gRPC server (started), stopped after the drain, or None.
     """
 
     def __init__(self, extension: IPCServe, server: Any, grace: float | None,
-                 drain_delay: float) -> None:
+                 drain_delay: float, grpc_server: Any = None) -> None:
         self.extension = extension
         self.server = server
+        self.grpc_server = grpc_server
         self.grace = grace
         self.drain_delay = drain_delay
         self.stop = threading.Event()  # leave the serving loop
@@ -155,7 +163,9 @@ class ServerLifecycle:
                                      use_poll=server.adj.asyncore_use_poll, count=1)
             # Send what is answered or about to be (a forced stop answers 502 at once).
             self._flush(_FLUSH_TIMEOUT if self.exit_code == 0 else 0.5)
+            self._stop_grpc(_FLUSH_TIMEOUT if self.exit_code == 0 else 0.5)
         finally:
+            self._stop_grpc(0)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             server.close()
@@ -167,6 +177,13 @@ class ServerLifecycle:
         if self.exit_code == 0:
             logger.info("stopped")
         return self.exit_code
+
+    def _stop_grpc(self, grace: float) -> None:
+        """Stop the gRPC server: after the drain every call it admitted is answered, so
+        ``grace`` only lets answers already made reach their clients."""
+        grpc_server, self.grpc_server = self.grpc_server, None
+        if grpc_server is not None:
+            grpc_server.stop(grace).wait(grace + 5.0)
 
     def _flush(self, timeout: float) -> None:
         """Keep serving I/O until every response already made has been sent (bounded)."""
@@ -190,9 +207,57 @@ def _page_url(host: str, port: int, prefix: str) -> str:
     return f"http://{shown}:{port}{prefix.rstrip('/')}/"
 
 
+def start_grpc(app: Any, host: str, port: int, threads: int | None = None) -> tuple[Any, int]:
+    """Start the V2 gRPC service of ``app``'s models on ``host:port``.
+
+    Args:
+        threads: handler threads (None: as many as waitress gets, the models' admission
+            limit plus spares); at most this many calls run at once, and gRPC itself answers
+            RESOURCE_EXHAUSTED past it rather than queueing calls whose deadline would run
+            before they reach the admission.
+
+    Returns:
+        the started ``grpc.Server`` and the port it listens on (``port`` 0: a free one).
+
+    Raises:
+        ConfigError: grpcio is not installed (the ``grpc`` extra).
+        OSError: the address cannot be listened on.
+    """
+    try:
+        import grpc
+
+        from ..http import v2_grpc
+        from ..http.oip import inference_pb2_grpc
+    except ImportError as exc:
+        raise ConfigError(f"--grpc-port needs grpcio: pip install 'ipcserve[grpc]' ({exc})") \
+            from None
+    import concurrent.futures
+
+    from ..http.serving import served
+
+    threads = threads or waitress_conf.handler_threads(app)
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ipcserve-grpc"),
+        maximum_concurrent_rpcs=threads,
+        options=[("grpc.so_reuseport", 0),  # a port in use is an error, as for HTTP
+                 ("grpc.max_receive_message_length", int(app.config["MAX_CONTENT_LENGTH"])),
+                 ("grpc.max_send_message_length", -1)])
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        v2_grpc.InferenceService(served(app)), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind ...")
+        raise OSError(str(exc)) from None
+    if not bound:
+        raise OSError(f"cannot bind {address}")
+    server.start()
+    return server, int(bound)
+
+
 def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
           grace: float | None = None, detect_disconnects: bool = True,
-          limits: Any = None, drain_delay: float = 0.0) -> int:
+          limits: Any = None, drain_delay: float = 0.0, grpc_port: int | None = None) -> int:
     """Serve ``app`` (a Flask app with :class:`~ipcserve.flask.IPCServe`) on waitress until
     a stop signal, loading its models meanwhile.
 
@@ -202,9 +267,11 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | No
     :func:`ipcserve.server.waitress_conf.create_server` (``threads=None``: the models'
     admission limit plus spares; ``limits``: a ``ServerLimits``, None reads the environment).
 
+    ``grpc_port``: also serve V2 over gRPC there (:func:`start_grpc`), same host.
+
     Returns:
-        the exit code: 0 after a drain, 1 after a failed load or bind, 128 + signal after a
-        forced stop.
+        the exit code: 0 after a drain, 1 after a failed load or bind, 2 without grpcio for
+        ``grpc_port``, 128 + signal after a forced stop.
     """
     extension = IPCServe.of(app)
     if host not in _LOOPBACK and not app.config.get("IPCSERVE_API_KEY"):
@@ -221,7 +288,16 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | No
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", host, port, exc)
         return 1
-    lifecycle = ServerLifecycle(extension, server, grace, drain_delay)
+    grpc_server = None
+    if grpc_port is not None:
+        try:
+            grpc_server, bound = start_grpc(app, host, grpc_port, threads)
+        except (ConfigError, OSError) as exc:
+            logger.error("cannot serve V2 gRPC on %s:%s: %s", host, grpc_port, exc)
+            server.close()
+            return 2 if isinstance(exc, ConfigError) else 1
+        logger.info("V2 gRPC on %s:%d", host, bound)
+    lifecycle = ServerLifecycle(extension, server, grace, drain_delay, grpc_server)
     logger.info("serving %s on http://%s:%s (pid %d)", ", ".join(extension.endpoints), host,
                 server.effective_port, os.getpid())
     logger.info("status page: open %s", _page_url(host, server.effective_port,

@@ -318,9 +318,11 @@ class ReplicaLostAsJSON:
 
     Serve does not resend a request that a replica had started (it may be what killed it),
     and its proxy then returns without any response, which the HTTP server turns into a
-    plain-text ``500 Internal Server Error``. This middleware answers that case, and only
-    it: every response the proxy started itself (its 503s, 408s, the replicas' answers)
-    passes through untouched.
+    plain-text ``500 Internal Server Error``; or, when the replica died between its answer's
+    headers and its body, with the headers sent and no body. This middleware answers those
+    cases, and only them: it holds a response's start until its first body message, and
+    every response that gets one (the proxy's 503s and 408s, the replicas' answers) passes
+    through untouched.
     """
 
     def __init__(self, app: Any) -> None:
@@ -330,15 +332,25 @@ class ReplicaLostAsJSON:
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        start: Any = None
+        answered = False
 
         async def watch(message: Any) -> None:
-            nonlocal started
-            started = started or message.get("type") == "http.response.start"
+            # The start waits for the first body message: a replica that dies between the
+            # two would otherwise leave the client with headers and a body that never comes
+            # (a broken response instead of an answer). A replica dying later, in the middle
+            # of a streamed body, can only end the connection.
+            nonlocal start, answered
+            if message.get("type") == "http.response.start" and not answered:
+                start = message
+                return
+            if start is not None and not answered:
+                answered = True
+                await send(start)
             await send(message)
 
         await self.app(scope, receive, watch)
-        if started:
+        if answered:
             return
         from ..engine.errors import WorkerCrashedError
 

@@ -35,6 +35,36 @@ function modelState(s) {
   return states.join(", ") || "unknown";
 }
 
+// A version the model pool loads on demand, when it is not loaded: not a failure.
+const POOL_STATES = {unloaded: "not loaded", loading: "loading", unloading: "unloading",
+                     failed: "load failed"};
+
+function poolState(load) {
+  if (!load || !load.managed || load.state === "loaded") return null;
+  if (load.state === "unloaded" && load.unloaded_by === "evicted") return "evicted";
+  if (load.state === "unloaded" && load.unloaded_by === "idle") return "unloaded (idle)";
+  return POOL_STATES[load.state] || load.state;
+}
+
+// "v1 90 % · v2 10 % canary · v3 shadow": each version with its share, role and state.
+function versionsText(m) {
+  const versions = m.versions || [];
+  if (versions.length < 2) return "-";
+  return versions.map((v) => {
+    const share = v.role === "shadow" ? "shadow" : (+v.share.toFixed(1)) + " %" +
+      (v.role === "canary" ? " canary" : v.role === "standby" ? " standby" : "");
+    const state = v.state === "loaded" ? "" : " (" + (poolState(Object.assign({managed: true}, v)) || v.state) + ")";
+    return v.version + " " + share + state;
+  }).join(" · ");
+}
+
+function versionsTitle(m) {
+  return (m.versions || []).map((v) => v.version + ": " + v.role + ", " + v.state + ", " +
+    v.requests + " requests, " + v.failed + " failed" +
+    (Object.keys(v.shadow_results || {}).length ? ", shadow " + Object.entries(v.shadow_results)
+      .map(([k, c]) => k + " " + c).join(" ") : "")).join("\n");
+}
+
 function cell(row, cls, text) {
   const td = row.insertCell();
   td.className = cls;
@@ -46,15 +76,22 @@ function renderModels(list) {
   const tbody = $("models");
   tbody.replaceChildren();
   for (const m of list) {
-    const s = m.status || {}, workers = s.workers || [], lat = m.recent_latency, state = modelState(s);
+    const s = m.status || {}, workers = s.workers || [], lat = m.recent_latency;
+    const pooled = poolState(m.load), state = pooled || modelState(s);
     const sum = (field) => workers.reduce((n, w) => n + (w[field] || 0), 0);
     const row = tbody.insertRow();
     row.dataset.model = m.name;
     cell(row, "name", m.name + " (" + (m.task || m.kind) + ")");
     const badge = cell(row, "state", "").appendChild(document.createElement("span"));
-    badge.className = "badge " + (state === "ready" ? "ok" : "bad");
+    badge.className = "badge " + (state === "ready" ? "ok" : pooled && pooled !== "load failed" ? "idle" : "bad");
     badge.textContent = state;
     cacheWarning(badge.parentNode, m.cache);
+    // Loaded at start, or on demand (lazy) by the model pool, maybe unloaded after idling.
+    const load = m.load || {};
+    cell(row, "load", load.mode === "lazy" ? "lazy" : "at start").title = load.idle_unload
+      ? "unloaded after " + load.idle_unload + " s without a request" : "";
+    const versions = cell(row, "versions", versionsText(m));
+    versions.title = versionsTitle(m);
     cell(row, "pid", workers.map((w) => w.pid || "-").join(", "));
     cell(row, "restarts", sum("restarts"));
     cell(row, "crashes", s.crashes ?? 0);
@@ -79,6 +116,15 @@ function renderModels(list) {
       button.title = "Load a new version of " + m.name + " and switch to it without dropping a request";
       button.addEventListener("click", () => reloadModel(m));
     }
+    const figures = generationFigures(m.name, s.steps, m.task);
+    if (figures) {  // a row of its own under the model's: continuous batching at work
+      const line = tbody.insertRow();
+      line.className = "generation";
+      line.dataset.generation = m.name;
+      const td = cell(line, "figures", figures.text);
+      td.colSpan = row.cells.length;
+      td.title = figures.title;
+    }
   }
 }
 
@@ -98,6 +144,38 @@ function cacheWarning(td, cache) {
     Object.entries(errors).map(([op, c]) => op + " " + c).join(", ") +
     (last ? "\nlast: " + new Date(last.time * 1000).toLocaleTimeString() + ", " + last.op + ": " + last.error : "") +
     "\nThe model answered those requests; " + (cache.failing ? "the backend is still failing." : "the backend works again.");
+}
+
+// -- generation figures --------------------------------------------------------------
+// /v1/models gives the step scheduler's counters (status.steps); rates and means are taken
+// between two refreshes of the page.
+const lastSteps = new Map();  // model name -> {at: ms, steps: the previous counters}
+
+function generationFigures(name, steps, task) {
+  if (!steps || (!steps.steps && task !== "text-generation")) return null;
+  const now = performance.now(), before = lastSteps.get(name);
+  lastSteps.set(name, {at: now, steps});
+  const ms = (sum) => (sum * 1000).toFixed(sum < 0.1 ? 1 : 0) + " ms";
+  const mean = (h, old) => {
+    const count = h.count - (old ? old.count : 0), sum = h.sum - (old ? old.sum : 0);
+    return count > 0 ? ms(sum / count) : h.count > 0 ? ms(h.sum / h.count) : "-";
+  };
+  const old = before && before.steps.steps <= steps.steps ? before.steps : null;
+  const seconds = before ? (now - before.at) / 1000 : 0;
+  const tokensPerS = old && seconds > 0 ? (steps.tokens - old.tokens) / seconds : null;
+  const stepsNow = old ? steps.steps - old.steps : 0;
+  const meanBatch = stepsNow > 0 ? (steps.rows_total - old.rows_total) / stepsNow
+    : steps.steps > 0 ? steps.rows_total / steps.steps : 0;
+  return {
+    text: "Generation: batch " + steps.rows + " now (mean " + meanBatch.toFixed(1) + ") · " +
+      (tokensPerS === null ? "-" : tokensPerS.toFixed(1)) + " tokens/s · first token " +
+      mean(steps.first_item, old && old.first_item) + " · between tokens " +
+      mean(steps.between_items, old && old.between_items),
+    title: "The running batch: sequences in the step running now, and per step since the last " +
+      "refresh. Means since the last refresh (or since start when nothing new came): time to " +
+      "first token (from the ML process reading the request) and between tokens of a stream. " +
+      steps.tokens + " tokens in " + steps.steps + " steps in all.",
+  };
 }
 
 // -- reload ------------------------------------------------------------------------

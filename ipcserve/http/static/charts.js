@@ -11,7 +11,9 @@ const W = 320, H = 140, LEFT = 38, RIGHT = 6, TOP = 8, BOTTOM = 20;
 const OUTCOMES = [["200", "200 OK"], ["4xx", "4xx"], ["503", "503"], ["504", "504"],
                   ["cancelled", "cancelled"], ["5xx", "other 5xx"]];
 const MARKED = {crashed: "crash", "hung-killed": "crash", restarted: "restart", reloaded: "reload",
-                "reload-failed": "crash", "circuit-opened": "crash"};
+                "reload-failed": "crash", "circuit-opened": "crash", loaded: "restart",
+                "load-failed": "crash", evicted: "reload", unloaded: "reload", promoted: "reload",
+                "rolled-back": "crash", "weight-changed": "reload"};
 
 function svgEl(name, attrs, parent) {
   const e = document.createElementNS(SVG_NS, name);
@@ -146,7 +148,10 @@ function renderCharts(history, events) {
   box.replaceChildren();
   for (const name of wanted) {
     const h = history.models[name];
-    const markers = events.filter((e) => e.model === name && e.kind in MARKED);
+    // A version's own charts ("model@v2") carry its model's events about that version.
+    const [model, version] = name.split("@");
+    const markers = events.filter((e) => e.model === model && e.kind in MARKED &&
+                                         (!version || !e.version || e.version === version));
     // Zero bars are not "no data" when requests came.
     const traffic = h.rate.some((r, i) => r > 0 && h.t[i] >= start);
     const common = {t: h.t, bucket, start, end, markers, traffic};

@@ -1,0 +1,464 @@
+"""Batched decoding for a causal LM: many sequences, one forward pass per step.
+
+A :class:`Generation` is one request: its prompt ids, its sampling settings and its ``n``
+sequences (choices). :meth:`BatchDecoder.step` advances a list of generations by one step:
+
+* a generation whose prompt is not prefilled yet runs its next **prefill chunk** alone (a
+  batch of one), ``prefill_chunk`` tokens at most, at boundaries fixed from the prompt's
+  start; chunks of several generations run in one step while their tokens fit in
+  ``prefill_chunk`` (at least one chunk per step), so a long prompt never stalls the others
+  for more than one chunk. Its last chunk's logits give every choice its first token;
+* every choice already prefilled is a **row of one batched forward pass**: its last token
+  in, its next token out. The rows' key/value caches are one transformers ``DynamicCache``,
+  left-padded to a common length; an attention mask hides the padding and each row gets its
+  own position ids, so a row computes what it would alone. Rows join (a new generation, or
+  one that was paused) by padding and concatenating, and leave (finished, cancelled,
+  paused) by ``batch_select_indices``; columns that are padding in every row are cut.
+
+The ``n`` choices of a generation share its prefill: each starts from the prompt's cache
+(copied into its row when it joins the batch). Each choice samples with its own
+``torch.Generator`` (seeded with ``seed + index``), so a seeded request gives the same tokens
+alone or batched with any others.
+
+A step that raises (or is interrupted) leaves no batch behind: the batch is taken out before
+the forward pass and put back after, so the caller ends every generation of that step and
+the next step starts from the rows still held by generations outside it.
+
+Everything heavy (torch, transformers) is imported inside functions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from ..engine.runtime import Made
+from .generation import (
+    MIN_TEMPERATURE,
+    IncrementalDecoder,
+    Sampling,
+    StopBuffer,
+    pick,
+    prepare,
+    prompt_ids,
+)
+
+__all__ = ["BatchDecoder", "Choice", "Generation", "TextGenerator"]
+
+
+class Choice:
+    """One generated sequence of a generation (OpenAI's ``choices[index]``)."""
+
+    __slots__ = ("generation", "index", "generator", "decoder", "stops", "produced", "room",
+                 "done", "token", "length", "kv")
+
+    def __init__(self, generation: Generation, index: int, room: int, tokenizer: Any,
+                 device: str) -> None:
+        import torch
+
+        ids, sampling = generation.ids, generation.sampling
+        self.generation = generation
+        self.index = index
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(sampling.seed + index if sampling.seed is not None
+                                   else secrets.randbits(63))
+        self.decoder = IncrementalDecoder(tokenizer, ids)
+        self.stops = StopBuffer(sampling.stop)
+        self.produced = 0
+        self.room = room
+        self.done = False
+        self.token = -1  # the last token made: the next step's input
+        self.length = 0  # tokens in its cache (without padding)
+        # Its key/value states while it is outside the batch: (keys, values) per layer,
+        # each [1, heads, length, head_dim]; None while it is a row of the batch.
+        self.kv: list[tuple[Any, Any]] | None = None
+
+
+class Generation:
+    """One request's state: its prompt, its prefill progress and its choices.
+
+    Attributes:
+        rows: the batch rows it takes (its choices not finished yet).
+    """
+
+    __slots__ = ("ids", "sampling", "n", "position", "cache", "choices", "ended")
+
+    def __init__(self, ids: list[int], sampling: Sampling) -> None:
+        self.ids = ids
+        self.sampling = sampling
+        self.n = sampling.n
+        self.position = 0  # prompt tokens prefilled so far
+        self.cache: Any = None  # the prompt's DynamicCache while it is prefilled
+        self.choices: list[Choice] = []
+        self.ended = False
+
+    @property
+    def prefilled(self) -> bool:
+        return self.position >= len(self.ids)
+
+    @property
+    def rows(self) -> int:
+        if not self.choices:
+            return self.n
+        return sum(1 for c in self.choices if not c.done)
+
+    @property
+    def done(self) -> bool:
+        return self.ended or (bool(self.choices) and all(c.done for c in self.choices))
+
+
+class BatchDecoder:
+    """Steps generations of one causal LM; made in the ML process.
+
+    Args:
+        model: a transformers ``...ForCausalLM`` in eval mode.
+        tokenizer: its tokenizer.
+        device: where the model is.
+        context: most tokens of prompt plus completion.
+        end_ids: tokens that end a sequence.
+        cache_name: the forward's key/value cache argument (``cache`` or
+            ``past_key_values``).
+        prefill_chunk: most prompt tokens per forward pass, and per step.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, device: str, context: int,
+                 end_ids: frozenset[int], cache_name: str, prefill_chunk: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.context = context
+        self.end_ids = end_ids
+        self.cache_name = cache_name
+        self.prefill_chunk = prefill_chunk
+        self.rows: list[Choice] = []  # the batch's rows, in order
+        self.cache: Any = None  # their DynamicCache, left-padded to self.width
+        self.width = 0
+
+    # -- the hook --------------------------------------------------------------------
+    def start(self, ids: list[int], sampling: Sampling) -> Generation:
+        """A generation of ``sampling.n`` choices for prompt ``ids`` (checked by the
+        caller)."""
+        return Generation(ids, sampling)
+
+    def step(self, generations: Sequence[Generation]) -> list[Made]:
+        """One step of every generation in ``generations``: see the module docstring."""
+        import torch
+
+        made = [Made([], False, 0) for _ in generations]
+        with torch.inference_mode():
+            rows = [(g, c) for g, m in zip(generations, made) if g.prefilled and not g.done
+                    for c in g.choices if not c.done]
+            if rows or self.rows:
+                self._sync([c for _, c in rows])
+            if self.rows:
+                by_generation = {id(g): m for g, m in zip(generations, made)}
+                self._decode({id(c): by_generation[id(g)] for g, c in rows})
+            waiting = [(g, m) for g, m in zip(generations, made)
+                       if not g.prefilled and not g.done]
+            # Whole prompts that fit in one chunk share one padded forward pass: on a CPU a
+            # prefill of several prompts costs less per prompt than each alone.
+            whole, used = [], 0
+            for g, m in waiting:
+                if g.position == 0 and used + len(g.ids) <= self.prefill_chunk:
+                    whole.append((g, m))
+                    used += len(g.ids)
+            if len(whole) > 1:
+                self._prefill_together(whole)
+                waiting = [w for w in waiting if w not in whole]
+            budget = self.prefill_chunk - (used if len(whole) > 1 else 0)
+            for g, m in waiting:
+                if budget <= 0:
+                    break
+                budget -= self._prefill(g, m)
+        for g, m in zip(generations, made):
+            m.done = g.done
+        return made
+
+    def finish(self, generation: Generation) -> None:
+        """Forget ``generation``: its rows leave the batch at the next step (at once when
+        no other row is left, so an idle model holds no cache)."""
+        generation.ended = True
+        generation.cache = None
+        for choice in generation.choices:
+            choice.done = True
+            choice.kv = None
+        if all(c.done for c in self.rows):
+            self.rows, self.cache, self.width = [], None, 0
+
+    # -- prefill ---------------------------------------------------------------------
+    def _prefill(self, g: Generation, made: Made) -> int:
+        """The generation's next prompt chunk; its first tokens when the prompt is done.
+        Returns the chunk's length."""
+        import torch
+        from transformers import DynamicCache
+
+        start = g.position
+        end = min(len(g.ids), (start // self.prefill_chunk + 1) * self.prefill_chunk)
+        if g.cache is None:
+            g.cache = DynamicCache()
+        inputs = torch.tensor([g.ids[start:end]], device=self.device)
+        out = self.model(input_ids=inputs, use_cache=True, **{self.cache_name: g.cache})
+        g.cache = getattr(out, self.cache_name)
+        g.position = end
+        if g.prefilled:
+            kv = [(layer.keys, layer.values) for layer in g.cache.layers]
+            g.cache = None
+            self._first_tokens(g, kv, out.logits[0, -1], made)
+        return end - start
+
+    def _prefill_together(self, batch: list[tuple[Generation, Made]]) -> None:
+        """Whole prompts in one forward pass, left-padded, each row masked and positioned
+        as if alone; each generation keeps its own rows of the cache."""
+        import torch
+        from transformers import DynamicCache
+
+        width = max(len(g.ids) for g, _ in batch)
+        pad = [width - len(g.ids) for g, _ in batch]
+        inputs = torch.tensor([[g.ids[0]] * p + g.ids for (g, _), p in zip(batch, pad)],
+                              device=self.device)
+        columns = torch.arange(width, device=self.device)
+        starts = torch.tensor(pad, device=self.device)[:, None]
+        mask = (columns[None, :] >= starts).long()
+        positions = (columns[None, :] - starts).clamp(min=0)
+        out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
+                         use_cache=True, **{self.cache_name: DynamicCache()})
+        cache = getattr(out, self.cache_name)
+        for b, ((g, made), p) in enumerate(zip(batch, pad)):
+            g.position = len(g.ids)
+            kv = [(layer.keys[b:b + 1, :, p:], layer.values[b:b + 1, :, p:])
+                  for layer in cache.layers]
+            self._first_tokens(g, kv, out.logits[b, -1], made)
+
+    def _first_tokens(self, g: Generation, kv: list[tuple[Any, Any]], logits: Any,
+                      made: Made) -> None:
+        """The prompt is in: each choice's first token, and its start in the prompt's
+        states (shared by the choices; copied into a row when each joins the batch)."""
+        room = min(g.sampling.max_tokens, self.context - len(g.ids))
+        for index in range(g.n):
+            choice = Choice(g, index, room, self.tokenizer, self.device)
+            choice.kv, choice.length = kv, len(g.ids)
+            g.choices.append(choice)
+            self._emit(choice, pick(logits, g.sampling, choice.generator), made)
+
+    # -- the batch -------------------------------------------------------------------
+    def _sync(self, wanted: list[Choice]) -> None:
+        """Make the batch hold exactly the rows of ``wanted`` (in any order)."""
+        import torch
+        from transformers import DynamicCache
+
+        want = {id(c) for c in wanted}
+        if [id(c) for c in self.rows] == [id(c) for c in wanted]:
+            return
+        keep = []
+        for i, c in enumerate(self.rows):
+            if id(c) in want:
+                keep.append(i)
+            elif not c.done:  # paused (its reader is slow): it keeps its own states
+                pad = self.width - c.length
+                c.kv = [(layer.keys[i:i + 1, :, pad:].clone(), layer.values[i:i + 1, :, pad:].clone())
+                        for layer in self.cache.layers]
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[i] for i in keep]
+            if keep:
+                self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
+            else:
+                self.cache, self.width = None, 0
+        held = {id(c) for c in self.rows}
+        joining = [c for c in wanted if id(c) not in held]
+        if joining:
+            width = max([self.width] + [c.length for c in joining])
+            layers = []
+            count = len(joining[0].kv or ())
+            for layer in range(count):
+                keys, values = [], []
+                if self.cache is not None:
+                    old = self.cache.layers[layer]
+                    keys.append(_left_pad(old.keys, width - self.width))
+                    values.append(_left_pad(old.values, width - self.width))
+                for c in joining:
+                    assert c.kv is not None
+                    k, v = c.kv[layer]
+                    keys.append(_left_pad(k, width - c.length))
+                    values.append(_left_pad(v, width - c.length))
+                layers.append((torch.cat(keys), torch.cat(values)))
+            self.cache = DynamicCache(layers)
+            self.width = width
+            for c in joining:
+                c.kv = None
+            self.rows = self.rows + joining
+        if not self.rows:
+            return
+        # Columns that are padding in every row (their longest row left): cut them.
+        cut = min(self.width - c.length for c in self.rows)
+        if cut > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+            self.width -= cut
+
+    def _decode(self, made_by_choice: dict[int, Made]) -> None:
+        """One forward pass of every row; each row's next token."""
+        import torch
+
+        rows, cache, width = self.rows, self.cache, self.width
+        # Taken out while the model runs: a step that raises leaves no half-updated batch.
+        self.rows, self.cache, self.width = [], None, 0
+        lengths = torch.tensor([c.length for c in rows], device=self.device)
+        columns = torch.arange(width + 1, device=self.device)
+        mask = (columns[None, :] >= (width - lengths)[:, None]).long()
+        inputs = torch.tensor([[c.token] for c in rows], device=self.device)
+        out = self.model(input_ids=inputs, attention_mask=mask, position_ids=lengths[:, None],
+                         use_cache=True, **{self.cache_name: cache})
+        logits = out.logits[:, -1]
+        greedy = logits.argmax(-1).tolist()  # one call for the greedy rows
+        self.rows, self.cache, self.width = rows, getattr(out, self.cache_name), width + 1
+        for b, c in enumerate(rows):
+            c.length += 1
+            sampling = c.generation.sampling
+            token = (greedy[b] if sampling.temperature < MIN_TEMPERATURE
+                     else pick(logits[b], sampling, c.generator))
+            self._emit(c, token, made_by_choice[id(c)])
+
+    # -- items -----------------------------------------------------------------------
+    def _emit(self, c: Choice, token: int, made: Made) -> None:
+        """The items of ``token`` for choice ``c``: its text and, at its end, its final
+        item. With several choices every item carries the choice's ``index``."""
+        c.produced += 1
+        c.token = token
+        made.tokens += 1
+        if token in self.end_ids:
+            text, stopped = c.stops.push(c.decoder.flush())
+            text = text if stopped else text + c.stops.flush()
+            finish = "stop"
+        else:
+            text, stopped = c.stops.push(c.decoder.add(token))
+            if not stopped and c.produced >= c.room:
+                tail, stopped = c.stops.push(c.decoder.flush())
+                text += tail if stopped else tail + c.stops.flush()
+            finish = "stop" if stopped else "length" if c.produced >= c.room else ""
+        head = {"index": c.index} if c.generation.n > 1 else {}
+        made.items.append({**head, "text": text})
+        if finish:
+            c.done = True
+            c.kv = None
+            made.items.append({**head, "text": "", "finish_reason": finish, "usage": {
+                "prompt_tokens": len(c.generation.ids), "completion_tokens": c.produced}})
+
+
+def _left_pad(tensor: Any, columns: int) -> Any:
+    """``tensor`` [batch, heads, length, dim] with ``columns`` zero columns before."""
+    if columns <= 0:
+        return tensor
+    import torch
+
+    pad = tensor.new_zeros((*tensor.shape[:2], columns, tensor.shape[3]))
+    return torch.cat([pad, tensor], dim=2)
+
+
+class TextGenerator:
+    """Text generation from a causal LM; made in the ML process.
+
+    Two ways to run a request, one token loop (:class:`BatchDecoder`):
+
+    * the step hook (:meth:`start`, :meth:`step`, :meth:`finish`): the ML process's step
+      scheduler (:mod:`ipcserve.engine.stepping`) runs every active generation of the model
+      as one batch, one step per turn;
+    * :meth:`stream`: a generator of one request's items, a batch of its own (in-process
+      use, and models whose cache cannot be batched).
+
+    Args:
+        model: a transformers ``...ForCausalLM`` in eval mode on ``device``.
+        tokenizer: its tokenizer (with a chat template for ``messages``).
+        device: where the model is, e.g. "cpu" or "cuda:0".
+        context: most tokens of prompt plus completion.
+        max_tokens_limit: the largest ``max_tokens`` a request gets.
+        prefill_chunk: most prompt tokens per forward pass (and per step).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, device: str, context: int,
+                 max_tokens_limit: int, prefill_chunk: int = 256) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.context = context
+        self.max_tokens_limit = max_tokens_limit
+        self.prefill_chunk = prefill_chunk
+        ends: set[int] = set()
+        values: list[Any] = [getattr(tokenizer, "eos_token_id", None), getattr(
+            getattr(model, "generation_config", None), "eos_token_id", None)]
+        for value in values:
+            ends.update([value] if isinstance(value, int) else value or ())
+        self.end_ids = frozenset(ends)  # chat models often end on several (Llama 3: eot too)
+        # The key-value cache's argument and output field: ``cache`` in recent transformers
+        # (which warns about the old name), ``past_key_values`` before.
+        forward = inspect.signature(model.forward).parameters
+        self.cache_name = "cache" if "cache" in forward else "past_key_values"
+        self.batch = self.decoder()
+
+    def decoder(self) -> BatchDecoder:
+        """A new :class:`BatchDecoder` over this model."""
+        return BatchDecoder(self.model, self.tokenizer, self.device, self.context,
+                            self.end_ids, self.cache_name, self.prefill_chunk)
+
+    @property
+    def batchable(self) -> bool:
+        """Whether rows of this model's cache can join and leave one batch: every layer is
+        a plain ``DynamicLayer`` (full attention). Sliding-window and recurrent layers keep
+        one generator per request."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        try:
+            layers = DynamicCache(config=self.model.config).layers
+        except Exception:  # a config transformers cannot map to cache layers
+            return False
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    # -- the step hook ---------------------------------------------------------------
+    def start(self, fields: Mapping[str, Any]) -> Generation:
+        """Check and tokenize a request; its tokens come from :meth:`step`.
+
+        Raises:
+            InputError: see :func:`read_request`; also a prompt that leaves no room in the
+                context, or ``messages`` for a model without a chat template.
+        """
+        return self.batch.start(*prepare(self.tokenizer, fields, self.context,
+                                         self.max_tokens_limit))
+
+    def step(self, generations: Sequence[Generation]) -> list[Made]:
+        """One step of ``generations`` in one batch (see :class:`BatchDecoder`)."""
+        return self.batch.step(generations)
+
+    def finish(self, generation: Generation) -> None:
+        """``generation`` ended (done, cancelled, failed): its rows leave the batch."""
+        self.batch.finish(generation)
+
+    # -- one generator per request -----------------------------------------------------
+    def stream(self, fields: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """Check and tokenize the request now; its items come from the returned generator,
+        one step per ``next()`` (the items of a step one by one).
+
+        Raises:
+            InputError: as :meth:`start`.
+        """
+        return self._drive(self.start(fields))
+
+    def _drive(self, generation: Generation) -> Iterator[dict[str, Any]]:
+        decoder = self.decoder()  # a batch of its own: another stream never joins it
+        try:
+            while True:
+                made = decoder.step([generation])[0]
+                yield from made.items
+                if made.done:
+                    return
+        finally:
+            decoder.finish(generation)
+
+    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """The token ids of a prompt (see :func:`.generation.prompt_ids`).
+
+        Raises:
+            InputError: ``messages`` the template rejects or cannot render, or no template.
+        """
+        return prompt_ids(self.tokenizer, prompt)
