@@ -38,7 +38,6 @@ Everything heavy (torch, transformers, PIL) is imported inside the ML process on
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -47,46 +46,19 @@ from typing import TYPE_CHECKING, Any
 from ..engine.errors import ConfigError, InputError
 from ..engine.mlprocess import MLProcess
 from .decoding import TextGenerator
+from .detection import TASKS, infer_task
 from .generation import MAX_CHOICES
 from .pytorch import check_device, default_name, resolve_device, set_torch_threads
 
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["TransformersModel"]
+__all__ = ["TransformersModel", "infer_task"]
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("text-classification", "feature-extraction", "image-classification",
-         "image-text-to-text", "text-generation")
 _ALIASES = {"sentiment-analysis": "text-classification", "image-to-text": "image-text-to-text"}
 _IMAGE_TASKS = ("image-classification", "image-text-to-text")
-
-
-def infer_task(path: str) -> str:
-    """The task a model directory is for, from the ``architectures`` in its config.json.
-
-    Raises:
-        ConfigError: the config does not say (pass ``task=`` explicitly).
-    """
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path}/config.json: {exc}") from None
-    for arch in config.get("architectures") or []:
-        if arch.endswith("ForSequenceClassification"):
-            return "text-classification"
-        if arch.endswith("ForImageClassification"):
-            return "image-classification"
-        if arch.endswith("ForCausalLM"):
-            return "text-generation"
-        if arch.endswith("ForConditionalGeneration") and "vision_config" in config:
-            return "image-text-to-text"
-        if arch.endswith("Model") and not arch.endswith("PreTrainedModel"):
-            return "feature-extraction"
-    raise ConfigError(f"cannot tell the task of {path} from its config (architectures="
-                      f"{config.get('architectures')}); pass task= one of {', '.join(TASKS)}")
 
 
 def to_image(x: Any, where: str) -> Image.Image:
