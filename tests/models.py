@@ -370,7 +370,8 @@ class FakeChat(MLProcess):
 
     def predict(self, messages: Any = None, prompt: Any = None, max_tokens: int = 16,
                 temperature: float = 1.0, top_p: float = 1.0, stop: Any = None,
-                seed: Any = None) -> Any:
+                seed: Any = None, ignore_eos: bool = False,
+                continuous_usage: bool = False) -> Any:
         if (messages is None) == (prompt is None):
             raise InputError("send exactly one of 'messages' and 'prompt'")
         if messages is not None and (not isinstance(messages, list) or not messages or not all(
@@ -385,10 +386,13 @@ class FakeChat(MLProcess):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         texts = [m["content"] for m in messages] if messages is not None else [prompt]
         prompt_tokens = sum(len(t.split()) for t in texts)
-        return self._words(texts[-1].split(), max_tokens, stops, prompt_tokens)
+        words = texts[-1].split()
+        if ignore_eos and words:  # no end of its own: the echo repeats up to max_tokens
+            words = (words * (max_tokens // len(words) + 2))[:max_tokens + 1]
+        return self._words(words, max_tokens, stops, prompt_tokens, continuous_usage)
 
     def _words(self, words: list[str], max_tokens: int, stops: list[str],
-               prompt_tokens: int) -> Any:
+               prompt_tokens: int, continuous_usage: bool = False) -> Any:
         import time
 
         delay = float(os.environ.get("IPCSERVE_TEST_TOKEN_DELAY", "0"))
@@ -410,7 +414,10 @@ class FakeChat(MLProcess):
                 with open(counter, "a") as f:
                     f.write(".")
             made += 1
-            yield {"text": word if made == 1 else " " + word}
+            item: dict[str, Any] = {"text": word if made == 1 else " " + word}
+            if continuous_usage:
+                item["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": made}
+            yield item
         yield {"text": "", "finish_reason": finish,
                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": made}}
 

@@ -107,7 +107,8 @@ class TransformersModel(MLProcess):
         num_threads: ``torch.set_num_threads`` in the ML process.
         normalize: feature-extraction: L2-normalise the embeddings.
         pooling: feature-extraction: "mean" over the attention mask, or "cls".
-        max_length: text tasks: truncate to this many tokens (default: the model's limit);
+        max_length: text tasks: truncate to this many tokens (default: the model's limit,
+            and an embedding input over it is refused with an ``InputError`` naming it);
             text-generation: the most tokens of prompt plus completion.
         top_k: classification: how many labels to return. Default: text-classification
             returns the best ``{"label", "score"}``; image-classification the best 5 as a
@@ -165,6 +166,9 @@ class TransformersModel(MLProcess):
         self.normalize = bool(normalize)
         self.pooling = pooling
         self.max_length = max_length
+        # Embeddings: an input over the model's context is a 400 unless max_length= was
+        # given (then it is cut to that many tokens, as asked).
+        self.truncate = max_length is not None
         self.top_k = top_k
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
@@ -383,6 +387,15 @@ class TransformersModel(MLProcess):
         """The vectors and, per text, its token count (without padding)."""
         import torch
 
+        limit = self.max_length
+        if not self.truncate and limit is not None and limit < 1_000_000:
+            # Over the model's context is refused, not silently cut (max_length= asks for
+            # truncation). Counting first costs a tokenizer pass, far less than the model's.
+            for i, ids in enumerate(self.tokenizer(texts)["input_ids"]):
+                if len(ids) > limit:
+                    raise InputError(f"input {i} is {len(ids)} tokens long; this model takes "
+                                     f"at most {limit} (shorten it, or serve the model with "
+                                     "max_length= to truncate)")
         # Texts of similar length share a forward pass, so less compute goes to padding.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         result: list[list[float]] = [[] for _ in texts]

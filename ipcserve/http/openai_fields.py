@@ -29,7 +29,7 @@ _OFF: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "dimensions": (None,),
 }
 _SAMPLING = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop",
-             "seed", "n")
+             "seed", "n", "ignore_eos")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -83,17 +83,23 @@ def _sampling(body: dict[str, Any], max_tokens_field: str, max_choices: int) -> 
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         raise ParamError("'stop' must be a string or a list of non-empty strings", "stop")
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise ParamError(f"'ignore_eos' must be true or false, got {ignore_eos!r}", "ignore_eos")
     kwargs = {"max_tokens": _field(body, max_tokens_field, int, 1),
               "temperature": _field(body, "temperature", (int, float), 0, 2),
               "top_p": _field(body, "top_p", (int, float), 0, 1), "stop": stop,
               "seed": _field(body, "seed", int),
               # Only when asked for: a model that makes one choice need not know the field.
-              "n": n if n is not None and n > 1 else None}
+              "n": n if n is not None and n > 1 else None,
+              "ignore_eos": True if ignore_eos else None}
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
-    """(stream, include_usage) from ``stream`` and ``stream_options``."""
+def _streaming(body: dict[str, Any], kwargs: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) from ``stream`` and ``stream_options``; with
+    ``continuous_usage_stats`` (and ``include_usage``, as vLLM reads it) every chunk
+    carries the usage so far: ``kwargs`` asks the model for it (``continuous_usage``)."""
     stream, options = body.get("stream"), body.get("stream_options")
     if stream is not None and not isinstance(stream, bool):
         raise ParamError(f"'stream' must be true or false, got {stream!r}", "stream")
@@ -101,9 +107,16 @@ def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
         return bool(stream), False
     if not stream:
         raise ParamError("'stream_options' is only allowed with 'stream': true", "stream_options")
-    usage = options.get("include_usage", False) if isinstance(options, dict) else None
-    if not isinstance(usage, bool) or set(options) - {"include_usage"}:
-        raise ParamError("'stream_options' must be {\"include_usage\": true|false}", "stream_options")
+    shape = ("'stream_options' must be {\"include_usage\": true|false, "
+             "\"continuous_usage_stats\": true|false}")
+    if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+        raise ParamError(shape, "stream_options")
+    usage, continuous = (options.get(name, False)
+                         for name in ("include_usage", "continuous_usage_stats"))
+    if not isinstance(usage, bool) or not isinstance(continuous, bool):
+        raise ParamError(shape, "stream_options")
+    if usage and continuous:
+        kwargs["continuous_usage"] = True
     return True, usage
 
 
@@ -143,8 +156,8 @@ def chat(body: dict[str, Any], max_choices: int = 1) -> tuple[dict[str, Any], bo
     _check_names(body, ("messages", "max_completion_tokens", *_SAMPLING))
     _field(body, "max_tokens", int, 1)  # checked even when the newer name wins
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return ({"messages": _messages(body.get("messages")), **_sampling(body, field, max_choices)},
-            *_streaming(body))
+    kwargs = {"messages": _messages(body.get("messages")), **_sampling(body, field, max_choices)}
+    return (kwargs, *_streaming(body, kwargs))
 
 
 def completion(body: dict[str, Any], max_choices: int = 1
@@ -161,7 +174,8 @@ def completion(body: dict[str, Any], max_choices: int = 1
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ParamError("'prompt' must be a string (one prompt per request)", "prompt")
-    return {"prompt": prompt, **_sampling(body, "max_tokens", max_choices)}, *_streaming(body)
+    kwargs = {"prompt": prompt, **_sampling(body, "max_tokens", max_choices)}
+    return (kwargs, *_streaming(body, kwargs))
 
 
 def embedding(body: dict[str, Any]) -> tuple[list[str], str]:
@@ -210,7 +224,9 @@ _SAMPLING_SCHEMA: dict[str, Any] = {
     "n": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHOICES},
     "stream": {"type": ["boolean", "null"]},
     "stream_options": {"type": ["object", "null"], "additionalProperties": False,
-                       "properties": {"include_usage": {"type": "boolean"}}},
+                       "properties": {"include_usage": {"type": "boolean"},
+                                      "continuous_usage_stats": {"type": "boolean"}}},
+    "ignore_eos": {"type": ["boolean", "null"]},
 }
 
 
