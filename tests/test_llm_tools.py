@@ -136,3 +136,76 @@ def test_ignore_eos_decodes_past_the_models_end(tmp_path: Path) -> None:
     assert [i["usage"]["completion_tokens"] for i in ignoring[:-1]] == list(range(1, 9))
     assert "".join(i["text"] for i in ignoring).startswith(
         "".join(i["text"] for i in stopped))
+
+
+def _post(server: Server, route: str, body: dict[str, Any]) -> requests.Response:
+    return requests.post(f"{server.url}{route}", json=body, timeout=30,
+                         headers={"Authorization": f"Bearer {KEY}"})
+
+
+@pytest.mark.timeout(60)
+def test_tokenize_and_detokenize_in_vllms_shapes(chat_server: Server) -> None:
+    # FakeChat's tokenizer is character-level: a token id is a code point.
+    answer = _post(chat_server, "/tokenize", {"model": "fakechat", "prompt": "hi there"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"count": 8, "max_model_len": 2048,
+                             "tokens": [ord(c) for c in "hi there"]}
+    chat = _post(chat_server, "/tokenize", {"model": "fakechat", "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert chat.status_code == 200 and chat.json()["count"] == 2
+    back = _post(chat_server, "/detokenize", {"model": "fakechat",
+                                              "tokens": answer.json()["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": "hi there"}
+    for route, body, param in [
+            ("/tokenize", {"model": "fakechat"}, "prompt"),
+            ("/tokenize", {"model": "fakechat", "prompt": "a", "messages": []}, "prompt"),
+            ("/tokenize", {"model": "fakechat", "prompt": 3}, "prompt"),
+            ("/tokenize", {"model": "fakechat", "prompt": "a", "add_special_tokens": 1},
+             "add_special_tokens"),
+            ("/detokenize", {"model": "fakechat", "tokens": [1, -2]}, "tokens"),
+            ("/detokenize", {"model": "fakechat", "tokens": "abc"}, "tokens"),
+            ("/detokenize", {"model": "fakechat", "tokens": [1], "x": 1}, "x")]:
+        refused = _post(chat_server, route, body)
+        assert refused.status_code == 400, (body, refused.text)
+        assert refused.json()["error"]["param"] == param, refused.json()
+    too_big = _post(chat_server, "/detokenize", {"model": "fakechat", "tokens": [2 ** 40]})
+    assert too_big.status_code == 400 and "token ids" in too_big.json()["error"]["message"]
+    assert requests.post(f"{chat_server.url}/tokenize", json={"model": "fakechat",
+                                                              "prompt": "a"},
+                         timeout=10).status_code == 401
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_tokenize_round_trips_through_a_real_tokenizer(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip(
+        "transformers", reason="text generation needs transformers and torch")
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_lm
+
+    path = tiny_lm.build_causal_lm(tmp_path / "lm")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    server = Server("--model", str(path), "--api-key", KEY, "--timeout", "60",
+                    start_timeout=150)
+    try:
+        assert server.url, server.output
+        text = "the cat sat on the mat"
+        answer = _post(server, "/tokenize", {"model": "lm", "prompt": text})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["tokens"] == tokenizer(text)["input_ids"]
+        assert answer.json()["max_model_len"] == tiny_lm.CONTEXT
+        plain = _post(server, "/tokenize", {"model": "lm", "prompt": text,
+                                            "add_special_tokens": False}).json()["tokens"]
+        assert plain == tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert _post(server, "/detokenize", {"model": "lm", "tokens": plain}).json() == {
+            "prompt": text}
+        messages = [{"role": "user", "content": "hello world"}]
+        chat = _post(server, "/tokenize", {"model": "lm", "messages": messages}).json()
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
+        assert chat["tokens"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        outside = _post(server, "/detokenize", {"model": "lm", "tokens": [len(tokenizer)]})
+        assert outside.status_code == 400 and "token ids" in outside.text
+    finally:
+        assert server.stop() == 0, server.output

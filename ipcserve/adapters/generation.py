@@ -180,9 +180,10 @@ def read_request(fields: Mapping[str, Any], max_tokens_limit: int
                             tuple(stops), seed, n, **flags)
 
 
-def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]], opened: bool = True
+               ) -> list[int]:
     """The token ids of a prompt: a string as is (with the tokenizer's BOS, if it adds one),
-    messages through the chat template with the assistant's turn opened.
+    messages through the chat template with the assistant's turn opened (``opened``).
 
     Raises:
         InputError: ``messages`` the template rejects or cannot render, or no template.
@@ -202,7 +203,7 @@ def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
     import jinja2
 
     try:
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=opened, tokenize=False)
     except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
         raise InputError(f"the chat template rejected 'messages': {exc}") from None
     # The template writes the special tokens (BOS included) itself.

@@ -285,7 +285,40 @@ class TransformersModel(MLProcess):
         """
         if self.task != "text-generation" or self.generator is None:
             return super().predict(*args, **kwargs)
+        if len(args) == 1 and not kwargs and isinstance(args[0], Mapping) and (
+                set(args[0]) in ({"tokenize"}, {"detokenize"})):
+            return self.tokens(args[0])
         return self.generator.stream(self._fields(args, kwargs))
+
+    def tokens(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The tokenizer routes' answer (``/tokenize``, ``/detokenize``), in the ML process:
+        ``{"tokenize": {"prompt": str, "add_special_tokens": bool}}`` (or ``"messages"`` and
+        ``"add_generation_prompt"``: through the chat template) -> ``{"tokens": [int, ...],
+        "max_model_len": int}``; ``{"detokenize": [int, ...]}`` -> ``{"prompt": str}``.
+
+        Raises:
+            InputError: a token id outside the vocabulary, messages the template refuses.
+        """
+        tokenizer = self.tokenizer
+        if "detokenize" in request:
+            ids = request["detokenize"]
+            size = len(tokenizer)
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+                        or not 0 <= t < size), None) if isinstance(ids, list) else ids
+            if bad is not None or not isinstance(ids, list):
+                raise InputError(f"'tokens' must be a list of token ids from 0 to {size - 1}, "
+                                 f"got {bad!r}")
+            return {"prompt": tokenizer.decode(ids)}
+        fields = request["tokenize"]
+        if "messages" in fields:
+            from .generation import prompt_ids
+
+            ids = prompt_ids(tokenizer, fields["messages"],
+                             opened=bool(fields.get("add_generation_prompt", True)))
+        else:
+            ids = list(tokenizer(fields["prompt"], add_special_tokens=fields.get(
+                "add_special_tokens", True))["input_ids"])
+        return {"tokens": [int(t) for t in ids], "max_model_len": int(self.max_length or 0)}
 
     @staticmethod
     def _fields(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -329,13 +329,45 @@ def _encode(vector: Any, encoding: str) -> Any:
     return [float(x) for x in vector]
 
 
+# -- the tokenizer routes ---------------------------------------------------------------
+def _tokenizer_call(ex: Exchange, request: dict[str, Any], answer: str) -> dict[str, Any]:
+    """The model's answer to a tokenizer request (one item of a batch request, so it runs
+    beside the generation steps instead of joining them)."""
+    ex.admit()
+    values = ex.call_batch([request]).value
+    value = values[0] if isinstance(values, list) and len(values) == 1 else None
+    if not isinstance(value, dict) or answer not in value:
+        raise ModelError(f"the model must answer a tokenizer request with {{{answer!r}: ...}} "
+                         "(TransformersModel does)")
+    return value
+
+
+def _tokenize() -> Response:
+    body = _body()
+    endpoint = _endpoint(body, GENERATION, "/tokenize")
+    with exchange(endpoint) as ex:
+        value = _tokenizer_call(ex, {"tokenize": openai_fields.tokenize(body)}, "tokens")
+        tokens = [int(t) for t in value["tokens"]]
+        return jsonify({"count": len(tokens), "max_model_len": int(value.get("max_model_len", 0)),
+                        "tokens": tokens})
+
+
+def _detokenize() -> Response:
+    body = _body()
+    endpoint = _endpoint(body, GENERATION, "/detokenize")
+    with exchange(endpoint) as ex:
+        value = _tokenizer_call(ex, {"detokenize": openai_fields.detokenize(body)}, "prompt")
+        return jsonify({"prompt": str(value["prompt"])})
+
+
 # -- the OpenAPI rows ------------------------------------------------------------------
 def _request(role: str, schema_of: Any) -> Any:
     def request_body(state: Any, params: dict[str, str]) -> dict[str, Any]:
         models = state.models.endpoints
         serving = [n for n, e in models.items() if getattr(e.ml, "task", None) == role]
         others = [n for n in models if n not in serving]
-        schema = (schema_of(serving, others) if role == EMBEDDING else schema_of(
+        schema = (schema_of(serving, others) if role == EMBEDDING or schema_of in (
+            openai_fields.tokenize_schema, openai_fields.detokenize_schema) else schema_of(
             serving, others, {n: _max_choices(models[n]) for n in serving}))
         return {"required": True, "content": {"application/json": {"schema": schema}}}
 
@@ -388,6 +420,12 @@ _EMBEDDINGS = {"description": "one embedding per input", "content": {"applicatio
                                                       "items": {"type": "number"}},
                                                      {"type": "string"}]}}}}}}}}}
 _ERRORS = (400, 404, 413, 429, 499, 500, 502, 503, 504)
+_TOKENS = {"description": "the prompt's token ids", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["count", "max_model_len", "tokens"],
+    "properties": {"count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+                   "tokens": {"type": "array", "items": {"type": "integer"}}}}}}}
+_TEXT = {"description": "the text of the token ids", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}}}}}
 
 ROUTES = [
     Route("/v1/chat/completions", "chat", _chat, OPENAI_ERRORS, ("POST",), tag="openai",
@@ -400,4 +438,10 @@ ROUTES = [
     Route("/v1/embeddings", "embeddings", _embeddings, OPENAI_ERRORS, ("POST",), tag="openai",
           summary="embeddings (OpenAI API)", ok=_EMBEDDINGS, errors=_ERRORS,
           request=_request(EMBEDDING, openai_fields.embedding_schema)),
+    Route("/tokenize", "tokenize", _tokenize, OPENAI_ERRORS, ("POST",), tag="openai",
+          summary="a prompt's token ids (vLLM's shape)", ok=_TOKENS, errors=_ERRORS,
+          request=_request(GENERATION, openai_fields.tokenize_schema)),
+    Route("/detokenize", "detokenize", _detokenize, OPENAI_ERRORS, ("POST",), tag="openai",
+          summary="the text of token ids (vLLM's shape)", ok=_TEXT, errors=_ERRORS,
+          request=_request(GENERATION, openai_fields.detokenize_schema)),
 ]

@@ -13,7 +13,8 @@ from typing import Any
 
 from ..engine.errors import InputError
 
-__all__ = ["MAX_CHOICES", "ParamError", "chat", "completion", "embedding"]
+__all__ = ["MAX_CHOICES", "ParamError", "chat", "completion", "detokenize", "embedding",
+           "tokenize"]
 
 #: Most choices (``n``) a request may ask for: each is a sequence of the model's running batch.
 MAX_CHOICES = 16
@@ -199,6 +200,53 @@ def embedding(body: dict[str, Any]) -> tuple[list[str], str]:
     return texts, encoding
 
 
+def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ParamError(f"{name!r} must be true or false, got {value!r}", name)
+    return value
+
+
+def tokenize(body: dict[str, Any]) -> dict[str, Any]:
+    """A ``/tokenize`` request (vLLM's shape): ``prompt`` (with ``add_special_tokens``,
+    default true) or ``messages`` (through the chat template, ``add_generation_prompt``
+    default true) -> the model's ``{"tokenize": {...}}`` request.
+
+    Raises:
+        ParamError: a field is invalid or unknown, or neither/both of prompt and messages.
+    """
+    _check_names(body, ("model", "prompt", "messages", "add_special_tokens",
+                        "add_generation_prompt"))
+    if ("prompt" in body) == ("messages" in body):
+        raise ParamError("send exactly one of 'prompt' (a string) or 'messages'", "prompt")
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str):
+            raise ParamError("'prompt' must be a string", "prompt")
+        return {"prompt": body["prompt"],
+                "add_special_tokens": _flag(body, "add_special_tokens", True)}
+    if "add_special_tokens" in body:
+        raise ParamError("'add_special_tokens' is for 'prompt'; the chat template writes the "
+                         "special tokens of 'messages'", "add_special_tokens")
+    return {"messages": _messages(body["messages"]),
+            "add_generation_prompt": _flag(body, "add_generation_prompt", True)}
+
+
+def detokenize(body: dict[str, Any]) -> list[int]:
+    """A ``/detokenize`` request: ``tokens``, a list of token ids.
+
+    Raises:
+        ParamError: ``tokens`` is missing or not a list of integers >= 0.
+    """
+    _check_names(body, ("model", "tokens"))
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+        raise ParamError("'tokens' must be a list of token ids (integers >= 0)", "tokens")
+    return tokens
+
+
 # -- the same fields as JSON Schema, for the OpenAPI document ----------------------------
 def _model_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
     """The ``model`` field: one of the models that serve the route; where none does, any
@@ -292,3 +340,25 @@ def embedding_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
         "model": _model_schema(serving, others), "input": texts,
         "encoding_format": {"enum": ["float", "base64", None]}})
     return schema
+
+
+def tokenize_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
+    """The JSON Schema of a ``/tokenize`` request that :func:`tokenize` accepts."""
+    model = _model_schema(serving, others)
+    message = chat_schema(serving, others)["properties"]["messages"]
+    flag = {"type": ["boolean", "null"]}
+    return {"oneOf": [
+        {"type": "object", "required": ["model", "prompt"], "additionalProperties": False,
+         "properties": {"model": model, "prompt": {"type": "string"},
+                        "add_special_tokens": flag}},
+        {"type": "object", "required": ["model", "messages"], "additionalProperties": False,
+         "properties": {"model": model, "messages": message, "add_generation_prompt": flag}}]}
+
+
+def detokenize_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
+    """The JSON Schema of a ``/detokenize`` request that :func:`detokenize` accepts (ids
+    beyond the model's vocabulary are a 400 from the model)."""
+    return {"type": "object", "required": ["model", "tokens"], "additionalProperties": False,
+            "properties": {"model": _model_schema(serving, others),
+                           "tokens": {"type": "array",
+                                      "items": {"type": "integer", "minimum": 0}}}}
