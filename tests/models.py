@@ -370,7 +370,10 @@ class FakeChat(MLProcess):
 
     def predict(self, messages: Any = None, prompt: Any = None, max_tokens: int = 16,
                 temperature: float = 1.0, top_p: float = 1.0, stop: Any = None,
-                seed: Any = None) -> Any:
+                seed: Any = None, ignore_eos: bool = False,
+                continuous_usage: bool = False) -> Any:
+        if isinstance(messages, dict) and set(messages) in ({"tokenize"}, {"detokenize"}):
+            return self._tokens(messages)  # the tokenizer routes' item (as TransformersModel)
         if (messages is None) == (prompt is None):
             raise InputError("send exactly one of 'messages' and 'prompt'")
         if messages is not None and (not isinstance(messages, list) or not messages or not all(
@@ -385,10 +388,26 @@ class FakeChat(MLProcess):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         texts = [m["content"] for m in messages] if messages is not None else [prompt]
         prompt_tokens = sum(len(t.split()) for t in texts)
-        return self._words(texts[-1].split(), max_tokens, stops, prompt_tokens)
+        words = texts[-1].split()
+        if ignore_eos and words:  # no end of its own: the echo repeats up to max_tokens
+            words = (words * (max_tokens // len(words) + 2))[:max_tokens + 1]
+        return self._words(words, max_tokens, stops, prompt_tokens, continuous_usage)
+
+    @staticmethod
+    def _tokens(request: dict[str, Any]) -> dict[str, Any]:
+        """A character-level tokenizer: a token id is a character's code point."""
+        if "detokenize" in request:
+            ids = request["detokenize"]
+            if any(t > 0x10FFFF for t in ids):
+                raise InputError("'tokens' must be token ids from 0 to 1114111")
+            return {"prompt": "".join(chr(t) for t in ids)}
+        fields = request["tokenize"]
+        text = (fields["prompt"] if "prompt" in fields
+                else " ".join(m["content"] for m in fields["messages"]))
+        return {"tokens": [ord(c) for c in text], "max_model_len": 2048}
 
     def _words(self, words: list[str], max_tokens: int, stops: list[str],
-               prompt_tokens: int) -> Any:
+               prompt_tokens: int, continuous_usage: bool = False) -> Any:
         import time
 
         delay = float(os.environ.get("IPCSERVE_TEST_TOKEN_DELAY", "0"))
@@ -410,7 +429,10 @@ class FakeChat(MLProcess):
                 with open(counter, "a") as f:
                     f.write(".")
             made += 1
-            yield {"text": word if made == 1 else " " + word}
+            item: dict[str, Any] = {"text": word if made == 1 else " " + word}
+            if continuous_usage:
+                item["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": made}
+            yield item
         yield {"text": "", "finish_reason": finish,
                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": made}}
 

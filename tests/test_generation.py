@@ -321,9 +321,21 @@ def test_embeddings_with_usage(tmp_path: Path) -> None:
         body = answer.get_json()
         assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
         assert np.allclose([d["embedding"] for d in body["data"]], plain, atol=1e-6)
+        # Over the model's context (64 tokens): a 400 naming the input, never a vector of
+        # the text's first 64 tokens passed off as the whole text's.
+        long = " ".join(["the cat sat on the mat"] * 12)
+        answer = app.test_client().post("/v1/embeddings",
+                                        json={"model": "encoder", "input": ["hello", long]})
+        assert answer.status_code == 400, answer.get_json()
+        assert "input 1 is 73 tokens long; this model takes at most 64" in \
+            answer.get_json()["error"]["message"]
     finally:
         assert ipc.drain(grace=5)
     assert multiprocessing.active_children() == []
+    # max_length= asks for truncation: then the same text is cut, as asked.
+    cut = TransformersModel(path, num_threads=1, max_length=8)
+    cut.load()
+    assert len(cut.predict_batch([[long]])[0][0]) == len(plain[0])
 
 
 # -- serving by path ----------------------------------------------------------------------

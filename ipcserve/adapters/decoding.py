@@ -327,7 +327,8 @@ class BatchDecoder:
         c.produced += 1
         c.token = token
         made.tokens += 1
-        if token in self.end_ids:
+        sampling = c.generation.sampling
+        if token in self.end_ids and not sampling.ignore_eos:
             text, stopped = c.stops.push(c.decoder.flush())
             text = text if stopped else text + c.stops.flush()
             finish = "stop"
@@ -338,7 +339,11 @@ class BatchDecoder:
                 text += tail if stopped else tail + c.stops.flush()
             finish = "stop" if stopped else "length" if c.produced >= c.room else ""
         head = {"index": c.index} if c.generation.n > 1 else {}
-        made.items.append({**head, "text": text})
+        if sampling.continuous_usage:
+            made.items.append({**head, "text": text, "usage": {
+                "prompt_tokens": len(c.generation.ids), "completion_tokens": c.produced}})
+        else:
+            made.items.append({**head, "text": text})
         if finish:
             c.done = True
             c.kv = None

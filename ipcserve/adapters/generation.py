@@ -36,7 +36,8 @@ __all__ = ["MAX_CHOICES", "MIN_TEMPERATURE", "IncrementalDecoder", "Sampling", "
 
 logger = logging.getLogger(__name__)
 
-FIELDS = ("messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n")
+FIELDS = ("messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n",
+          "ignore_eos", "continuous_usage")
 # As the OpenAI routes accept (openai_fields); the chat template may still refuse a role.
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
@@ -61,6 +62,10 @@ class Sampling:
         seed: the same seed, prompt and settings give the same tokens; None: random.
             Choice ``i`` of ``n`` samples with ``seed + i``.
         n: how many completions (choices) to generate from the one prompt.
+        ignore_eos: generate ``max_tokens`` tokens, past the model's end-of-sequence token
+            (load generators ask for it, to control the length they measure).
+        continuous_usage: every item carries the choice's ``usage`` so far, not only the
+            last (OpenAI-compatible servers' ``continuous_usage_stats``).
     """
 
     max_tokens: int = 64
@@ -69,6 +74,8 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
+    ignore_eos: bool = False
+    continuous_usage: bool = False
 
 
 def _is_int(value: Any) -> bool:
@@ -163,13 +170,20 @@ def read_request(fields: Mapping[str, Any], max_tokens_limit: int
         n = 1
     elif not _is_int(n) or not 1 <= n <= MAX_CHOICES:
         raise InputError(f"'n' must be an integer from 1 to {MAX_CHOICES}, got {n!r}")
+    flags = {}
+    for name in ("ignore_eos", "continuous_usage"):
+        value = fields.get(name, False)
+        if not isinstance(value, bool):
+            raise InputError(f"'{name}' must be true or false, got {value!r}")
+        flags[name] = value
     return prompt, Sampling(min(max_tokens, max_tokens_limit), temperature, top_p,
-                            tuple(stops), seed, n)
+                            tuple(stops), seed, n, **flags)
 
 
-def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]], opened: bool = True
+               ) -> list[int]:
     """The token ids of a prompt: a string as is (with the tokenizer's BOS, if it adds one),
-    messages through the chat template with the assistant's turn opened.
+    messages through the chat template with the assistant's turn opened (``opened``).
 
     Raises:
         InputError: ``messages`` the template rejects or cannot render, or no template.
@@ -189,7 +203,7 @@ def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
     import jinja2
 
     try:
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=opened, tokenize=False)
     except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
         raise InputError(f"the chat template rejected 'messages': {exc}") from None
     # The template writes the special tokens (BOS included) itself.

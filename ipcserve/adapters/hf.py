@@ -38,7 +38,6 @@ Everything heavy (torch, transformers, PIL) is imported inside the ML process on
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -47,46 +46,19 @@ from typing import TYPE_CHECKING, Any
 from ..engine.errors import ConfigError, InputError
 from ..engine.mlprocess import MLProcess
 from .decoding import TextGenerator
+from .detection import TASKS, infer_task
 from .generation import MAX_CHOICES
 from .pytorch import check_device, default_name, resolve_device, set_torch_threads
 
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["TransformersModel"]
+__all__ = ["TransformersModel", "infer_task"]
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("text-classification", "feature-extraction", "image-classification",
-         "image-text-to-text", "text-generation")
 _ALIASES = {"sentiment-analysis": "text-classification", "image-to-text": "image-text-to-text"}
 _IMAGE_TASKS = ("image-classification", "image-text-to-text")
-
-
-def infer_task(path: str) -> str:
-    """The task a model directory is for, from the ``architectures`` in its config.json.
-
-    Raises:
-        ConfigError: the config does not say (pass ``task=`` explicitly).
-    """
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path}/config.json: {exc}") from None
-    for arch in config.get("architectures") or []:
-        if arch.endswith("ForSequenceClassification"):
-            return "text-classification"
-        if arch.endswith("ForImageClassification"):
-            return "image-classification"
-        if arch.endswith("ForCausalLM"):
-            return "text-generation"
-        if arch.endswith("ForConditionalGeneration") and "vision_config" in config:
-            return "image-text-to-text"
-        if arch.endswith("Model") and not arch.endswith("PreTrainedModel"):
-            return "feature-extraction"
-    raise ConfigError(f"cannot tell the task of {path} from its config (architectures="
-                      f"{config.get('architectures')}); pass task= one of {', '.join(TASKS)}")
 
 
 def to_image(x: Any, where: str) -> Image.Image:
@@ -135,7 +107,8 @@ class TransformersModel(MLProcess):
         num_threads: ``torch.set_num_threads`` in the ML process.
         normalize: feature-extraction: L2-normalise the embeddings.
         pooling: feature-extraction: "mean" over the attention mask, or "cls".
-        max_length: text tasks: truncate to this many tokens (default: the model's limit);
+        max_length: text tasks: truncate to this many tokens (default: the model's limit,
+            and an embedding input over it is refused with an ``InputError`` naming it);
             text-generation: the most tokens of prompt plus completion.
         top_k: classification: how many labels to return. Default: text-classification
             returns the best ``{"label", "score"}``; image-classification the best 5 as a
@@ -193,6 +166,9 @@ class TransformersModel(MLProcess):
         self.normalize = bool(normalize)
         self.pooling = pooling
         self.max_length = max_length
+        # Embeddings: an input over the model's context is a 400 unless max_length= was
+        # given (then it is cut to that many tokens, as asked).
+        self.truncate = max_length is not None
         self.top_k = top_k
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
@@ -309,7 +285,40 @@ class TransformersModel(MLProcess):
         """
         if self.task != "text-generation" or self.generator is None:
             return super().predict(*args, **kwargs)
+        if len(args) == 1 and not kwargs and isinstance(args[0], Mapping) and (
+                set(args[0]) in ({"tokenize"}, {"detokenize"})):
+            return self.tokens(args[0])
         return self.generator.stream(self._fields(args, kwargs))
+
+    def tokens(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The tokenizer routes' answer (``/tokenize``, ``/detokenize``), in the ML process:
+        ``{"tokenize": {"prompt": str, "add_special_tokens": bool}}`` (or ``"messages"`` and
+        ``"add_generation_prompt"``: through the chat template) -> ``{"tokens": [int, ...],
+        "max_model_len": int}``; ``{"detokenize": [int, ...]}`` -> ``{"prompt": str}``.
+
+        Raises:
+            InputError: a token id outside the vocabulary, messages the template refuses.
+        """
+        tokenizer = self.tokenizer
+        if "detokenize" in request:
+            ids = request["detokenize"]
+            size = len(tokenizer)
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+                        or not 0 <= t < size), None) if isinstance(ids, list) else ids
+            if bad is not None or not isinstance(ids, list):
+                raise InputError(f"'tokens' must be a list of token ids from 0 to {size - 1}, "
+                                 f"got {bad!r}")
+            return {"prompt": tokenizer.decode(ids)}
+        fields = request["tokenize"]
+        if "messages" in fields:
+            from .generation import prompt_ids
+
+            ids = prompt_ids(tokenizer, fields["messages"],
+                             opened=bool(fields.get("add_generation_prompt", True)))
+        else:
+            ids = list(tokenizer(fields["prompt"], add_special_tokens=fields.get(
+                "add_special_tokens", True))["input_ids"])
+        return {"tokens": [int(t) for t in ids], "max_model_len": int(self.max_length or 0)}
 
     @staticmethod
     def _fields(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -411,6 +420,15 @@ class TransformersModel(MLProcess):
         """The vectors and, per text, its token count (without padding)."""
         import torch
 
+        limit = self.max_length
+        if not self.truncate and limit is not None and limit < 1_000_000:
+            # Over the model's context is refused, not silently cut (max_length= asks for
+            # truncation). Counting first costs a tokenizer pass, far less than the model's.
+            for i, ids in enumerate(self.tokenizer(texts)["input_ids"]):
+                if len(ids) > limit:
+                    raise InputError(f"input {i} is {len(ids)} tokens long; this model takes "
+                                     f"at most {limit} (shorten it, or serve the model with "
+                                     "max_length= to truncate)")
         # Texts of similar length share a forward pass, so less compute goes to padding.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         result: list[list[float]] = [[] for _ in texts]

@@ -233,39 +233,66 @@ def _generate(ex: Exchange, kwargs: dict[str, Any], wants_stream: bool, include_
                                    _usage(finals, count)))
     # The first piece is awaited here, so an error before any token gets its status.
     first = next(pieces, None)
-    return Response(ex.body(_events(ex, reply, pieces, first, include_usage, n)),
+    usage = "continuous" if kwargs.get("continuous_usage") else "final" if include_usage else ""
+    return Response(ex.body(_events(ex, reply, pieces, first, usage, n)),
                     mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class _Running:
+    """The usage so far of a stream whose chunks all carry it (``continuous_usage_stats``):
+    the prompt once, the completion tokens of every choice, from each piece's ``usage``."""
+
+    def __init__(self, first: dict[str, Any] | None) -> None:
+        usage = (first or {}).get("usage")
+        self.prompt = int(usage.get("prompt_tokens", 0)) if isinstance(usage, dict) else 0
+        self.made: dict[int, int] = {}
+
+    def add(self, index: int, piece: dict[str, Any]) -> None:
+        usage = piece.get("usage")
+        done = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        self.made[index] = int(done) if isinstance(done, int) else self.made.get(index, 0) + 1
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(self.made.values())
+        return {"prompt_tokens": self.prompt, "completion_tokens": completion,
+                "total_tokens": self.prompt + completion}
+
+
 def _events(ex: Exchange, reply: _Reply, pieces: Iterator[dict[str, Any]],
-            first: dict[str, Any] | None, include_usage: bool, n: int) -> Iterator[bytes]:
+            first: dict[str, Any] | None, usage: str, n: int) -> Iterator[bytes]:
     """The SSE body: a chunk per piece as the model makes it (with its choice's index), a
-    chunk with finish_reason as each choice ends, the usage chunk if asked for, then
-    ``[DONE]``; an error mid-stream is an ``error`` event before ``[DONE]``."""
-    usage_field: Any = None if include_usage else ...  # OpenAI: null on every chunk but the last
+    chunk with finish_reason as each choice ends, the usage chunk if asked for (``usage``
+    "final"; "continuous": every chunk carries the usage so far, too), then ``[DONE]``; an
+    error mid-stream is an ``error`` event before ``[DONE]``."""
+    running = _Running(first) if usage == "continuous" else None
+
+    def usage_field() -> Any:  # OpenAI: null on every chunk but the last
+        return running.usage() if running else None if usage else ...
     try:
         if reply.chat:  # OpenAI's first chat chunk of each choice says who speaks
             for index in range(n):
-                yield reply.chunk("", role=True, usage=usage_field, index=index)
+                yield reply.chunk("", role=True, usage=usage_field(), index=index)
         piece, finals, count = first, {}, 0
         while piece is not None:
             count += 1
             index = _index(piece, n)
+            if running:
+                running.add(index, piece)
             if piece["text"]:
-                yield reply.chunk(piece["text"], usage=usage_field, index=index)
+                yield reply.chunk(piece["text"], usage=usage_field(), index=index)
             if "finish_reason" in piece:
                 finals[index] = piece
                 if n > 1:  # each choice's end as it comes; one choice's at the very end
-                    yield reply.chunk(None, str(piece["finish_reason"]), usage=usage_field,
+                    yield reply.chunk(None, str(piece["finish_reason"]), usage=usage_field(),
                                       index=index)
             piece = next(pieces, None)
         for index in range(n):
             if n == 1 or index not in finals:
                 final = finals.get(index)
                 finish = str(final["finish_reason"]) if final else "stop"
-                yield reply.chunk(None, finish, usage=usage_field, index=index)
-        if include_usage:
+                yield reply.chunk(None, finish, usage=usage_field(), index=index)
+        if usage:
             yield reply.chunk(None, usage=_usage(finals, count), choices=False)
     except IPCServeError as exc:
         yield sse(error_body(ex.failed(exc)))
@@ -302,13 +329,45 @@ def _encode(vector: Any, encoding: str) -> Any:
     return [float(x) for x in vector]
 
 
+# -- the tokenizer routes ---------------------------------------------------------------
+def _tokenizer_call(ex: Exchange, request: dict[str, Any], answer: str) -> dict[str, Any]:
+    """The model's answer to a tokenizer request (one item of a batch request, so it runs
+    beside the generation steps instead of joining them)."""
+    ex.admit()
+    values = ex.call_batch([request]).value
+    value = values[0] if isinstance(values, list) and len(values) == 1 else None
+    if not isinstance(value, dict) or answer not in value:
+        raise ModelError(f"the model must answer a tokenizer request with {{{answer!r}: ...}} "
+                         "(TransformersModel does)")
+    return value
+
+
+def _tokenize() -> Response:
+    body = _body()
+    endpoint = _endpoint(body, GENERATION, "/tokenize")
+    with exchange(endpoint) as ex:
+        value = _tokenizer_call(ex, {"tokenize": openai_fields.tokenize(body)}, "tokens")
+        tokens = [int(t) for t in value["tokens"]]
+        return jsonify({"count": len(tokens), "max_model_len": int(value.get("max_model_len", 0)),
+                        "tokens": tokens})
+
+
+def _detokenize() -> Response:
+    body = _body()
+    endpoint = _endpoint(body, GENERATION, "/detokenize")
+    with exchange(endpoint) as ex:
+        value = _tokenizer_call(ex, {"detokenize": openai_fields.detokenize(body)}, "prompt")
+        return jsonify({"prompt": str(value["prompt"])})
+
+
 # -- the OpenAPI rows ------------------------------------------------------------------
 def _request(role: str, schema_of: Any) -> Any:
     def request_body(state: Any, params: dict[str, str]) -> dict[str, Any]:
         models = state.models.endpoints
         serving = [n for n, e in models.items() if getattr(e.ml, "task", None) == role]
         others = [n for n in models if n not in serving]
-        schema = (schema_of(serving, others) if role == EMBEDDING else schema_of(
+        schema = (schema_of(serving, others) if role == EMBEDDING or schema_of in (
+            openai_fields.tokenize_schema, openai_fields.detokenize_schema) else schema_of(
             serving, others, {n: _max_choices(models[n]) for n in serving}))
         return {"required": True, "content": {"application/json": {"schema": schema}}}
 
@@ -361,6 +420,12 @@ _EMBEDDINGS = {"description": "one embedding per input", "content": {"applicatio
                                                       "items": {"type": "number"}},
                                                      {"type": "string"}]}}}}}}}}}
 _ERRORS = (400, 404, 413, 429, 499, 500, 502, 503, 504)
+_TOKENS = {"description": "the prompt's token ids", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["count", "max_model_len", "tokens"],
+    "properties": {"count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+                   "tokens": {"type": "array", "items": {"type": "integer"}}}}}}}
+_TEXT = {"description": "the text of the token ids", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}}}}}
 
 ROUTES = [
     Route("/v1/chat/completions", "chat", _chat, OPENAI_ERRORS, ("POST",), tag="openai",
@@ -373,4 +438,10 @@ ROUTES = [
     Route("/v1/embeddings", "embeddings", _embeddings, OPENAI_ERRORS, ("POST",), tag="openai",
           summary="embeddings (OpenAI API)", ok=_EMBEDDINGS, errors=_ERRORS,
           request=_request(EMBEDDING, openai_fields.embedding_schema)),
+    Route("/tokenize", "tokenize", _tokenize, OPENAI_ERRORS, ("POST",), tag="openai",
+          summary="a prompt's token ids (vLLM's shape)", ok=_TOKENS, errors=_ERRORS,
+          request=_request(GENERATION, openai_fields.tokenize_schema)),
+    Route("/detokenize", "detokenize", _detokenize, OPENAI_ERRORS, ("POST",), tag="openai",
+          summary="the text of token ids (vLLM's shape)", ok=_TEXT, errors=_ERRORS,
+          request=_request(GENERATION, openai_fields.detokenize_schema)),
 ]

@@ -13,7 +13,8 @@ from typing import Any
 
 from ..engine.errors import InputError
 
-__all__ = ["MAX_CHOICES", "ParamError", "chat", "completion", "embedding"]
+__all__ = ["MAX_CHOICES", "ParamError", "chat", "completion", "detokenize", "embedding",
+           "tokenize"]
 
 #: Most choices (``n``) a request may ask for: each is a sequence of the model's running batch.
 MAX_CHOICES = 16
@@ -29,7 +30,7 @@ _OFF: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "dimensions": (None,),
 }
 _SAMPLING = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop",
-             "seed", "n")
+             "seed", "n", "ignore_eos")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -83,17 +84,23 @@ def _sampling(body: dict[str, Any], max_tokens_field: str, max_choices: int) -> 
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         raise ParamError("'stop' must be a string or a list of non-empty strings", "stop")
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise ParamError(f"'ignore_eos' must be true or false, got {ignore_eos!r}", "ignore_eos")
     kwargs = {"max_tokens": _field(body, max_tokens_field, int, 1),
               "temperature": _field(body, "temperature", (int, float), 0, 2),
               "top_p": _field(body, "top_p", (int, float), 0, 1), "stop": stop,
               "seed": _field(body, "seed", int),
               # Only when asked for: a model that makes one choice need not know the field.
-              "n": n if n is not None and n > 1 else None}
+              "n": n if n is not None and n > 1 else None,
+              "ignore_eos": True if ignore_eos else None}
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
-    """(stream, include_usage) from ``stream`` and ``stream_options``."""
+def _streaming(body: dict[str, Any], kwargs: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) from ``stream`` and ``stream_options``; with
+    ``continuous_usage_stats`` (and ``include_usage``, as vLLM reads it) every chunk
+    carries the usage so far: ``kwargs`` asks the model for it (``continuous_usage``)."""
     stream, options = body.get("stream"), body.get("stream_options")
     if stream is not None and not isinstance(stream, bool):
         raise ParamError(f"'stream' must be true or false, got {stream!r}", "stream")
@@ -101,9 +108,16 @@ def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
         return bool(stream), False
     if not stream:
         raise ParamError("'stream_options' is only allowed with 'stream': true", "stream_options")
-    usage = options.get("include_usage", False) if isinstance(options, dict) else None
-    if not isinstance(usage, bool) or set(options) - {"include_usage"}:
-        raise ParamError("'stream_options' must be {\"include_usage\": true|false}", "stream_options")
+    shape = ("'stream_options' must be {\"include_usage\": true|false, "
+             "\"continuous_usage_stats\": true|false}")
+    if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+        raise ParamError(shape, "stream_options")
+    usage, continuous = (options.get(name, False)
+                         for name in ("include_usage", "continuous_usage_stats"))
+    if not isinstance(usage, bool) or not isinstance(continuous, bool):
+        raise ParamError(shape, "stream_options")
+    if usage and continuous:
+        kwargs["continuous_usage"] = True
     return True, usage
 
 
@@ -143,8 +157,8 @@ def chat(body: dict[str, Any], max_choices: int = 1) -> tuple[dict[str, Any], bo
     _check_names(body, ("messages", "max_completion_tokens", *_SAMPLING))
     _field(body, "max_tokens", int, 1)  # checked even when the newer name wins
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return ({"messages": _messages(body.get("messages")), **_sampling(body, field, max_choices)},
-            *_streaming(body))
+    kwargs = {"messages": _messages(body.get("messages")), **_sampling(body, field, max_choices)}
+    return (kwargs, *_streaming(body, kwargs))
 
 
 def completion(body: dict[str, Any], max_choices: int = 1
@@ -161,7 +175,8 @@ def completion(body: dict[str, Any], max_choices: int = 1
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ParamError("'prompt' must be a string (one prompt per request)", "prompt")
-    return {"prompt": prompt, **_sampling(body, "max_tokens", max_choices)}, *_streaming(body)
+    kwargs = {"prompt": prompt, **_sampling(body, "max_tokens", max_choices)}
+    return (kwargs, *_streaming(body, kwargs))
 
 
 def embedding(body: dict[str, Any]) -> tuple[list[str], str]:
@@ -183,6 +198,53 @@ def embedding(body: dict[str, Any]) -> tuple[list[str], str]:
         raise ParamError(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}",
                          "encoding_format")
     return texts, encoding
+
+
+def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ParamError(f"{name!r} must be true or false, got {value!r}", name)
+    return value
+
+
+def tokenize(body: dict[str, Any]) -> dict[str, Any]:
+    """A ``/tokenize`` request (vLLM's shape): ``prompt`` (with ``add_special_tokens``,
+    default true) or ``messages`` (through the chat template, ``add_generation_prompt``
+    default true) -> the model's ``{"tokenize": {...}}`` request.
+
+    Raises:
+        ParamError: a field is invalid or unknown, or neither/both of prompt and messages.
+    """
+    _check_names(body, ("model", "prompt", "messages", "add_special_tokens",
+                        "add_generation_prompt"))
+    if ("prompt" in body) == ("messages" in body):
+        raise ParamError("send exactly one of 'prompt' (a string) or 'messages'", "prompt")
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str):
+            raise ParamError("'prompt' must be a string", "prompt")
+        return {"prompt": body["prompt"],
+                "add_special_tokens": _flag(body, "add_special_tokens", True)}
+    if "add_special_tokens" in body:
+        raise ParamError("'add_special_tokens' is for 'prompt'; the chat template writes the "
+                         "special tokens of 'messages'", "add_special_tokens")
+    return {"messages": _messages(body["messages"]),
+            "add_generation_prompt": _flag(body, "add_generation_prompt", True)}
+
+
+def detokenize(body: dict[str, Any]) -> list[int]:
+    """A ``/detokenize`` request: ``tokens``, a list of token ids.
+
+    Raises:
+        ParamError: ``tokens`` is missing or not a list of integers >= 0.
+    """
+    _check_names(body, ("model", "tokens"))
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+        raise ParamError("'tokens' must be a list of token ids (integers >= 0)", "tokens")
+    return tokens
 
 
 # -- the same fields as JSON Schema, for the OpenAPI document ----------------------------
@@ -210,7 +272,9 @@ _SAMPLING_SCHEMA: dict[str, Any] = {
     "n": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHOICES},
     "stream": {"type": ["boolean", "null"]},
     "stream_options": {"type": ["object", "null"], "additionalProperties": False,
-                       "properties": {"include_usage": {"type": "boolean"}}},
+                       "properties": {"include_usage": {"type": "boolean"},
+                                      "continuous_usage_stats": {"type": "boolean"}}},
+    "ignore_eos": {"type": ["boolean", "null"]},
 }
 
 
@@ -276,3 +340,25 @@ def embedding_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
         "model": _model_schema(serving, others), "input": texts,
         "encoding_format": {"enum": ["float", "base64", None]}})
     return schema
+
+
+def tokenize_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
+    """The JSON Schema of a ``/tokenize`` request that :func:`tokenize` accepts."""
+    model = _model_schema(serving, others)
+    message = chat_schema(serving, others)["properties"]["messages"]
+    flag = {"type": ["boolean", "null"]}
+    return {"oneOf": [
+        {"type": "object", "required": ["model", "prompt"], "additionalProperties": False,
+         "properties": {"model": model, "prompt": {"type": "string"},
+                        "add_special_tokens": flag}},
+        {"type": "object", "required": ["model", "messages"], "additionalProperties": False,
+         "properties": {"model": model, "messages": message, "add_generation_prompt": flag}}]}
+
+
+def detokenize_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
+    """The JSON Schema of a ``/detokenize`` request that :func:`detokenize` accepts (ids
+    beyond the model's vocabulary are a 400 from the model)."""
+    return {"type": "object", "required": ["model", "tokens"], "additionalProperties": False,
+            "properties": {"model": _model_schema(serving, others),
+                           "tokens": {"type": "array",
+                                      "items": {"type": "integer", "minimum": 0}}}}

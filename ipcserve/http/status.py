@@ -1,7 +1,8 @@
 """The status API: what an operator, a probe or a scraper reads.
 
 * ``GET /healthz``: liveness (the web process answers); ``GET /readyz``: readiness, from
-  the serving core's one reading (:meth:`.serving.Models.readiness`);
+  the serving core's one reading (:meth:`.serving.Models.readiness`); ``GET /health``: the
+  same readiness under the name LLM tools probe;
 * ``GET /metrics``: Prometheus text;
 * ``GET /``: the status page (charts, event log, try-it) and its files under
   ``/ipcserve-static/``; the page's data needs the API key like every ``/v1`` route;
@@ -126,6 +127,11 @@ ROUTES = [
                                   "properties": {"status": {"const": "ok"}}})),
     Route("/readyz", "readyz", _readyz, IPCSERVE_ERRORS, open=True, tag="status",
           summary="readiness: 503 until every model is ready, and while draining",
+          ok=_json(_READY), responses={"503": _json(_READY, "not ready, or draining")}),
+    # The name LLM servers use (vLLM, TGI): load generators and gateways probe it before
+    # they start. The same reading as /readyz.
+    Route("/health", "health", _readyz, IPCSERVE_ERRORS, open=True, tag="status",
+          summary="readiness under the name LLM tools probe (as /readyz)",
           ok=_json(_READY), responses={"503": _json(_READY, "not ready, or draining")}),
     Route("/metrics", "metrics", _metrics, IPCSERVE_ERRORS, summary="Prometheus metrics",
           tag="status", ok={"description": "the Prometheus text exposition",
