@@ -241,7 +241,10 @@ class StatusBlock:
     def draining(self) -> bool:
         return bool(self._common(_DRAINING))
 
-    def record_crash(self, hang: bool) -> None:
+    def record_crash(self, hang: bool, backoff: float) -> None:
+        """Count a crash; ``backoff`` (the delay before its restart) is written first, so a
+        reader that sees crash n also sees its delay."""
+        self._set_common(_BACKOFF, backoff)
         self._set_common(_CRASHES, self.crashes + 1)
         self._set_common(_CONSECUTIVE, self.consecutive_crashes + 1)
         if hang:

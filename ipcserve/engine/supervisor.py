@@ -284,7 +284,7 @@ class Supervisor:
             slot.ready.close()
             slot.ready = None
         slot.proc = None
-        self._status.record_crash(hang)
+        self._status.record_crash(hang, self._backoff(self._status.consecutive_crashes + 1))
         self._status.end_incarnation(slot.index, exitcode, State.RESTARTING)
         cause = "was killed by the watchdog after hanging" if hang else describe_exit(exitcode)
         logger.error("model %s: ML process pid=%d slot=%d %s (crash %d in a row)", self._name,
@@ -297,8 +297,7 @@ class Supervisor:
 
     def _schedule_restart(self, slot: _Slot) -> None:
         streak = max(1, self._status.consecutive_crashes)
-        delay = min(self._config.max_restart_backoff,
-                    self._config.restart_backoff * 2 ** (streak - 1))
+        delay = self._backoff(streak)
         slot.restart_at = time.monotonic() + delay
         self._status.set_next_start(slot.restart_at, delay)
         if streak >= self._config.circuit_breaker_threshold and not self._status.circuit_open:
@@ -308,6 +307,11 @@ class Supervisor:
             events.record("circuit-opened", self._name,
                           f"{streak} crashes in a row: circuit opened, next restart in "
                           f"{delay:.1f}s", crashes=streak)
+
+    def _backoff(self, streak: int) -> float:
+        """The restart delay after ``streak`` crashes in a row: doubling, capped."""
+        return min(self._config.max_restart_backoff,
+                   self._config.restart_backoff * 2 ** (max(1, streak) - 1))
 
     def _release_queue_lock(self) -> None:
         """Free the queue's read lock if the dead process held it.
