@@ -310,8 +310,8 @@ class Supervisor:
 
     def _backoff(self, streak: int) -> float:
         """The restart delay after ``streak`` crashes in a row: doubling, capped."""
-        return min(self._config.max_restart_backoff,
-                   self._config.restart_backoff * 2 ** (max(1, streak) - 1))
+        return float(min(self._config.max_restart_backoff,
+                         self._config.restart_backoff * 2 ** (max(1, streak) - 1)))
 
     def _release_queue_lock(self) -> None:
         """Free the queue's read lock if the dead process held it.
