@@ -371,27 +371,65 @@ class FakeChat(MLProcess):
     def predict(self, messages: Any = None, prompt: Any = None, max_tokens: int = 16,
                 temperature: float = 1.0, top_p: float = 1.0, stop: Any = None,
                 seed: Any = None, ignore_eos: bool = False,
-                continuous_usage: bool = False) -> Any:
+                continuous_usage: bool = False, prompts: Any = None, echo: bool = False,
+                logprobs: Any = None) -> Any:
         if isinstance(messages, dict) and set(messages) in ({"tokenize"}, {"detokenize"}):
             return self._tokens(messages)  # the tokenizer routes' item (as TransformersModel)
-        if (messages is None) == (prompt is None):
-            raise InputError("send exactly one of 'messages' and 'prompt'")
+        if sum(x is not None for x in (messages, prompt, prompts)) != 1:
+            raise InputError("send exactly one of 'messages', 'prompt' and 'prompts'")
         if messages is not None and (not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
             raise InputError("'messages' must be a non-empty list of {'role', 'content'}")
-        if prompt is not None and not isinstance(prompt, str):
-            raise InputError("'prompt' must be a string")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < (
+                0 if echo else 1):
             raise InputError(f"'max_tokens' must be an integer >= 1, got {max_tokens!r}")
         if not 0 <= temperature <= 2:
             raise InputError(f"'temperature' must be from 0 to 2, got {temperature!r}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        texts = [m["content"] for m in messages] if messages is not None else [prompt]
+        if messages is not None:
+            texts = [m["content"] for m in messages]
+            return self._answer(texts, texts[-1], None, max_tokens, stops, ignore_eos,
+                                continuous_usage, False, logprobs)
+        many = prompts is not None
+        texts = [self._text(p) for p in (prompts if many else [prompt])]
+        return self._answers(texts, many, max_tokens, stops, ignore_eos, continuous_usage,
+                             echo, logprobs)
+
+    @staticmethod
+    def _text(prompt: Any) -> str:
+        """A prompt: a string, or token ids of the character-level tokenizer (code points)."""
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and prompt and all(
+                isinstance(t, int) and 0 <= t <= 0x10FFFF for t in prompt):
+            return "".join(chr(t) for t in prompt)
+        raise InputError("'prompt' must be a string or token ids from 0 to 1114111")
+
+    def _answers(self, texts: list[str], many: bool, *args: Any) -> Any:
+        for p, text in enumerate(texts):
+            yield from self._answer([text], text, p if many else None, *args)
+
+    def _answer(self, texts: list[str], last: str, index: Any, max_tokens: int, stops: list[str],
+                ignore_eos: bool, continuous_usage: bool, echo: bool, logprobs: Any) -> Any:
         prompt_tokens = sum(len(t.split()) for t in texts)
-        words = texts[-1].split()
+        words = last.split()
+        head = {} if index is None else {"index": index}
+        if echo:  # the prompt first; every word certain, the first with no logprob
+            item: dict[str, Any] = {**head, "text": last}
+            if logprobs is not None:
+                item["logprobs"] = [self._entry(w, None if i == 0 else 0.0)
+                                    for i, w in enumerate(words)]
+            yield item
         if ignore_eos and words:  # no end of its own: the echo repeats up to max_tokens
             words = (words * (max_tokens // len(words) + 2))[:max_tokens + 1]
-        return self._words(words, max_tokens, stops, prompt_tokens, continuous_usage)
+        for item in self._words(words, max_tokens, stops, prompt_tokens, continuous_usage):
+            if logprobs is not None and item["text"]:
+                item["logprobs"] = [self._entry(item["text"], 0.0)]
+            yield {**head, **item}
+
+    @staticmethod
+    def _entry(word: str, logprob: Any) -> dict[str, Any]:
+        return {"id": ord(word.strip()[:1] or " "), "token": word, "logprob": logprob, "top": []}
 
     @staticmethod
     def _tokens(request: dict[str, Any]) -> dict[str, Any]:
@@ -412,7 +450,7 @@ class FakeChat(MLProcess):
 
         delay = float(os.environ.get("IPCSERVE_TEST_TOKEN_DELAY", "0"))
         counter = os.environ.get("IPCSERVE_TEST_TOKENS")
-        made, finish = 0, "stop"
+        made, finish = 0, "stop" if max_tokens else "length"
         for word in words:
             if made == max_tokens:
                 finish = "length"
@@ -446,8 +484,11 @@ class FakeEmbedder(MLProcess):
     def predict(self, texts: Any = None, with_usage: bool = False) -> Any:
         import math
 
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise InputError("'texts' must be a list of strings")
+        if not isinstance(texts, list) or not all(
+                isinstance(t, str) or (isinstance(t, list) and t and all(
+                    isinstance(c, int) and 0 <= c <= 0x10FFFF for c in t)) for t in texts):
+            raise InputError("'texts' must be a list of strings or of token ids (code points)")
+        texts = [t if isinstance(t, str) else "".join(map(chr, t)) for t in texts]
         vectors = []
         for text in texts:
             counts = [float(text.lower().count(chr(ord("a") + i))) for i in range(26)]

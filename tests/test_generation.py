@@ -204,14 +204,21 @@ def test_the_context_bounds_the_prompt_and_the_completion(lm: Any, lm_dir: Path)
 BAD_REQUESTS = [
     ({}, "exactly one of 'prompt'"),
     ({"prompt": "a", "messages": CHAT}, "exactly one of 'prompt'"),
-    ({"prompt": 3}, "'prompt' must be a string, got int"),
+    ({"prompt": 3}, "'prompt' must be a string or a non-empty list of token ids"),
+    ({"prompt": [1, -2]}, "'prompt' must be a string or a non-empty list of token ids"),
+    ({"prompt": [1, 10 ** 6]}, "token id 1000000 of the prompt is outside"),
+    ({"prompts": []}, "'prompts' must be a list of 1 to 32"),
+    ({"prompts": ["a", 7]}, r"prompts\[1\] must be a string"),
+    ({"messages": CHAT, "echo": True}, "'echo' is for 'prompt'"),
+    ({"prompt": "a", "logprobs": 21}, "'logprobs' must be an integer from 0 to 20"),
+    ({"prompt": "a", "echo": 1}, "'echo' must be true or false"),
     ({"messages": []}, "'messages' must be a non-empty list"),
     ({"messages": "hello"}, "'messages' must be a non-empty list"),
     ({"messages": ["hi"]}, r"messages\[0\] must be an object"),
     ({"messages": [{"role": "robot", "content": "x"}]}, r"'role' of messages\[0\] must be one of"),
     ({"messages": [{"content": "x"}]}, r"'role' of messages\[0\]"),
     ({"messages": [CHAT[0], {"role": "user", "content": 5}]}, r"'content' of messages\[1\]"),
-    ({"prompt": "a", "max_tokens": 0}, "'max_tokens' must be an integer >= 1"),
+    ({"prompt": "a", "max_tokens": 0}, r"'max_tokens' must be an integer >= 1 \(0 only with"),
     ({"prompt": "a", "max_tokens": "5"}, "'max_tokens'"),
     ({"prompt": "a", "max_tokens": True}, "'max_tokens'"),
     ({"prompt": "a", "temperature": -0.5}, "'temperature' must be >= 0"),
@@ -329,6 +336,28 @@ def test_embeddings_with_usage(tmp_path: Path) -> None:
         assert answer.status_code == 400, answer.get_json()
         assert "input 1 is 73 tokens long; this model takes at most 64" in \
             answer.get_json()["error"]["message"]
+        # Token ids (the model's own, as /tokenize gives them) embed as their text does,
+        # mixed with texts; ids beyond the vocabulary and over the context are 400s.
+        ids = [tokenizer(t)["input_ids"] for t in texts]
+        answer = app.test_client().post("/v1/embeddings", json={"model": "encoder",
+                                                                "input": ids})
+        assert answer.status_code == 200, answer.get_json()
+        assert np.allclose([d["embedding"] for d in answer.get_json()["data"]], plain,
+                           atol=1e-5)
+        assert answer.get_json()["usage"]["prompt_tokens"] == tokens
+        for bad, message in [([[1, len(tokenizer)]], f"token id {len(tokenizer)} is outside"),
+                             ([[5] * 65], "input 0 is 65 tokens long")]:
+            answer = app.test_client().post("/v1/embeddings",
+                                            json={"model": "encoder", "input": bad})
+            assert answer.status_code == 400 and message in \
+                answer.get_json()["error"]["message"], answer.get_json()
+        # dimensions: the first ones, back to length 1
+        answer = app.test_client().post("/v1/embeddings", json={
+            "model": "encoder", "input": texts[:1], "dimensions": 8})
+        short = np.asarray(answer.get_json()["data"][0]["embedding"])
+        assert short.shape == (8,) and np.isclose(np.linalg.norm(short), 1.0, atol=1e-5)
+        assert np.allclose(short, np.asarray(plain[0][:8]) / np.linalg.norm(plain[0][:8]),
+                           atol=1e-5)
     finally:
         assert ipc.drain(grace=5)
     assert multiprocessing.active_children() == []

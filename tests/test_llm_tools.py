@@ -207,5 +207,11 @@ def test_tokenize_round_trips_through_a_real_tokenizer(tmp_path: Path) -> None:
         assert chat["tokens"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
         outside = _post(server, "/detokenize", {"model": "lm", "tokens": [len(tokenizer)]})
         assert outside.status_code == 400 and "token ids" in outside.text
+        # The context and special tokens in the model list, as harnesses read them.
+        listed = requests.get(f"{server.url}/v1/models", timeout=30,
+                              headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]
+        assert listed["max_model_len"] == tiny_lm.CONTEXT
+        assert listed["special_tokens"] == {"bos_token": "<s>", "eos_token": "</s>",
+                                            "pad_token": "<pad>", "unk_token": "<unk>"}
     finally:
         assert server.stop() == 0, server.output

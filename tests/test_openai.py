@@ -288,12 +288,18 @@ def test_embeddings_float_and_base64(embed_server: Server) -> None:
         assert e.embedding == pytest.approx(f.embedding, abs=1e-6)
     one = client.embeddings.create(model="fakeembedder", input="zzz", encoding_format="float")
     assert one.data[0].embedding == pytest.approx(floats.data[2].embedding)
+    # Token ids (FakeEmbedder's tokenizer: a code point each) embed as their text does.
+    ids = client.embeddings.create(model="fakeembedder", input=[[ord(c) for c in "zzz"]])
+    assert ids.data[0].embedding == pytest.approx(one.data[0].embedding)
+    # dimensions: the first ones, back to length 1
+    short = client.embeddings.create(model="fakeembedder", input="abcabz", dimensions=2)
+    assert short.data[0].embedding == pytest.approx([2 ** -0.5, 2 ** -0.5], abs=1e-6)
     with pytest.raises(openai.BadRequestError) as caught:
-        client.embeddings.create(model="fakeembedder", input=[[1, 2, 3]])
+        client.embeddings.create(model="fakeembedder", input="x", dimensions=27)
+    assert caught.value.param == "dimensions" and "26" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="fakeembedder", input=[[1, 2], "mixed"])
     assert caught.value.param == "input"
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.embeddings.create(model="fakeembedder", input="x", dimensions=8)
-    assert caught.value.param == "dimensions"
 
 
 @pytest.mark.slow

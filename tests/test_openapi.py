@@ -63,8 +63,9 @@ def test_api_key_is_a_security_scheme_and_guards_the_document() -> None:
 # what the route accepts: not the V2 infer routes (a tensor's data must have as many values
 # as its shape says), not the predict routes of models documented only by their predict
 # signature (any value), and for image models an upload is accepted or refused as not an
-# image (no schema can say "a decodable picture"); /detokenize refuses ids beyond the model's
-# vocabulary, whose size only the ML process knows.
+# image (no schema can say "a decodable picture"); /detokenize and /v1/completions refuse
+# token ids beyond the model's vocabulary and /v1/embeddings a 'dimensions' beyond the
+# model's, which only the ML process knows.
 SCHEMATHESIS_CONFIG = """
 [checks]
 enabled = true
@@ -78,7 +79,7 @@ include-path-regex = "^/v1/models/(fakechat|fakeembedder)/predict$|^/v2/models/[
 checks.positive_data_acceptance.enabled = false
 
 [[operations]]
-include-path-regex = "^/detokenize$"
+include-path-regex = "^/detokenize$|^/v1/completions$|^/v1/embeddings$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400"]
 
 [[operations]]

@@ -20,6 +20,13 @@ The ``n`` choices of a generation share its prefill: each starts from the prompt
 ``torch.Generator`` (seeded with ``seed + index``), so a seeded request gives the same tokens
 alone or batched with any others.
 
+A request with several prompts (``prompts``) is a :class:`Group` of generations, one per
+prompt, stepped as one state; choice ``i`` of prompt ``p`` is the request's choice
+``p * n + i``. With ``logprobs``, every token item carries the token's log-probability
+under the model's raw distribution (and the likeliest alternatives); with ``echo``, each
+choice starts with an item holding the prompt (and its tokens' log-probabilities, from the
+prefill's logits).
+
 A step that raises (or is interrupted) leaves no batch behind: the batch is taken out before
 the forward pass and put back after, so the caller ends every generation of that step and
 the next step starts from the rows still held by generations outside it.
@@ -38,6 +45,7 @@ from ..engine.runtime import Made
 from .generation import (
     MIN_TEMPERATURE,
     IncrementalDecoder,
+    Prompt,
     Sampling,
     StopBuffer,
     pick,
@@ -45,7 +53,11 @@ from .generation import (
     prompt_ids,
 )
 
-__all__ = ["BatchDecoder", "Choice", "Generation", "TextGenerator"]
+__all__ = ["BatchDecoder", "Choice", "Generation", "Group", "TextGenerator"]
+
+
+# Tokens before a token that its text is decoded after (see BatchDecoder._texts).
+_CONTEXT = 4
 
 
 class Choice:
@@ -83,12 +95,19 @@ class Generation:
         rows: the batch rows it takes (its choices not finished yet).
     """
 
-    __slots__ = ("ids", "sampling", "n", "position", "cache", "choices", "ended")
+    __slots__ = ("ids", "sampling", "n", "position", "cache", "choices", "ended", "text",
+                 "offset", "indexed", "prompt_logprobs")
 
-    def __init__(self, ids: list[int], sampling: Sampling) -> None:
+    def __init__(self, ids: list[int], sampling: Sampling, text: str = "", offset: int = 0,
+                 indexed: bool | None = None) -> None:
         self.ids = ids
         self.sampling = sampling
         self.n = sampling.n
+        self.text = text  # the prompt's text, for echo
+        self.offset = offset  # its first choice's index in the request
+        self.indexed = sampling.n > 1 if indexed is None else indexed  # items carry "index"
+        # echo with logprobs: one entry per prompt token (the first without a logprob)
+        self.prompt_logprobs: list[dict[str, Any]] = []
         self.position = 0  # prompt tokens prefilled so far
         self.cache: Any = None  # the prompt's DynamicCache while it is prefilled
         self.choices: list[Choice] = []
@@ -107,6 +126,35 @@ class Generation:
     @property
     def done(self) -> bool:
         return self.ended or (bool(self.choices) and all(c.done for c in self.choices))
+
+
+class Group:
+    """The generations of a request with several prompts, stepped as one state."""
+
+    __slots__ = ("generations",)
+
+    def __init__(self, generations: list[Generation]) -> None:
+        self.generations = generations
+
+    @property
+    def rows(self) -> int:
+        return sum(g.rows for g in self.generations if not g.done)
+
+
+def _flat(states: Sequence[Generation | Group]) -> list[Generation]:
+    return [g for s in states for g in (s.generations if isinstance(s, Group) else [s])]
+
+
+def _merged(states: Sequence[Generation | Group], made: list[Made]) -> list[Made]:
+    """Each state's figures from its generations' (in :func:`_flat`'s order)."""
+    out, at = [], 0
+    for state in states:
+        count = len(state.generations) if isinstance(state, Group) else 1
+        parts, at = made[at:at + count], at + count
+        out.append(parts[0] if count == 1 else Made(
+            [item for m in parts for item in m.items], all(m.done for m in parts),
+            sum(m.tokens for m in parts)))
+    return out
 
 
 class BatchDecoder:
@@ -135,12 +183,15 @@ class BatchDecoder:
         self.rows: list[Choice] = []  # the batch's rows, in order
         self.cache: Any = None  # their DynamicCache, left-padded to self.width
         self.width = 0
+        self.texts: dict[int, str] = {}  # token id -> its text, for logprobs
 
     # -- the hook --------------------------------------------------------------------
-    def start(self, ids: list[int], sampling: Sampling) -> Generation:
+    def start(self, ids: list[int], sampling: Sampling, text: str = "", offset: int = 0,
+              indexed: bool | None = None) -> Generation:
         """A generation of ``sampling.n`` choices for prompt ``ids`` (checked by the
-        caller)."""
-        return Generation(ids, sampling)
+        caller); ``text`` is the prompt for ``echo``, ``offset`` its first choice's index in
+        the request and ``indexed`` whether items carry it (default: ``n`` > 1)."""
+        return Generation(ids, sampling, text, offset, indexed)
 
     def step(self, generations: Sequence[Generation]) -> list[Made]:
         """One step of every generation in ``generations``: see the module docstring."""
@@ -202,6 +253,8 @@ class BatchDecoder:
         out = self.model(input_ids=inputs, use_cache=True, **{self.cache_name: g.cache})
         g.cache = getattr(out, self.cache_name)
         g.position = end
+        if g.sampling.echo and g.sampling.logprobs is not None:
+            self._prompt_logprobs(g, out.logits[0], start)
         if g.prefilled:
             kv = [(layer.keys, layer.values) for layer in g.cache.layers]
             g.cache = None
@@ -227,20 +280,60 @@ class BatchDecoder:
         cache = getattr(out, self.cache_name)
         for b, ((g, made), p) in enumerate(zip(batch, pad)):
             g.position = len(g.ids)
+            if g.sampling.echo and g.sampling.logprobs is not None:
+                self._prompt_logprobs(g, out.logits[b, p:], 0)
             kv = [(layer.keys[b:b + 1, :, p:], layer.values[b:b + 1, :, p:])
                   for layer in cache.layers]
             self._first_tokens(g, kv, out.logits[b, -1], made)
+
+    def _prompt_logprobs(self, g: Generation, logits: Any, start: int) -> None:
+        """Log-probabilities of the prompt tokens after ``start`` from the logits of
+        positions ``start``... (position j predicts token j + 1)."""
+        import torch
+
+        if start == 0:
+            g.prompt_logprobs.append({"id": g.ids[0], "token": self._text(g.ids[0]),
+                                      "logprob": None, "top": None})
+        count = min(len(logits), len(g.ids) - 1 - start)
+        if count <= 0:
+            return
+        rows = torch.log_softmax(logits[:count].float(), dim=-1)
+        for j in range(count):
+            at = start + j + 1
+            g.prompt_logprobs.append(self._entry(rows[j], g.ids[at], g.sampling.logprobs or 0,
+                                                 g.ids[max(0, at - _CONTEXT):at]))
 
     def _first_tokens(self, g: Generation, kv: list[tuple[Any, Any]], logits: Any,
                       made: Made) -> None:
         """The prompt is in: each choice's first token, and its start in the prompt's
         states (shared by the choices; copied into a row when each joins the batch)."""
-        room = min(g.sampling.max_tokens, self.context - len(g.ids))
+        import torch
+
+        sampling = g.sampling
+        room = min(sampling.max_tokens, self.context - len(g.ids))
+        row = (torch.log_softmax(logits.float(), dim=-1) if sampling.logprobs is not None
+               else None)
         for index in range(g.n):
             choice = Choice(g, index, room, self.tokenizer, self.device)
             choice.kv, choice.length = kv, len(g.ids)
             g.choices.append(choice)
-            self._emit(choice, pick(logits, g.sampling, choice.generator), made)
+            head = self._head(choice)
+            if sampling.echo:
+                item = {**head, "text": g.text}
+                if sampling.logprobs is not None:
+                    item["logprobs"] = g.prompt_logprobs
+                if sampling.continuous_usage:
+                    item["usage"] = {"prompt_tokens": len(g.ids), "completion_tokens": 0}
+                made.items.append(item)
+            if room <= 0:  # max_tokens 0: the prompt alone
+                choice.done, choice.kv = True, None
+                made.items.append({**head, "text": "", "finish_reason": "length", "usage": {
+                    "prompt_tokens": len(g.ids), "completion_tokens": 0}})
+                continue
+            token = pick(logits, sampling, choice.generator)
+            self._emit(choice, token, made,
+                       None if row is None else self._entry(row, token, sampling.logprobs or 0,
+                                                           g.ids[-_CONTEXT:]))
 
     # -- the batch -------------------------------------------------------------------
     def _sync(self, wanted: list[Choice]) -> None:
@@ -313,17 +406,63 @@ class BatchDecoder:
         logits = out.logits[:, -1]
         greedy = logits.argmax(-1).tolist()  # one call for the greedy rows
         self.rows, self.cache, self.width = rows, getattr(out, self.cache_name), width + 1
+        scored = [b for b, c in enumerate(rows) if c.generation.sampling.logprobs is not None]
+        table = (dict(zip(scored, torch.log_softmax(logits[scored].float(), dim=-1)))
+                 if scored else {})
         for b, c in enumerate(rows):
             c.length += 1
             sampling = c.generation.sampling
             token = (greedy[b] if sampling.temperature < MIN_TEMPERATURE
                      else pick(logits[b], sampling, c.generator))
-            self._emit(c, token, made_by_choice[id(c)])
+            self._emit(c, token, made_by_choice[id(c)],
+                       self._entry(table[b], token, sampling.logprobs or 0,
+                                   c.decoder.ids[-_CONTEXT:]) if b in table
+                       else None)
 
     # -- items -----------------------------------------------------------------------
-    def _emit(self, c: Choice, token: int, made: Made) -> None:
-        """The items of ``token`` for choice ``c``: its text and, at its end, its final
-        item. With several choices every item carries the choice's ``index``."""
+    def _text(self, token: int) -> str:
+        """One token's own text (special tokens as they are written), for logprobs."""
+        text = self.texts.get(token)
+        if text is None:
+            text = self.texts[token] = str(self.tokenizer.decode([token]))
+        return text
+
+    def _entry(self, row: Any, token: int, top: int, context: list[int]) -> dict[str, Any]:
+        """``token``'s log-probability in ``row`` (a log-softmax) and the ``top`` likeliest,
+        each with its text after ``context`` (the tokens before it)."""
+        import torch
+
+        ids = [int(token)]
+        values: list[float] = [float(row[token])]
+        if top:
+            best = torch.topk(row, top)
+            ids += best.indices.tolist()
+            values += best.values.tolist()
+        texts = self._texts(context, ids)
+        return {"id": ids[0], "token": texts[0], "logprob": values[0],
+                "top": [[i, t, v] for i, t, v in zip(ids[1:], texts[1:], values[1:])]}
+
+    def _texts(self, context: list[int], tokens: list[int]) -> list[str]:
+        """Each token's text where it stands, after ``context``: what it adds to the decoded
+        context (a word's leading space included, as the whole text has it); its own text
+        where the context does not decode to a prefix (a character split over tokens)."""
+        if not context:
+            return [self._text(t) for t in tokens]
+        base = str(self.tokenizer.decode(context))
+        wholes = self.tokenizer.batch_decode([context + [t] for t in tokens])
+        return [str(w)[len(base):] if str(w).startswith(base) and len(w) > len(base)
+                else self._text(t) for w, t in zip(wholes, tokens)]
+
+    @staticmethod
+    def _head(c: Choice) -> dict[str, Any]:
+        g = c.generation
+        return {"index": g.offset + c.index} if g.indexed else {}
+
+    def _emit(self, c: Choice, token: int, made: Made, entry: dict[str, Any] | None = None
+              ) -> None:
+        """The items of ``token`` for choice ``c``: its text (with ``entry``, its
+        log-probabilities, when asked for) and, at its end, its final item. With several
+        choices every item carries the choice's ``index``."""
         c.produced += 1
         c.token = token
         made.tokens += 1
@@ -338,12 +477,14 @@ class BatchDecoder:
                 tail, stopped = c.stops.push(c.decoder.flush())
                 text += tail if stopped else tail + c.stops.flush()
             finish = "stop" if stopped else "length" if c.produced >= c.room else ""
-        head = {"index": c.index} if c.generation.n > 1 else {}
+        head = self._head(c)
+        item = {**head, "text": text}
+        if entry is not None:
+            item["logprobs"] = [entry]
         if sampling.continuous_usage:
-            made.items.append({**head, "text": text, "usage": {
-                "prompt_tokens": len(c.generation.ids), "completion_tokens": c.produced}})
-        else:
-            made.items.append({**head, "text": text})
+            item["usage"] = {"prompt_tokens": len(c.generation.ids),
+                             "completion_tokens": c.produced}
+        made.items.append(item)
         if finish:
             c.done = True
             c.kv = None
@@ -421,23 +562,27 @@ class TextGenerator:
         return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
     # -- the step hook ---------------------------------------------------------------
-    def start(self, fields: Mapping[str, Any]) -> Generation:
+    def start(self, fields: Mapping[str, Any]) -> Generation | Group:
         """Check and tokenize a request; its tokens come from :meth:`step`.
 
         Raises:
             InputError: see :func:`read_request`; also a prompt that leaves no room in the
                 context, or ``messages`` for a model without a chat template.
         """
-        return self.batch.start(*prepare(self.tokenizer, fields, self.context,
-                                         self.max_tokens_limit))
+        prompts, sampling = prepare(self.tokenizer, fields, self.context, self.max_tokens_limit)
+        indexed = len(prompts) * sampling.n > 1
+        generations = [self.batch.start(ids, sampling, text, i * sampling.n, indexed)
+                       for i, (ids, text) in enumerate(prompts)]
+        return generations[0] if len(generations) == 1 else Group(generations)
 
-    def step(self, generations: Sequence[Generation]) -> list[Made]:
-        """One step of ``generations`` in one batch (see :class:`BatchDecoder`)."""
-        return self.batch.step(generations)
+    def step(self, states: Sequence[Generation | Group]) -> list[Made]:
+        """One step of ``states`` in one batch (see :class:`BatchDecoder`)."""
+        return _merged(states, self.batch.step(_flat(states)))
 
-    def finish(self, generation: Generation) -> None:
-        """``generation`` ended (done, cancelled, failed): its rows leave the batch."""
-        self.batch.finish(generation)
+    def finish(self, state: Generation | Group) -> None:
+        """``state`` ended (done, cancelled, failed): its rows leave the batch."""
+        for generation in _flat([state]):
+            self.batch.finish(generation)
 
     # -- one generator per request -----------------------------------------------------
     def stream(self, fields: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -449,18 +594,20 @@ class TextGenerator:
         """
         return self._drive(self.start(fields))
 
-    def _drive(self, generation: Generation) -> Iterator[dict[str, Any]]:
+    def _drive(self, state: Generation | Group) -> Iterator[dict[str, Any]]:
         decoder = self.decoder()  # a batch of its own: another stream never joins it
+        generations = _flat([state])
         try:
             while True:
-                made = decoder.step([generation])[0]
+                made = _merged([state], decoder.step(generations))[0]
                 yield from made.items
                 if made.done:
                     return
         finally:
-            decoder.finish(generation)
+            for generation in generations:
+                decoder.finish(generation)
 
-    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The token ids of a prompt (see :func:`.generation.prompt_ids`).
 
         Raises:

@@ -31,18 +31,22 @@ from typing import Any
 
 from ..engine.errors import InputError
 
-__all__ = ["MAX_CHOICES", "MIN_TEMPERATURE", "IncrementalDecoder", "Sampling", "StopBuffer", "pick",
-           "prepare", "prompt_ids", "read_request"]
+__all__ = ["MAX_CHOICES", "MAX_LOGPROBS", "MAX_PROMPTS", "MIN_TEMPERATURE", "IncrementalDecoder",
+           "Prompt", "Sampling", "StopBuffer", "pick", "prepare", "prompt_ids", "read_request"]
 
 logger = logging.getLogger(__name__)
 
-FIELDS = ("messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n",
-          "ignore_eos", "continuous_usage")
+FIELDS = ("messages", "prompt", "prompts", "max_tokens", "temperature", "top_p", "stop", "seed",
+          "n", "ignore_eos", "continuous_usage", "logprobs", "echo")
 # As the OpenAI routes accept (openai_fields); the chat template may still refuse a role.
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
 #: Most choices (``n``) one request may ask for: each takes a row of the running batch.
 MAX_CHOICES = 16
+#: Most prompts one request may carry (``prompts``); each makes ``n`` choices.
+MAX_PROMPTS = 32
+#: Most alternatives per token that ``logprobs`` may ask for.
+MAX_LOGPROBS = 20
 # Prompt tokens decoded with the first new token, so that it gets the space it would have in
 # the whole text ("the cat" + "sat" -> " sat"), as vLLM's detokenizer does.
 _PROMPT_CONTEXT = 5
@@ -66,6 +70,11 @@ class Sampling:
             (load generators ask for it, to control the length they measure).
         continuous_usage: every item carries the choice's ``usage`` so far, not only the
             last (OpenAI-compatible servers' ``continuous_usage_stats``).
+        logprobs: None, or every token's log-probability under the model (the raw
+            distribution, before temperature and top-p) with this many likeliest
+            alternatives (0 to MAX_LOGPROBS).
+        echo: the first item of each choice is the prompt (its text, and with ``logprobs``
+            every prompt token's log-probability, the first one None).
     """
 
     max_tokens: int = 64
@@ -76,6 +85,8 @@ class Sampling:
     n: int = 1
     ignore_eos: bool = False
     continuous_usage: bool = False
+    logprobs: int | None = None
+    echo: bool = False
 
 
 def _is_int(value: Any) -> bool:
@@ -120,36 +131,65 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return messages
 
 
+#: A prompt as the model takes it: text, chat messages, or token ids.
+Prompt = str | list[dict[str, str]] | list[int]
+
+
+def _prompt(value: Any, where: str) -> str | list[int]:
+    """A text prompt or a non-empty list of token ids (checked against the vocabulary later)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(_is_int(t) and t >= 0 for t in value):
+        return list(value)
+    raise InputError(f"{where} must be a string or a non-empty list of token ids "
+                     f"(integers >= 0), got {type(value).__name__}")
+
+
 def read_request(fields: Mapping[str, Any], max_tokens_limit: int
-                 ) -> tuple[str | list[dict[str, str]], Sampling]:
-    """The prompt (a string, or chat messages) and the sampling settings of a request.
+                 ) -> tuple[list[Prompt], Sampling]:
+    """The prompts (one, unless ``prompts`` lists several: each a string or token ids; or chat
+    messages) and the sampling settings of a request.
 
     ``max_tokens`` above ``max_tokens_limit`` is lowered to it (clients such as OpenAI SDK
-    tools often ask for far more than they need); the default is 64.
+    tools often ask for far more than they need); the default is 64. ``max_tokens`` 0 is
+    allowed with ``echo`` (the prompt's log-probabilities alone, as evaluation harnesses ask).
 
     Raises:
-        InputError: naming the field: both or neither of ``prompt``/``messages``, an unknown
-            field, a value of the wrong type or out of range.
+        InputError: naming the field: not exactly one of ``prompt``/``prompts``/``messages``,
+            an unknown field, a value of the wrong type or out of range.
     """
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise InputError(f"unknown field(s) {', '.join(map(repr, unknown))}; a generation "
                          f"request takes {', '.join(FIELDS)}")
-    if ("prompt" in fields) == ("messages" in fields):
-        raise InputError("send exactly one of 'prompt' (a string) or 'messages' (a list of "
-                         "{'role', 'content'})")
-    prompt: str | list[dict[str, str]]
+    if sum(name in fields for name in ("prompt", "prompts", "messages")) != 1:
+        raise InputError("send exactly one of 'prompt' (a string or token ids), 'prompts' (a "
+                         "list of them) or 'messages' (a list of {'role', 'content'})")
+    prompts: list[Prompt]
     if "prompt" in fields:
-        prompt = fields["prompt"]
-        if not isinstance(prompt, str):
-            raise InputError(f"'prompt' must be a string, got {type(prompt).__name__}")
+        prompts = [_prompt(fields["prompt"], "'prompt'")]
+    elif "prompts" in fields:
+        value = fields["prompts"]
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_PROMPTS:
+            raise InputError(f"'prompts' must be a list of 1 to {MAX_PROMPTS} prompts")
+        prompts = [_prompt(p, f"prompts[{i}]") for i, p in enumerate(value)]
     else:
-        prompt = _messages(fields["messages"])
+        prompts = [_messages(fields["messages"])]
+    flags = {}
+    for name in ("ignore_eos", "continuous_usage", "echo"):
+        value = fields.get(name, False)
+        if not isinstance(value, bool):
+            raise InputError(f"'{name}' must be true or false, got {value!r}")
+        flags[name] = value
+    if flags["echo"] and "messages" in fields:
+        raise InputError("'echo' is for 'prompt': the chat template writes the prompt of "
+                         "'messages'")
     max_tokens = fields.get("max_tokens")
     if max_tokens is None:
         max_tokens = 64
-    elif not _is_int(max_tokens) or max_tokens < 1:
-        raise InputError(f"'max_tokens' must be an integer >= 1, got {max_tokens!r}")
+    elif not _is_int(max_tokens) or max_tokens < (0 if flags["echo"] else 1):
+        raise InputError(f"'max_tokens' must be an integer >= 1 (0 only with 'echo'), got "
+                         f"{max_tokens!r}")
     temperature = _number(fields, "temperature", 1.0)
     if temperature < 0:
         raise InputError(f"'temperature' must be >= 0 (0: greedy), got {temperature!r}")
@@ -170,24 +210,31 @@ def read_request(fields: Mapping[str, Any], max_tokens_limit: int
         n = 1
     elif not _is_int(n) or not 1 <= n <= MAX_CHOICES:
         raise InputError(f"'n' must be an integer from 1 to {MAX_CHOICES}, got {n!r}")
-    flags = {}
-    for name in ("ignore_eos", "continuous_usage"):
-        value = fields.get(name, False)
-        if not isinstance(value, bool):
-            raise InputError(f"'{name}' must be true or false, got {value!r}")
-        flags[name] = value
-    return prompt, Sampling(min(max_tokens, max_tokens_limit), temperature, top_p,
-                            tuple(stops), seed, n, **flags)
+    logprobs = fields.get("logprobs")
+    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise InputError(f"'logprobs' must be an integer from 0 to {MAX_LOGPROBS} (how many "
+                         f"alternatives per token), got {logprobs!r}")
+    return prompts, Sampling(min(max_tokens, max_tokens_limit), temperature, top_p,
+                             tuple(stops), seed, n, logprobs=logprobs, **flags)
 
 
-def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]], opened: bool = True
-               ) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: Prompt, opened: bool = True) -> list[int]:
     """The token ids of a prompt: a string as is (with the tokenizer's BOS, if it adds one),
-    messages through the chat template with the assistant's turn opened (``opened``).
+    messages through the chat template with the assistant's turn opened (``opened``), token
+    ids as they are (checked against the vocabulary).
 
     Raises:
-        InputError: ``messages`` the template rejects or cannot render, or no template.
+        InputError: ``messages`` the template rejects or cannot render, or no template; a
+            token id outside the vocabulary.
     """
+    ids = [t for t in prompt if isinstance(t, int)] if isinstance(prompt, list) else []
+    if ids and len(ids) == len(prompt):
+        size = len(tokenizer)
+        bad = next((t for t in ids if not 0 <= t < size), None)
+        if bad is not None:
+            raise InputError(f"token id {bad} of the prompt is outside this model's "
+                             f"vocabulary (0 to {size - 1})")
+        return ids
     if isinstance(prompt, str):
         ids = list(tokenizer(prompt)["input_ids"])
         if not ids:
@@ -211,20 +258,27 @@ def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]], opened: bool 
 
 
 def prepare(tokenizer: Any, fields: Mapping[str, Any], context: int, max_tokens_limit: int
-            ) -> tuple[list[int], Sampling]:
-    """A request's prompt ids and sampling settings, checked.
+            ) -> tuple[list[tuple[list[int], str]], Sampling]:
+    """A request's prompts, each as (token ids, its text for ``echo``), and its sampling
+    settings, checked.
 
     Raises:
         InputError: see :func:`read_request`; also a prompt that leaves no room in the
             ``context``, or ``messages`` for a model without a chat template.
     """
-    prompt, sampling = read_request(fields, max_tokens_limit)
-    ids = prompt_ids(tokenizer, prompt)
-    if len(ids) >= context:
-        field = "prompt" if isinstance(prompt, str) else "messages"
-        raise InputError(f"the '{field}' is {len(ids)} tokens; this model's context is "
-                         f"{context} tokens, which leaves no room to generate")
-    return ids, sampling
+    prompts, sampling = read_request(fields, max_tokens_limit)
+    prepared = []
+    for i, prompt in enumerate(prompts):
+        ids = prompt_ids(tokenizer, prompt)
+        field = ("messages" if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
+                 else "prompt" if len(prompts) == 1 else f"prompts[{i}]")
+        if len(ids) + (sampling.max_tokens > 0) > context:
+            raise InputError(f"the '{field}' is {len(ids)} tokens; this model's context is "
+                             f"{context} tokens, which leaves no room to generate")
+        text = (prompt if isinstance(prompt, str)
+                else str(tokenizer.decode(ids)) if sampling.echo else "")
+        prepared.append((ids, text))
+    return prepared, sampling
 
 
 class IncrementalDecoder:

@@ -38,6 +38,7 @@ Everything heavy (torch, transformers, PIL) is imported inside the ML process on
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -90,6 +91,22 @@ def to_image(x: Any, where: str) -> Image.Image:
         return Image.fromarray(np.ascontiguousarray(x)).convert("RGB")
     raise InputError(f"{where} is {type(x).__name__}; expected an image: a uint8 array "
                      "(H, W, 3), a PIL image or encoded image bytes")
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    """A JSON object from a file; {} where there is none (or it is not one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _is_ids(value: Any) -> bool:
+    """A non-empty list of token ids (integers >= 0)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
 
 
 class TransformersModel(MLProcess):
@@ -265,6 +282,23 @@ class TransformersModel(MLProcess):
                                            self.prefill_chunk)
         logger.info("transformers model %s (%s) loaded on %s", self.name, self.task, self._device)
 
+    def tokenizer_info(self) -> dict[str, Any]:
+        """``max_model_len`` (the context, in tokens) and ``special_tokens`` (bos, eos, pad,
+        unk), read from the model directory's ``config.json`` and ``tokenizer_config.json``:
+        cheap, and nothing is loaded (``GET /v1/models`` asks in the web process)."""
+        config, tokens = (_read_json(os.path.join(self.path, name))
+                          for name in ("config.json", "tokenizer_config.json"))
+        limits = [v for v in (config.get("max_position_embeddings"), config.get("n_positions"),
+                              tokens.get("model_max_length"), self.max_length)
+                  if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**7]
+        specials = {}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = tokens.get(name)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                specials[name] = value
+        return {"max_model_len": min(limits) if limits else None, "special_tokens": specials}
+
     def warmup(self) -> None:
         """Run one dummy input so the first request does not pay for lazy initialisation."""
         if self.run_warmup and self.task == "text-generation":
@@ -372,7 +406,8 @@ class TransformersModel(MLProcess):
                 raise InputError(f"'with_usage' of {where} must be true or false")
             if not isinstance(texts, (list, tuple)) or not texts:
                 raise InputError(f"'texts' of {where} must be a non-empty list of strings")
-            parts = [self._item(v, f"item {j} of 'texts'") for j, v in enumerate(texts)]
+            parts = [list(v) if _is_ids(v) else self._item(v, f"item {j} of 'texts'")
+                     for j, v in enumerate(texts)]  # text, or token ids
             return parts, "usage" if usage else "list"
         if isinstance(x, Mapping) and isinstance(x.get("text"), (list, tuple)) and (
                 self.task not in _IMAGE_TASKS):
@@ -416,19 +451,17 @@ class TransformersModel(MLProcess):
         return x
 
     # -- tasks -----------------------------------------------------------------------
-    def _embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
-        """The vectors and, per text, its token count (without padding)."""
-        import torch
-
+    def _embed(self, texts: list[str | list[int]]) -> tuple[list[list[float]], list[int]]:
+        """The vectors and, per input (a text, or token ids of this model's vocabulary), its
+        token count (without padding)."""
         limit = self.max_length
+        if any(not isinstance(t, str) for t in texts):
+            return self._embed_ids([self._ids(t, i, limit) for i, t in enumerate(texts)])
         if not self.truncate and limit is not None and limit < 1_000_000:
             # Over the model's context is refused, not silently cut (max_length= asks for
             # truncation). Counting first costs a tokenizer pass, far less than the model's.
             for i, ids in enumerate(self.tokenizer(texts)["input_ids"]):
-                if len(ids) > limit:
-                    raise InputError(f"input {i} is {len(ids)} tokens long; this model takes "
-                                     f"at most {limit} (shorten it, or serve the model with "
-                                     "max_length= to truncate)")
+                self._check_length(i, len(ids), limit)
         # Texts of similar length share a forward pass, so less compute goes to padding.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         result: list[list[float]] = [[] for _ in texts]
@@ -437,20 +470,63 @@ class TransformersModel(MLProcess):
             chunk = order[start:start + self.batch_size]
             encoded = self.tokenizer([texts[i] for i in chunk], padding=True, truncation=True,
                                      max_length=self.max_length, return_tensors="pt")
-            encoded = encoded.to(self._device)
-            with torch.inference_mode():
-                hidden = self.model(**encoded)[0]
-                if self.pooling == "cls":
-                    vectors = hidden[:, 0]
-                else:
-                    mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                    vectors = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                if self.normalize:
-                    vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-            for i, row, n in zip(chunk, vectors.float().cpu().tolist(),
-                                 encoded["attention_mask"].sum(1).tolist()):
-                result[i], counts[i] = row, int(n)
+            self._pool(encoded, chunk, result, counts)
         return result, counts
+
+    def _check_length(self, i: int, length: int, limit: int) -> None:
+        if length > limit:
+            raise InputError(f"input {i} is {length} tokens long; this model takes at most "
+                             f"{limit} (shorten it, or serve the model with max_length= to "
+                             "truncate)")
+
+    def _ids(self, text: str | list[int], i: int, limit: int | None) -> list[int]:
+        """One input's token ids: a text's from the tokenizer, ids checked against the
+        vocabulary; over ``limit`` refused (or cut, with ``truncate``)."""
+        if isinstance(text, str):
+            ids = list(self.tokenizer(text)["input_ids"])
+        else:
+            size = len(self.tokenizer)
+            bad = next((t for t in text if not 0 <= t < size), None)
+            if bad is not None:
+                raise InputError(f"input {i}: token id {bad} is outside this model's "
+                                 f"vocabulary (0 to {size - 1})")
+            ids = list(text)
+        if limit is not None and limit < 1_000_000:
+            if self.truncate:
+                ids = ids[:limit]
+            else:
+                self._check_length(i, len(ids), limit)
+        return ids
+
+    def _embed_ids(self, inputs: list[list[int]]) -> tuple[list[list[float]], list[int]]:
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        result: list[list[float]] = [[] for _ in inputs]
+        counts = [0] * len(inputs)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            encoded = self.tokenizer.pad({"input_ids": [inputs[i] for i in chunk]},
+                                         padding=True, return_tensors="pt")
+            self._pool(encoded, chunk, result, counts)
+        return result, counts
+
+    def _pool(self, encoded: Any, chunk: list[int], result: list[list[float]],
+              counts: list[int]) -> None:
+        """The vectors of one padded batch (rows ``chunk`` of the request) into ``result``."""
+        import torch
+
+        encoded = encoded.to(self._device)
+        with torch.inference_mode():
+            hidden = self.model(**encoded)[0]
+            if self.pooling == "cls":
+                vectors = hidden[:, 0]
+            else:
+                mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                vectors = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if self.normalize:
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+        for i, row, n in zip(chunk, vectors.float().cpu().tolist(),
+                             encoded["attention_mask"].sum(1).tolist()):
+            result[i], counts[i] = row, int(n)
 
     @staticmethod
     def _labels(result: Any) -> list[dict[str, Any]]:

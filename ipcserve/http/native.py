@@ -58,7 +58,19 @@ def describe(endpoint: Endpoint) -> dict[str, Any]:
             "status": ml.status, "recent_latency": endpoint.latency(),
             # Loaded on demand or at start, and where it stands; every version with its share.
             "load": _load_of(endpoint), **endpoint.split.describe(),
-            "versions_url": url_for("ipcserve.versions", name=endpoint.name)}
+            "versions_url": url_for("ipcserve.versions", name=endpoint.name),
+            **_tokenizer_info(ml)}
+
+
+def _tokenizer_info(ml: Any) -> dict[str, Any]:
+    """A text-generation model's context length and special tokens (vLLM's
+    ``max_model_len``), where the model can tell them without loading (TransformersModel
+    reads its directory's JSON files)."""
+    info = getattr(ml, "tokenizer_info", None)
+    if getattr(ml, "task", None) != "text-generation" or not callable(info):
+        return {}
+    value = info()
+    return value if isinstance(value, dict) else {}
 
 
 def _load_of(endpoint: Endpoint) -> dict[str, Any]:

@@ -142,16 +142,16 @@ def _pieces(stream: Stream) -> Iterator[dict[str, Any]]:
             yield piece
 
 
-def _usage(finals: dict[int, dict[str, Any]], pieces: int) -> dict[str, int]:
-    """OpenAI's usage from each choice's final item: the prompt once, every choice's
-    completion tokens."""
-    counts: list[dict[str, Any]] = [f["usage"] for f in finals.values()
-                                    if isinstance(f.get("usage"), dict)]
+def _usage(finals: dict[int, dict[str, Any]], pieces: int, made: int = 1) -> dict[str, int]:
+    """OpenAI's usage from each choice's final item: each prompt once (the choices of prompt
+    ``p`` are ``p * made`` ...), every choice's completion tokens."""
+    counts = {i: f["usage"] for i, f in finals.items() if isinstance(f.get("usage"), dict)}
     if not counts or len(counts) < len(finals):
         # a model that does not count: what we can tell
-        counts = [{"prompt_tokens": 0, "completion_tokens": pieces}]
-    prompt = int(counts[0].get("prompt_tokens", 0))
-    completion = sum(int(u.get("completion_tokens", 0)) for u in counts)
+        counts = {0: {"prompt_tokens": 0, "completion_tokens": pieces}}
+    prompts = {i // made: int(u.get("prompt_tokens", 0)) for i, u in counts.items()}
+    prompt = sum(prompts.values())
+    completion = sum(int(u.get("completion_tokens", 0)) for u in counts.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
 
@@ -164,34 +164,108 @@ def _index(piece: dict[str, Any], n: int) -> int:
     return index
 
 
+def _entries(piece: dict[str, Any]) -> list[dict[str, Any]]:
+    """The log-probability entries of a piece (``{"id", "token", "logprob", "top"}``)."""
+    entries = piece.get("logprobs")
+    if entries is None:
+        return []
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("token"), str) for e in entries):
+        raise ModelError("a text-generation model's 'logprobs' must be a list of {'id', "
+                         "'token', 'logprob', 'top'} entries")
+    return entries
+
+
+class _Logprobs:
+    """OpenAI's ``logprobs`` objects from the model's entries: the completions shape
+    (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``) or the chat shape
+    (``content``: ``token``, ``logprob``, ``bytes``, ``top_logprobs``)."""
+
+    def __init__(self, chat: bool, token_ids: bool) -> None:
+        self.chat = chat
+        self.token_ids = token_ids
+        self.offsets: dict[int, int] = {}  # each choice's text so far, for text_offset
+
+    def _name(self, token_id: Any, text: str) -> str:
+        return f"token_id:{int(token_id)}" if self.token_ids else text
+
+    def of(self, index: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.chat:
+            return {"content": [self._chat(e) for e in entries], "refusal": None}
+        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                     "text_offset": []}
+        offset = self.offsets.get(index, 0)
+        for e in entries:
+            token, logprob = self._name(e.get("id"), e["token"]), e.get("logprob")
+            out["tokens"].append(token)
+            out["token_logprobs"].append(logprob)
+            if logprob is None:  # the prompt's first token: nothing before it predicts it
+                out["top_logprobs"].append(None)
+            else:
+                top = {self._name(i, t): lp for i, t, lp in e.get("top") or []}
+                top.setdefault(token, logprob)
+                out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(e["token"])
+        self.offsets[index] = offset
+        return out
+
+    @staticmethod
+    def _chat(e: dict[str, Any]) -> dict[str, Any]:
+        def one(token: str, logprob: Any) -> dict[str, Any]:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+        return {**one(e["token"], e.get("logprob")),
+                "top_logprobs": [one(t, lp) for _, t, lp in e.get("top") or []]}
+
+
 class _Reply:
     """OpenAI's response objects for one chat or completion request."""
 
-    def __init__(self, model: str, chat: bool) -> None:
+    def __init__(self, model: str, chat: bool, view: openai_fields.View) -> None:
         self.chat = chat
+        self.view = view
+        self.logprobs = _Logprobs(chat, view.token_ids) if view.logprobs else None
         self.head = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
                      "object": "chat.completion" if chat else "text_completion",
                      "created": int(time.time()), "model": model, "system_fingerprint": None}
 
-    def whole(self, texts: list[str], finishes: list[str], usage: dict[str, int]
-              ) -> dict[str, Any]:
-        choices = []
-        for index, (text, finish) in enumerate(zip(texts, finishes)):
-            choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+    def whole(self, texts: list[str], finishes: list[str], entries: list[list[dict[str, Any]]],
+              usage: dict[str, int]) -> dict[str, Any]:
+        choices: list[dict[str, Any]] = []
+        for index in self._kept(entries):
+            choice: dict[str, Any] = {"index": len(choices), "finish_reason": finishes[index],
+                                      "logprobs": (self.logprobs.of(index, entries[index])
+                                                   if self.logprobs else None)}
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+                choice["message"] = {"role": "assistant", "content": texts[index],
+                                     "refusal": None}
             else:
-                choice["text"] = text
+                choice["text"] = texts[index]
             choices.append(choice)
         return {**self.head, "choices": choices, "usage": usage}
 
+    def _kept(self, entries: list[list[dict[str, Any]]]) -> list[int]:
+        """The choices answered: all, or with ``best_of`` the ``n`` of each prompt whose
+        tokens are likeliest (the prompt's own tokens count the same for each)."""
+        view = self.view
+        if view.made == view.n:
+            return list(range(len(entries)))
+        kept = []
+        for p in range(view.prompts):
+            made = range(p * view.made, (p + 1) * view.made)
+            score = {i: sum(e.get("logprob") or 0.0 for e in entries[i]) for i in made}
+            kept += sorted(made, key=lambda i: -score[i])[:view.n]
+        return kept
+
     def chunk(self, text: str | None, finish: str | None = None, role: bool = False,
-              usage: Any = ..., choices: bool = True, index: int = 0) -> bytes:
+              usage: Any = ..., choices: bool = True, index: int = 0,
+              entries: list[dict[str, Any]] | None = None) -> bytes:
         body: dict[str, Any] = {**self.head, "choices": []}
         if self.chat:
             body["object"] = "chat.completion.chunk"
         if choices:
-            choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+            choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": (
+                self.logprobs.of(index, entries) if self.logprobs and entries else None)}
             if self.chat:
                 choice["delta"] = ({"role": "assistant"} if role else {}) | (
                     {} if text is None else {"content": text})
@@ -212,64 +286,76 @@ _DONE = b"data: [DONE]\n\n"
 
 
 def _generate(ex: Exchange, kwargs: dict[str, Any], wants_stream: bool, include_usage: bool,
-              chat: bool) -> Response:
-    reply = _Reply(ex.endpoint.name, chat)
-    n = int(kwargs.get("n", 1))
+              view: openai_fields.View, chat: bool) -> Response:
+    reply = _Reply(ex.endpoint.name, chat, view)
+    total = view.prompts * view.made  # the model's choices: made per prompt
     ex.admit()
     pieces = _pieces(ex.stream((), kwargs))
     if not wants_stream:
-        texts: list[list[str]] = [[] for _ in range(n)]
+        texts: list[list[str]] = [[] for _ in range(total)]
+        entries: list[list[dict[str, Any]]] = [[] for _ in range(total)]
         finals: dict[int, dict[str, Any]] = {}
         count = 0
         for piece in pieces:
-            index = _index(piece, n)
+            index = _index(piece, total)
             count += 1
             texts[index].append(piece["text"])
+            entries[index] += _entries(piece)
             if "finish_reason" in piece:
                 finals[index] = piece
         finishes = [str(finals[i]["finish_reason"]) if i in finals else "stop"
-                    for i in range(n)]
-        return jsonify(reply.whole(["".join(t) for t in texts], finishes,
-                                   _usage(finals, count)))
+                    for i in range(total)]
+        return jsonify(reply.whole(["".join(t) for t in texts], finishes, entries,
+                                   _usage(finals, count, view.made)))
     # The first piece is awaited here, so an error before any token gets its status.
     first = next(pieces, None)
     usage = "continuous" if kwargs.get("continuous_usage") else "final" if include_usage else ""
-    return Response(ex.body(_events(ex, reply, pieces, first, usage, n)),
+    return Response(ex.body(_events(ex, reply, pieces, first, usage, total)),
                     mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 class _Running:
     """The usage so far of a stream whose chunks all carry it (``continuous_usage_stats``):
-    the prompt once, the completion tokens of every choice, from each piece's ``usage``."""
+    each prompt once, the completion tokens of every choice, from each piece's ``usage``."""
 
-    def __init__(self, first: dict[str, Any] | None) -> None:
-        usage = (first or {}).get("usage")
-        self.prompt = int(usage.get("prompt_tokens", 0)) if isinstance(usage, dict) else 0
+    def __init__(self, made: int) -> None:
+        self.per_prompt = made
+        self.prompts: dict[int, int] = {}
         self.made: dict[int, int] = {}
 
+    def prompt(self, index: int, piece: dict[str, Any]) -> None:
+        usage = piece.get("usage")
+        prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        if isinstance(prompt, int):
+            self.prompts[index // self.per_prompt] = prompt
+
     def add(self, index: int, piece: dict[str, Any]) -> None:
+        self.prompt(index, piece)
         usage = piece.get("usage")
         done = usage.get("completion_tokens") if isinstance(usage, dict) else None
         self.made[index] = int(done) if isinstance(done, int) else self.made.get(index, 0) + 1
 
     def usage(self) -> dict[str, int]:
-        completion = sum(self.made.values())
-        return {"prompt_tokens": self.prompt, "completion_tokens": completion,
-                "total_tokens": self.prompt + completion}
+        prompt, completion = sum(self.prompts.values()), sum(self.made.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
 
 
 def _events(ex: Exchange, reply: _Reply, pieces: Iterator[dict[str, Any]],
             first: dict[str, Any] | None, usage: str, n: int) -> Iterator[bytes]:
-    """The SSE body: a chunk per piece as the model makes it (with its choice's index), a
-    chunk with finish_reason as each choice ends, the usage chunk if asked for (``usage``
-    "final"; "continuous": every chunk carries the usage so far, too), then ``[DONE]``; an
-    error mid-stream is an ``error`` event before ``[DONE]``."""
-    running = _Running(first) if usage == "continuous" else None
+    """The SSE body: a chunk per piece as the model makes it (with its choice's index and,
+    when asked for, its tokens' log-probabilities), a chunk with finish_reason as each choice
+    ends, the usage chunk if asked for (``usage`` "final"; "continuous": every chunk carries
+    the usage so far, too), then ``[DONE]``; an error mid-stream is an ``error`` event before
+    ``[DONE]``. ``n``: the choices of all prompts."""
+    running = _Running(reply.view.made) if usage == "continuous" else None
 
     def usage_field() -> Any:  # OpenAI: null on every chunk but the last
         return running.usage() if running else None if usage else ...
     try:
+        if running and first is not None:
+            running.prompt(_index(first, n), first)
         if reply.chat:  # OpenAI's first chat chunk of each choice says who speaks
             for index in range(n):
                 yield reply.chunk("", role=True, usage=usage_field(), index=index)
@@ -279,8 +365,10 @@ def _events(ex: Exchange, reply: _Reply, pieces: Iterator[dict[str, Any]],
             index = _index(piece, n)
             if running:
                 running.add(index, piece)
-            if piece["text"]:
-                yield reply.chunk(piece["text"], usage=usage_field(), index=index)
+            entries = _entries(piece)
+            if piece["text"] or entries:
+                yield reply.chunk(piece["text"], usage=usage_field(), index=index,
+                                  entries=entries)
             if "finish_reason" in piece:
                 finals[index] = piece
                 if n > 1:  # each choice's end as it comes; one choice's at the very end
@@ -293,7 +381,7 @@ def _events(ex: Exchange, reply: _Reply, pieces: Iterator[dict[str, Any]],
                 finish = str(final["finish_reason"]) if final else "stop"
                 yield reply.chunk(None, finish, usage=usage_field(), index=index)
         if usage:
-            yield reply.chunk(None, usage=_usage(finals, count), choices=False)
+            yield reply.chunk(None, usage=_usage(finals, count, reply.view.made), choices=False)
     except IPCServeError as exc:
         yield sse(error_body(ex.failed(exc)))
     yield _DONE
@@ -304,7 +392,7 @@ def _embeddings() -> Response:
     body = _body()
     endpoint = _endpoint(body, EMBEDDING, "/v1/embeddings")
     with exchange(endpoint) as ex:
-        texts, encoding = openai_fields.embedding(body)
+        texts, encoding, dimensions = openai_fields.embedding(body)
         ex.admit()
         value = ex.call((), {"texts": texts, "with_usage": True}).value
         vectors = value.get("vectors") if isinstance(value, dict) else None
@@ -312,18 +400,29 @@ def _embeddings() -> Response:
             raise ModelError("the embedding model must return {'vectors': [one per text], "
                              "'prompt_tokens': int}")
         tokens = int(value.get("prompt_tokens", 0))
-        data = [{"object": "embedding", "index": i, "embedding": _encode(v, encoding)}
-                for i, v in enumerate(vectors)]
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _encode(v, encoding, dimensions)} for i, v in enumerate(vectors)]
         return jsonify({"object": "list", "data": data, "model": endpoint.name,
                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
-def _encode(vector: Any, encoding: str) -> Any:
+def _encode(vector: Any, encoding: str, dimensions: int | None = None) -> Any:
+    """One embedding as the request asked: its first ``dimensions`` (re-normalised to
+    length 1, for models trained for shortening, e.g. Matryoshka ones), floats or base64."""
     import numpy as np
 
     array = np.asarray(vector, dtype="<f4")
     if array.ndim != 1:
         raise ModelError(f"an embedding must be a flat list of numbers, got shape {array.shape}")
+    if dimensions is not None:
+        if dimensions > len(array):
+            raise ParamError(f"'dimensions' is {dimensions}; this model's embeddings have "
+                             f"{len(array)}", "dimensions")
+        array = array[:dimensions]
+        norm = float(np.linalg.norm(array))
+        if norm > 0:
+            array = (array / norm).astype("<f4")
+        vector = array.tolist()
     if encoding == "base64":  # little-endian float32, as OpenAI sends it
         return base64.b64encode(array.tobytes()).decode("ascii")
     return [float(x) for x in vector]

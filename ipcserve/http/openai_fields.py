@@ -9,26 +9,35 @@ as OpenAI does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from ..engine.errors import InputError
 
-__all__ = ["MAX_CHOICES", "ParamError", "chat", "completion", "detokenize", "embedding",
-           "tokenize"]
+__all__ = ["MAX_CHOICES", "MAX_LOGPROBS", "MAX_PROMPTS", "ParamError", "View", "chat",
+           "completion", "detokenize", "embedding", "tokenize"]
 
 #: Most choices (``n``) a request may ask for: each is a sequence of the model's running batch.
 MAX_CHOICES = 16
+#: Most prompts one completion request may carry (a list of prompts).
+MAX_PROMPTS = 32
+#: Most alternatives per token ``logprobs`` / ``top_logprobs`` may ask for.
+MAX_LOGPROBS = 20
 
 # Fields a client may send that change nothing here, and fields accepted only at the value
 # that means "off" (anything else would silently give a different answer than asked for).
 _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
                       "prompt_cache_key", "safety_identifier"})
 _OFF: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
+    "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "response_format": (None, {"type": "text"}),
-    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "dimensions": (None,),
+    "suffix": (None, ""),
 }
+# Accepted only where they mean something: a chat has no echo or best_of, a completion no
+# top_logprobs (its logprobs is the count).
+_CHAT_OFF = {"echo": (None, False), "best_of": (None, 1), "return_tokens_as_token_ids": (None, False)}
+_COMPLETION_OFF = {"top_logprobs": (None, 0)}
 _SAMPLING = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop",
              "seed", "n", "ignore_eos")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -51,13 +60,35 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b and isinstance(a, bool) == isinstance(b, bool)
 
 
-def _check_names(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+@dataclass(frozen=True)
+class View:
+    """What the web side makes of a generation request's items.
+
+    Attributes:
+        n: choices returned per prompt.
+        made: choices the model makes per prompt (``best_of``: the ``n`` likeliest are kept).
+        prompts: how many prompts (choice ``i`` of prompt ``p`` is the model's ``p * made + i``).
+        logprobs: the answer carries each choice's ``logprobs`` object.
+        token_ids: tokens are written ``"token_id:N"`` (vLLM's
+            ``return_tokens_as_token_ids``), so that a client can map them back exactly.
+    """
+
+    n: int = 1
+    made: int = 1
+    prompts: int = 1
+    logprobs: bool = False
+    token_ids: bool = False
+
+
+def _check_names(body: dict[str, Any], allowed: tuple[str, ...],
+                 off: dict[str, tuple[Any, ...]] | None = None) -> None:
+    offs = {**_OFF, **(off or {})}
     for name, value in body.items():
         if name in allowed or name in _IGNORED:
             continue
-        if name not in _OFF:
+        if name not in offs:
             raise ParamError(f"unrecognized request argument {name!r}", name)
-        if not any(_equal(value, off) for off in _OFF[name]):
+        if not any(_equal(value, off) for off in offs[name]):
             raise ParamError(f"{name!r} is not supported by this server; leave it out", name,
                              "unsupported_parameter")
 
@@ -77,7 +108,8 @@ def _field(body: dict[str, Any], name: str, kind: Any, low: float = -math.inf,
     return value
 
 
-def _sampling(body: dict[str, Any], max_tokens_field: str, max_choices: int) -> dict[str, Any]:
+def _sampling(body: dict[str, Any], max_tokens_field: str, max_choices: int,
+              least_tokens: int = 1) -> dict[str, Any]:
     """The model's keyword arguments for the sampling fields the request set."""
     n = _field(body, "n", int, 1, max(1, min(max_choices, MAX_CHOICES)))
     stop = body.get("stop")
@@ -87,7 +119,7 @@ def _sampling(body: dict[str, Any], max_tokens_field: str, max_choices: int) -> 
     ignore_eos = body.get("ignore_eos")
     if ignore_eos is not None and not isinstance(ignore_eos, bool):
         raise ParamError(f"'ignore_eos' must be true or false, got {ignore_eos!r}", "ignore_eos")
-    kwargs = {"max_tokens": _field(body, max_tokens_field, int, 1),
+    kwargs = {"max_tokens": _field(body, max_tokens_field, int, least_tokens),
               "temperature": _field(body, "temperature", (int, float), 0, 2),
               "top_p": _field(body, "top_p", (int, float), 0, 1), "stop": stop,
               "seed": _field(body, "seed", int),
@@ -145,8 +177,18 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return messages
 
 
-def chat(body: dict[str, Any], max_choices: int = 1) -> tuple[dict[str, Any], bool, bool]:
-    """A chat completion request: (the model's kwargs, stream, include_usage).
+def _logprobs(body: dict[str, Any], name: str, kwargs: dict[str, Any]) -> bool:
+    """``kwargs["logprobs"]`` from the count field ``name`` (0 to MAX_LOGPROBS: the chosen
+    token's log-probability and that many likeliest alternatives); whether it was asked for."""
+    count = _field(body, name, int, 0, MAX_LOGPROBS)
+    if count is not None:
+        kwargs["logprobs"] = count
+    return count is not None
+
+
+def chat(body: dict[str, Any], max_choices: int = 1
+         ) -> tuple[dict[str, Any], bool, bool, View]:
+    """A chat completion request: (the model's kwargs, stream, include_usage, view).
 
     ``max_choices``: the most ``n`` the model makes (its ``max_choices`` attribute; a
     model without one makes one choice per request).
@@ -154,50 +196,109 @@ def chat(body: dict[str, Any], max_choices: int = 1) -> tuple[dict[str, Any], bo
     Raises:
         ParamError: a field is invalid, unknown or unsupported.
     """
-    _check_names(body, ("messages", "max_completion_tokens", *_SAMPLING))
+    _check_names(body, ("messages", "max_completion_tokens", "logprobs", "top_logprobs",
+                        *_SAMPLING), _CHAT_OFF)
     _field(body, "max_tokens", int, 1)  # checked even when the newer name wins
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     kwargs = {"messages": _messages(body.get("messages")), **_sampling(body, field, max_choices)}
-    return (kwargs, *_streaming(body, kwargs))
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise ParamError(f"'logprobs' must be true or false, got {wanted!r}", "logprobs")
+    if body.get("top_logprobs") is not None and not wanted:
+        raise ParamError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    if wanted:
+        kwargs["logprobs"] = 0
+        _logprobs(body, "top_logprobs", kwargs)
+    n = int(kwargs.get("n", 1))
+    stream, usage = _streaming(body, kwargs)
+    return kwargs, stream, usage, View(n, n, 1, bool(wanted))
+
+
+def _prompt(value: Any) -> str | list[int] | None:
+    """One prompt: a string or a non-empty list of token ids; None if ``value`` is neither."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        return value
+    return None
+
+
+def _prompts(value: Any) -> list[str | list[int]]:
+    """``prompt`` as OpenAI takes it: a string, token ids, or a list of either."""
+    one = _prompt(value)
+    if one is not None:
+        return [one]
+    prompts = [_prompt(p) for p in value] if isinstance(value, list) else [None]
+    if not prompts or len(prompts) > MAX_PROMPTS or any(p is None for p in prompts):
+        raise ParamError("'prompt' must be a string, a list of token ids (integers >= 0), or a "
+                         f"list of 1 to {MAX_PROMPTS} of those", "prompt")
+    return [p for p in prompts if p is not None]
 
 
 def completion(body: dict[str, Any], max_choices: int = 1
-               ) -> tuple[dict[str, Any], bool, bool]:
-    """A (legacy) completion request: (the model's kwargs, stream, include_usage);
+               ) -> tuple[dict[str, Any], bool, bool, View]:
+    """A (legacy) completion request: (the model's kwargs, stream, include_usage, view);
     ``max_choices`` as for :func:`chat`.
 
-    Raises:
-        ParamError: a field is invalid, unknown or unsupported.
-    """
-    _check_names(body, ("prompt", *_SAMPLING))
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ParamError("'prompt' must be a string (one prompt per request)", "prompt")
-    kwargs = {"prompt": prompt, **_sampling(body, "max_tokens", max_choices)}
-    return (kwargs, *_streaming(body, kwargs))
-
-
-def embedding(body: dict[str, Any]) -> tuple[list[str], str]:
-    """An embeddings request: (the texts, "float" or "base64").
+    ``best_of`` makes that many choices per prompt and returns the ``n`` whose tokens are
+    likeliest (summed log-probability), as OpenAI does; it asks the model for log-probabilities
+    to rank them.
 
     Raises:
         ParamError: a field is invalid, unknown or unsupported.
     """
-    _check_names(body, ("model", "input", "encoding_format"))
-    texts = body.get("input")
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise ParamError("'input' must be a string or a non-empty list of strings (token "
-                         "arrays are not supported)", "input")
+    _check_names(body, ("prompt", "echo", "logprobs", "best_of", "return_tokens_as_token_ids",
+                        *_SAMPLING), _COMPLETION_OFF)
+    prompts = _prompts(body.get("prompt"))
+    echo = _flag(body, "echo", False)
+    token_ids = _flag(body, "return_tokens_as_token_ids", False)
+    kwargs: dict[str, Any] = ({"prompt": prompts[0]} if len(prompts) == 1
+                              else {"prompts": prompts})
+    kwargs.update(_sampling(body, "max_tokens", max_choices, 0 if echo else 1))
+    if kwargs.get("max_tokens") == 0 and not echo:
+        raise ParamError("'max_tokens' 0 is only allowed with 'echo': true", "max_tokens")
+    if echo:
+        kwargs["echo"] = True
+    wanted = _logprobs(body, "logprobs", kwargs)
+    n = int(kwargs.get("n", 1))
+    best_of = _field(body, "best_of", int, 1, max(1, min(max_choices, MAX_CHOICES)))
+    made = n if best_of is None else best_of
+    if made < n:
+        raise ParamError(f"'best_of' ({best_of}) must be at least 'n' ({n})", "best_of")
+    stream, usage = _streaming(body, kwargs)
+    if stream and best_of is not None and best_of > 1:
+        raise ParamError("'best_of' cannot be streamed (the best are known only at the end)",
+                         "best_of")
+    if made > n:
+        kwargs["n"] = made
+        kwargs.setdefault("logprobs", 0)  # to rank them
+    return kwargs, stream, usage, View(n, made, len(prompts), wanted, token_ids)
+
+
+def embedding(body: dict[str, Any]) -> tuple[list[str] | list[list[int]], str, int | None]:
+    """An embeddings request: (the texts or token-id lists, "float" or "base64",
+    ``dimensions`` or None).
+
+    Raises:
+        ParamError: a field is invalid, unknown or unsupported.
+    """
+    _check_names(body, ("model", "input", "encoding_format", "dimensions"))
+    inputs = body.get("input")
+    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in inputs)):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs or not (
+            all(isinstance(t, str) for t in inputs) or all(
+            isinstance(t, list) and t and _prompt(t) is not None for t in inputs)):
+        raise ParamError("'input' must be a string, a list of strings, a list of token ids "
+                         "(integers >= 0) or a list of those", "input")
     encoding = body.get("encoding_format")
     encoding = "float" if encoding is None else encoding
     if encoding not in ("float", "base64"):
         raise ParamError(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}",
                          "encoding_format")
-    return texts, encoding
+    return inputs, encoding, _field(body, "dimensions", int, 1)
 
 
 def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
@@ -279,25 +380,45 @@ _SAMPLING_SCHEMA: dict[str, Any] = {
 
 
 def _fields_schema(required: list[str], fields: dict[str, Any],
-                   choices: dict[str, int] | None = None) -> dict[str, Any]:
+                   choices: dict[str, int] | None = None,
+                   off: dict[str, tuple[Any, ...]] | None = None) -> dict[str, Any]:
     properties = {**fields, **{name: {} for name in _IGNORED},
-                  **{name: {"enum": list(values)} for name, values in _OFF.items()}}
+                  **{name: {"enum": list(values)} for name, values in {**_OFF, **(off or {})}.items()}}
     schema: dict[str, Any] = {"type": "object", "required": required, "properties": properties,
                               "additionalProperties": False}
-    # Models that make fewer choices than the most: n is bounded per model.
+    rules: list[dict[str, Any]] = []
+    # Models that make fewer choices than the most: n (and best_of) are bounded per model.
     fewer = {name: max(1, most) for name, most in (choices or {}).items() if most < MAX_CHOICES}
-    if fewer:
-        schema["allOf"] = [{"if": {"required": ["model"], "properties": {"model": {"const": name}}},
-                            "then": {"properties": {"n": {"type": ["integer", "null"],
-                                                          "maximum": most}}}}
-                           for name, most in fewer.items()]
+    for name, most in fewer.items():
+        bounded = {"type": ["integer", "null"], "maximum": most}
+        rules.append({"if": {"required": ["model"], "properties": {"model": {"const": name}}},
+                      "then": {"properties": {"n": bounded, **(
+                          {"best_of": bounded} if "best_of" in fields else {})}}})
+    if "best_of" in fields:  # at least n, and never streamed
+        for n in range(2, MAX_CHOICES + 1):
+            rules.append({"if": {"required": ["n"], "properties": {"n": {"const": n}}},
+                          "then": {"properties": {"best_of": {
+                              "anyOf": [{"type": "null"}, {"minimum": n}]}}}})
+        rules.append({"if": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+                      "then": {"properties": {"best_of": {"enum": [None, 1]}}}})
+    if "echo" in fields:  # max_tokens 0: the prompt's log-probabilities alone
+        rules.append({"if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
+                      "then": {"required": ["echo"], "properties": {"echo": {"const": True}}}})
+    if "top_logprobs" in fields:
+        rules.append({"if": {"required": ["top_logprobs"],
+                             "properties": {"top_logprobs": {"type": "integer"}}},
+                      "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}})
     if "stream_options" in fields:  # only with "stream": true, as OpenAI says
-        schema["if"] = {"required": ["stream_options"],
-                        "properties": {"stream_options": {"type": "object"}}}
-        schema["then"] = {"required": ["stream"], "properties": {"stream": {"const": True}}}
+        rules.append({"if": {"required": ["stream_options"],
+                             "properties": {"stream_options": {"type": "object"}}},
+                      "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}})
+    if rules:
+        schema["allOf"] = rules
     return schema
 
 
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_COUNT = {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_LOGPROBS}
 _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
     "type": {"const": "text"}, "text": {"type": "string"}}}
 
@@ -312,20 +433,25 @@ def chat_schema(serving: list[str], others: list[str],
     return _fields_schema(["model", "messages"], {
         "model": _model_schema(serving, others),
         "messages": {"type": "array", "minItems": 1, "items": message},
-        "max_completion_tokens": _SAMPLING_SCHEMA["max_tokens"], **_SAMPLING_SCHEMA},
-        _choices(serving, choices))
+        "max_completion_tokens": _SAMPLING_SCHEMA["max_tokens"], **_SAMPLING_SCHEMA,
+        "logprobs": {"type": ["boolean", "null"]}, "top_logprobs": _COUNT},
+        _choices(serving, choices), _CHAT_OFF)
 
 
 def completion_schema(serving: list[str], others: list[str],
                       choices: dict[str, int] | None = None) -> dict[str, Any]:
     """The JSON Schema of a completion request that :func:`completion` accepts;
     ``choices`` as for :func:`chat_schema`."""
-    prompt = {"anyOf": [{"type": "string"},
-                        {"type": "array", "items": {"type": "string"}, "minItems": 1,
-                         "maxItems": 1}]}
+    prompt = {"anyOf": [{"type": "string"}, _IDS,
+                        {"type": "array", "items": {"anyOf": [{"type": "string"}, _IDS]},
+                         "minItems": 1, "maxItems": MAX_PROMPTS}]}
+    flag = {"type": ["boolean", "null"]}
     return _fields_schema(["model", "prompt"], {
-        "model": _model_schema(serving, others), "prompt": prompt, **_SAMPLING_SCHEMA},
-        _choices(serving, choices))
+        "model": _model_schema(serving, others), "prompt": prompt, **_SAMPLING_SCHEMA,
+        "max_tokens": {"type": ["integer", "null"], "minimum": 0}, "echo": flag,
+        "logprobs": _COUNT, "return_tokens_as_token_ids": flag,
+        "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHOICES}},
+        _choices(serving, choices), _COMPLETION_OFF)
 
 
 def _choices(serving: list[str], choices: dict[str, int] | None) -> dict[str, int]:
@@ -335,10 +461,12 @@ def _choices(serving: list[str], choices: dict[str, int] | None) -> dict[str, in
 def embedding_schema(serving: list[str], others: list[str]) -> dict[str, Any]:
     """The JSON Schema of an embeddings request that :func:`embedding` accepts."""
     texts = {"anyOf": [{"type": "string"},
-                       {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+                       {"type": "array", "items": {"type": "string"}, "minItems": 1}, _IDS,
+                       {"type": "array", "items": _IDS, "minItems": 1}]}
     schema = _fields_schema(["model", "input"], {
         "model": _model_schema(serving, others), "input": texts,
-        "encoding_format": {"enum": ["float", "base64", None]}})
+        "encoding_format": {"enum": ["float", "base64", None]},
+        "dimensions": {"type": ["integer", "null"], "minimum": 1}})
     return schema
 
 
