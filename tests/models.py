@@ -475,6 +475,26 @@ class FakeChat(MLProcess):
                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": made}}
 
 
+class ToolEcho(FakeChat):
+    """FakeChat that says it constrains its output (``structured_output``), for the routes'
+    handling of tool calls a model writes itself: its answer echoes the last message, so a
+    message holding ``<tool_call>{...}</tool_call>`` is answered with that call. It takes
+    ``tools`` (and records how many it got in its first word when asked: "TOOLS?") and
+    refuses ``json_schema``, which it cannot follow."""
+
+    structured_output = True
+
+    def predict(self, *args: Any, tools: Any = None, json_schema: Any = None,
+                **kwargs: Any) -> Any:
+        if json_schema is not None:
+            raise InputError("ToolEcho cannot follow a JSON schema")
+        messages = kwargs.get("messages")
+        if tools is not None and messages and messages[-1]["content"] == "TOOLS?":
+            kwargs["messages"] = [*messages[:-1], {"role": "user",
+                                                   "content": f"{len(tools)} tools"}]
+        return super().predict(*args, **kwargs)
+
+
 class FakeEmbedder(MLProcess):
     """A feature-extraction model with TransformersModel's ``texts``/``with_usage`` contract:
     a 26-dimensional, L2-normalised letter histogram per text; tokens are words."""

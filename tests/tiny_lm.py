@@ -74,6 +74,46 @@ def byte_level_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
 
 
+# A chat format that also lists the tools (as templates of tool-calling models do).
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|> tools: {{ tools | tojson }} <|end|> {% endif %}" + CHAT_TEMPLATE)
+
+
+def build_json_lm(directory: Path, *, seed: int = 0) -> Path:
+    """Save a 2-layer Llama with a byte-level BPE tokenizer (every character can be written,
+    JSON included; merges learned from JSON-like lines) and a chat template that lists the
+    tools, for the structured-output tests. Random weights: its answers are noise that only
+    a grammar can shape."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    lines = ['{"name": "red", "count": 12, "tags": ["a", "b"], "ok": true}',
+             '{"city": "Paris", "unit": "celsius"} the cat sat on the mat', "hello world"]
+    tok.train_from_iterator(lines * 5, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>",
+                                        pad_token="</s>", chat_template=TOOLS_TEMPLATE,
+                                        model_max_length=1024)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False, initializer_range=0.5)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    transformers.utils.logging.disable_progress_bar()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def build_causal_lm(directory: Path, *, seed: int = 0) -> Path:
     """Save a 2-layer Llama with hidden size 32 and the word tokenizer to ``directory``."""
     import torch

@@ -52,6 +52,7 @@ from .generation import (
     prepare,
     prompt_ids,
 )
+from .grammar import Grammars, Matcher
 
 __all__ = ["BatchDecoder", "Choice", "Generation", "Group", "TextGenerator"]
 
@@ -64,7 +65,7 @@ class Choice:
     """One generated sequence of a generation (OpenAI's ``choices[index]``)."""
 
     __slots__ = ("generation", "index", "generator", "decoder", "stops", "produced", "room",
-                 "done", "token", "length", "kv")
+                 "done", "token", "length", "kv", "matcher")
 
     def __init__(self, generation: Generation, index: int, room: int, tokenizer: Any,
                  device: str) -> None:
@@ -86,6 +87,7 @@ class Choice:
         # Its key/value states while it is outside the batch: (keys, values) per layer,
         # each [1, heads, length, head_dim]; None while it is a row of the batch.
         self.kv: list[tuple[Any, Any]] | None = None
+        self.matcher: Matcher | None = None  # its place in the answer's grammar, if any
 
 
 class Generation:
@@ -96,11 +98,12 @@ class Generation:
     """
 
     __slots__ = ("ids", "sampling", "n", "position", "cache", "choices", "ended", "text",
-                 "offset", "indexed", "prompt_logprobs")
+                 "offset", "indexed", "prompt_logprobs", "grammar")
 
     def __init__(self, ids: list[int], sampling: Sampling, text: str = "", offset: int = 0,
-                 indexed: bool | None = None) -> None:
+                 indexed: bool | None = None, grammar: str | None = None) -> None:
         self.ids = ids
+        self.grammar = grammar  # compiled from sampling.json_schema
         self.sampling = sampling
         self.n = sampling.n
         self.text = text  # the prompt's text, for echo
@@ -172,8 +175,10 @@ class BatchDecoder:
     """
 
     def __init__(self, model: Any, tokenizer: Any, device: str, context: int,
-                 end_ids: frozenset[int], cache_name: str, prefill_chunk: int) -> None:
+                 end_ids: frozenset[int], cache_name: str, prefill_chunk: int,
+                 grammars: Grammars | None = None) -> None:
         self.model = model
+        self.grammars = grammars
         self.tokenizer = tokenizer
         self.device = device
         self.context = context
@@ -187,11 +192,12 @@ class BatchDecoder:
 
     # -- the hook --------------------------------------------------------------------
     def start(self, ids: list[int], sampling: Sampling, text: str = "", offset: int = 0,
-              indexed: bool | None = None) -> Generation:
+              indexed: bool | None = None, grammar: str | None = None) -> Generation:
         """A generation of ``sampling.n`` choices for prompt ``ids`` (checked by the
         caller); ``text`` is the prompt for ``echo``, ``offset`` its first choice's index in
-        the request and ``indexed`` whether items carry it (default: ``n`` > 1)."""
-        return Generation(ids, sampling, text, offset, indexed)
+        the request, ``indexed`` whether items carry it (default: ``n`` > 1) and
+        ``grammar`` what every answer follows (:meth:`.grammar.Grammars.compile`)."""
+        return Generation(ids, sampling, text, offset, indexed, grammar)
 
     def step(self, generations: Sequence[Generation]) -> list[Made]:
         """One step of every generation in ``generations``: see the module docstring."""
@@ -316,6 +322,8 @@ class BatchDecoder:
         for index in range(g.n):
             choice = Choice(g, index, room, self.tokenizer, self.device)
             choice.kv, choice.length = kv, len(g.ids)
+            if g.grammar is not None and self.grammars is not None:
+                choice.matcher = self.grammars.matcher(g.grammar)
             g.choices.append(choice)
             head = self._head(choice)
             if sampling.echo:
@@ -330,7 +338,7 @@ class BatchDecoder:
                 made.items.append({**head, "text": "", "finish_reason": "length", "usage": {
                     "prompt_tokens": len(g.ids), "completion_tokens": 0}})
                 continue
-            token = pick(logits, sampling, choice.generator)
+            token = self._pick(choice, logits)
             self._emit(choice, token, made,
                        None if row is None else self._entry(row, token, sampling.logprobs or 0,
                                                            g.ids[-_CONTEXT:]))
@@ -412,12 +420,20 @@ class BatchDecoder:
         for b, c in enumerate(rows):
             c.length += 1
             sampling = c.generation.sampling
-            token = (greedy[b] if sampling.temperature < MIN_TEMPERATURE
-                     else pick(logits[b], sampling, c.generator))
+            token = (greedy[b] if sampling.temperature < MIN_TEMPERATURE and c.matcher is None
+                     else self._pick(c, logits[b]))
             self._emit(c, token, made_by_choice[id(c)],
                        self._entry(table[b], token, sampling.logprobs or 0,
                                    c.decoder.ids[-_CONTEXT:]) if b in table
                        else None)
+
+    @staticmethod
+    def _pick(c: Choice, logits: Any) -> int:
+        """Choice ``c``'s next token from its logits row: greedy or sampled, among the
+        tokens its grammar allows (if it has one)."""
+        if c.matcher is not None:
+            logits = c.matcher.masked(logits)
+        return pick(logits, c.generation.sampling, c.generator)
 
     # -- items -----------------------------------------------------------------------
     def _text(self, token: int) -> str:
@@ -467,16 +483,18 @@ class BatchDecoder:
         c.token = token
         made.tokens += 1
         sampling = c.generation.sampling
-        if token in self.end_ids and not sampling.ignore_eos:
+        complete = c.matcher is not None and c.matcher.advance(token)  # the answer's grammar
+        if token in self.end_ids and (not sampling.ignore_eos or complete):
             text, stopped = c.stops.push(c.decoder.flush())
             text = text if stopped else text + c.stops.flush()
             finish = "stop"
         else:
             text, stopped = c.stops.push(c.decoder.add(token))
-            if not stopped and c.produced >= c.room:
+            if not stopped and (c.produced >= c.room or complete):
                 tail, stopped = c.stops.push(c.decoder.flush())
                 text += tail if stopped else tail + c.stops.flush()
-            finish = "stop" if stopped else "length" if c.produced >= c.room else ""
+            finish = ("stop" if stopped or complete else "length" if c.produced >= c.room
+                      else "")
         head = self._head(c)
         item = {**head, "text": text}
         if entry is not None:
@@ -540,12 +558,15 @@ class TextGenerator:
         # (which warns about the old name), ``past_key_values`` before.
         forward = inspect.signature(model.forward).parameters
         self.cache_name = "cache" if "cache" in forward else "past_key_values"
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        rows = getattr(getattr(head, "weight", None), "shape", (0,))[0]
+        self.grammars = Grammars(tokenizer, int(rows) or len(tokenizer))
         self.batch = self.decoder()
 
     def decoder(self) -> BatchDecoder:
         """A new :class:`BatchDecoder` over this model."""
         return BatchDecoder(self.model, self.tokenizer, self.device, self.context,
-                            self.end_ids, self.cache_name, self.prefill_chunk)
+                            self.end_ids, self.cache_name, self.prefill_chunk, self.grammars)
 
     @property
     def batchable(self) -> bool:
@@ -571,7 +592,9 @@ class TextGenerator:
         """
         prompts, sampling = prepare(self.tokenizer, fields, self.context, self.max_tokens_limit)
         indexed = len(prompts) * sampling.n > 1
-        generations = [self.batch.start(ids, sampling, text, i * sampling.n, indexed)
+        grammar = (None if sampling.json_schema is None
+                   else self.grammars.compile(sampling.json_schema))
+        generations = [self.batch.start(ids, sampling, text, i * sampling.n, indexed, grammar)
                        for i, (ids, text) in enumerate(prompts)]
         return generations[0] if len(generations) == 1 else Group(generations)
 

@@ -24,6 +24,7 @@ in the web process too.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,7 +38,7 @@ __all__ = ["MAX_CHOICES", "MAX_LOGPROBS", "MAX_PROMPTS", "MIN_TEMPERATURE", "Inc
 logger = logging.getLogger(__name__)
 
 FIELDS = ("messages", "prompt", "prompts", "max_tokens", "temperature", "top_p", "stop", "seed",
-          "n", "ignore_eos", "continuous_usage", "logprobs", "echo")
+          "n", "ignore_eos", "continuous_usage", "logprobs", "echo", "json_schema", "tools")
 # As the OpenAI routes accept (openai_fields); the chat template may still refuse a role.
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
@@ -75,6 +76,10 @@ class Sampling:
             alternatives (0 to MAX_LOGPROBS).
         echo: the first item of each choice is the prompt (its text, and with ``logprobs``
             every prompt token's log-probability, the first one None).
+        json_schema: None, or a JSON schema (as JSON text) every answer follows: decoding is
+            constrained to it (:mod:`.grammar`) and ends when the answer is complete.
+        tools: OpenAI's tool definitions, handed to the chat template (which tells the model
+            about them).
     """
 
     max_tokens: int = 64
@@ -87,6 +92,8 @@ class Sampling:
     continuous_usage: bool = False
     logprobs: int | None = None
     echo: bool = False
+    json_schema: str | None = None
+    tools: tuple[Any, ...] = ()
 
 
 def _is_int(value: Any) -> bool:
@@ -106,6 +113,8 @@ def _content(message: Mapping[str, Any], i: int) -> str:
     content = message.get("content")
     if isinstance(content, str):
         return content
+    if content is None and message.get("tool_calls"):  # an assistant's turn of tool calls
+        return ""
     # OpenAI's content parts: [{"type": "text", "text": "..."}, ...]; text only here.
     if isinstance(content, list) and all(
             isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -115,7 +124,33 @@ def _content(message: Mapping[str, Any], i: int) -> str:
                      f"{{'type': 'text', 'text': ...}} parts), got {type(content).__name__}")
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, for the chat template: arguments as an object
+    (what templates expect), parsed from OpenAI's JSON text."""
+    if not isinstance(value, (list, tuple)):
+        raise InputError(f"the 'tool_calls' of messages[{i}] must be a list")
+    calls = []
+    for j, call in enumerate(value):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str):
+            raise InputError(f"messages[{i}].tool_calls[{j}] must be {{'type': 'function', "
+                             "'function': {'name', 'arguments'}}")
+        arguments = function.get("arguments")  # type: ignore[union-attr]
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise InputError(f"the arguments of messages[{i}].tool_calls[{j}] are not "
+                                 "JSON") from None
+        entry = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        calls.append(entry)
+    return calls
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, (list, tuple)) or not value:
         raise InputError("'messages' must be a non-empty list of {'role', 'content'} objects")
     messages = []
@@ -127,12 +162,18 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if role not in ROLES:
             raise InputError(f"the 'role' of messages[{i}] must be one of {', '.join(ROLES)}, "
                              f"got {role!r}")
-        messages.append({"role": str(role), "content": _content(message, i)})
+        entry: dict[str, Any] = {"role": str(role), "content": _content(message, i)}
+        if role == "assistant" and message.get("tool_calls"):
+            entry["tool_calls"] = _tool_calls(message["tool_calls"], i)
+        for name in ("tool_call_id", "name"):
+            if role == "tool" and isinstance(message.get(name), str):
+                entry[name] = message[name]
+        messages.append(entry)
     return messages
 
 
 #: A prompt as the model takes it: text, chat messages, or token ids.
-Prompt = str | list[dict[str, str]] | list[int]
+Prompt = str | list[dict[str, Any]] | list[int]
 
 
 def _prompt(value: Any, where: str) -> str | list[int]:
@@ -214,11 +255,23 @@ def read_request(fields: Mapping[str, Any], max_tokens_limit: int
     if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
         raise InputError(f"'logprobs' must be an integer from 0 to {MAX_LOGPROBS} (how many "
                          f"alternatives per token), got {logprobs!r}")
+    schema = fields.get("json_schema")
+    if schema is not None and not isinstance(schema, Mapping):
+        raise InputError(f"'json_schema' must be a JSON schema (an object), got "
+                         f"{type(schema).__name__}")
+    tools = fields.get("tools") or ()
+    if not isinstance(tools, (list, tuple)) or not all(isinstance(t, Mapping) for t in tools):
+        raise InputError("'tools' must be a list of tool definitions (objects)")
+    if tools and "messages" not in fields:
+        raise InputError("'tools' is for 'messages': the chat template tells the model")
     return prompts, Sampling(min(max_tokens, max_tokens_limit), temperature, top_p,
-                             tuple(stops), seed, n, logprobs=logprobs, **flags)
+                             tuple(stops), seed, n, logprobs=logprobs,
+                             json_schema=None if schema is None else json.dumps(schema),
+                             tools=tuple(tools), **flags)
 
 
-def prompt_ids(tokenizer: Any, prompt: Prompt, opened: bool = True) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: Prompt, opened: bool = True,
+               tools: Sequence[Any] = ()) -> list[int]:
     """The token ids of a prompt: a string as is (with the tokenizer's BOS, if it adds one),
     messages through the chat template with the assistant's turn opened (``opened``), token
     ids as they are (checked against the vocabulary).
@@ -250,7 +303,8 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, opened: bool = True) -> list[int]
     import jinja2
 
     try:
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=opened, tokenize=False)
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=opened, tokenize=False,
+                                             tools=list(tools) or None)
     except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
         raise InputError(f"the chat template rejected 'messages': {exc}") from None
     # The template writes the special tokens (BOS included) itself.
@@ -269,7 +323,7 @@ def prepare(tokenizer: Any, fields: Mapping[str, Any], context: int, max_tokens_
     prompts, sampling = read_request(fields, max_tokens_limit)
     prepared = []
     for i, prompt in enumerate(prompts):
-        ids = prompt_ids(tokenizer, prompt)
+        ids = prompt_ids(tokenizer, prompt, tools=sampling.tools)
         field = ("messages" if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
                  else "prompt" if len(prompts) == 1 else f"prompts[{i}]")
         if len(ids) + (sampling.max_tokens > 0) > context:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine.errors import ConfigError, InputError
 from ..engine.mlprocess import MLProcess
+from . import grammar
 from .decoding import TextGenerator
 from .detection import TASKS, infer_task
 from .generation import MAX_CHOICES
@@ -281,6 +282,12 @@ class TransformersModel(MLProcess):
                                            self.max_length or 2048, self.max_new_tokens_limit,
                                            self.prefill_chunk)
         logger.info("transformers model %s (%s) loaded on %s", self.name, self.task, self._device)
+
+    @property
+    def structured_output(self) -> bool:
+        """Whether this model serves ``response_format`` and ``tools`` (JSON-schema
+        constrained decoding): a text-generation model, with llguidance installed."""
+        return self.task == "text-generation" and grammar.available()
 
     def tokenizer_info(self) -> dict[str, Any]:
         """``max_model_len`` (the context, in tokens) and ``special_tokens`` (bos, eos, pad,

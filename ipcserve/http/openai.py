@@ -114,7 +114,8 @@ def _chat() -> Response:
     body = _body()
     endpoint = _endpoint(body, GENERATION, "/v1/chat/completions")
     with exchange(endpoint) as ex:
-        return _generate(ex, *openai_fields.chat(body, _max_choices(endpoint)), chat=True)
+        return _generate(ex, *openai_fields.chat(body, _max_choices(endpoint),
+                                                 _structured(endpoint)), chat=True)
 
 
 def _completions() -> Response:
@@ -123,6 +124,12 @@ def _completions() -> Response:
     with exchange(endpoint) as ex:
         return _generate(ex, *openai_fields.completion(body, _max_choices(endpoint)),
                          chat=False)
+
+
+def _structured(endpoint: Endpoint) -> bool:
+    """Whether a model constrains its output to a JSON schema (its ``structured_output``
+    attribute: ``response_format`` and ``tools``)."""
+    return getattr(endpoint.ml, "structured_output", False) is True
 
 
 def _max_choices(endpoint: Endpoint) -> int:
@@ -237,12 +244,36 @@ class _Reply:
                                       "logprobs": (self.logprobs.of(index, entries[index])
                                                    if self.logprobs else None)}
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": texts[index],
-                                     "refusal": None}
+                content, calls = self.tool_calls(texts[index], finishes[index])
+                choice["message"] = {"role": "assistant", "content": content, "refusal": None}
+                if calls:
+                    choice["message"]["tool_calls"] = calls
+                    choice["finish_reason"] = "tool_calls"
             else:
                 choice["text"] = texts[index]
             choices.append(choice)
         return {**self.head, "choices": choices, "usage": usage}
+
+    def tool_calls(self, text: str, finish: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, tool_calls) of a chat answer's text (see :attr:`.openai_fields.View.tools`);
+        an answer cut short (finish "length") stays text."""
+        mode = self.view.tools
+        if not mode or finish != "stop":
+            return text, []
+        if mode == "auto":
+            return _auto_calls(text)
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ModelError("the model's answer to a forced tool call is not the JSON its "
+                             "schema asks for") from None
+        if mode == "required":
+            if not isinstance(value, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("name"), str) for c in value):
+                raise ModelError("the model's tool calls are not a list of {'name', "
+                                 "'arguments'}")
+            return None, [_call(c["name"], json.dumps(c.get("arguments"))) for c in value]
+        return None, [_call(mode, text)]
 
     def _kept(self, entries: list[list[dict[str, Any]]]) -> list[int]:
         """The choices answered: all, or with ``best_of`` the ``n`` of each prompt whose
@@ -259,7 +290,8 @@ class _Reply:
 
     def chunk(self, text: str | None, finish: str | None = None, role: bool = False,
               usage: Any = ..., choices: bool = True, index: int = 0,
-              entries: list[dict[str, Any]] | None = None) -> bytes:
+              entries: list[dict[str, Any]] | None = None,
+              calls: list[dict[str, Any]] | None = None) -> bytes:
         body: dict[str, Any] = {**self.head, "choices": []}
         if self.chat:
             body["object"] = "chat.completion.chunk"
@@ -268,13 +300,75 @@ class _Reply:
                 self.logprobs.of(index, entries) if self.logprobs and entries else None)}
             if self.chat:
                 choice["delta"] = ({"role": "assistant"} if role else {}) | (
-                    {} if text is None else {"content": text})
+                    {} if text is None else {"content": text}) | ({"tool_calls": [
+                        {"index": i, **call} for i, call in enumerate(calls)]} if calls else {})
             else:
                 choice["text"] = text or ""
             body["choices"] = [choice]
         if usage is not ...:
             body["usage"] = usage
         return sse(body)
+
+
+_TAG, _END_TAG = "<tool_call>", "</tool_call>"
+
+
+def _call(name: str, arguments: str) -> dict[str, Any]:
+    return {"id": "call_" + secrets.token_hex(12), "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _auto_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """A tool-calling model's own calls: an answer that starts with ``<tool_call>`` blocks,
+    each ``{"name", "arguments"}`` JSON (the format Hermes, Qwen and SmolLM models write);
+    anything else is text."""
+    rest, calls = text.strip(), []
+    while rest.startswith(_TAG) and _END_TAG in rest:
+        block, rest = rest[len(_TAG):].split(_END_TAG, 1)
+        rest = rest.strip()
+        try:
+            value = json.loads(block)
+        except ValueError:
+            return text, []
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            return text, []
+        arguments = value.get("arguments", {})
+        calls.append(_call(value["name"], arguments if isinstance(arguments, str)
+                           else json.dumps(arguments)))
+    if not calls:
+        return text, []
+    return rest or None, calls
+
+
+class _Held:
+    """Streamed chat choices whose text may be tool calls: held back until it is known (a
+    forced call: to the choice's end; ``auto``: while the text may still start with
+    ``<tool_call>``), then sent as ``tool_calls`` or as the text."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.text: dict[int, str] = {}
+        self.entries: dict[int, list[dict[str, Any]]] = {}
+        self.free: set[int] = set()  # choices known to be text, streamed as they come
+
+    def take(self, index: int, text: str, entries: list[dict[str, Any]]
+             ) -> tuple[str, list[dict[str, Any]]] | None:
+        """What to stream now of a piece: (text, entries), or None while it is held."""
+        if not self.mode or index in self.free:
+            return text, entries
+        self.text[index] = self.text.get(index, "") + text
+        self.entries.setdefault(index, []).extend(entries)
+        head = self.text[index].lstrip()
+        if self.mode == "auto" and not (_TAG.startswith(head) or head.startswith(_TAG)):
+            self.free.add(index)
+            return self.text.pop(index), self.entries.pop(index)
+        return None
+
+    def end(self, index: int) -> tuple[str, list[dict[str, Any]]] | None:
+        """A choice's held text and entries at its end, if any."""
+        if index not in self.text:
+            return None
+        return self.text.pop(index), self.entries.pop(index, [])
 
 
 def sse(value: Any) -> bytes:
@@ -348,8 +442,10 @@ def _events(ex: Exchange, reply: _Reply, pieces: Iterator[dict[str, Any]],
     when asked for, its tokens' log-probabilities), a chunk with finish_reason as each choice
     ends, the usage chunk if asked for (``usage`` "final"; "continuous": every chunk carries
     the usage so far, too), then ``[DONE]``; an error mid-stream is an ``error`` event before
-    ``[DONE]``. ``n``: the choices of all prompts."""
+    ``[DONE]``. ``n``: the choices of all prompts. Tool calls come whole, in one chunk at
+    their choice's end (:class:`_Held`)."""
     running = _Running(reply.view.made) if usage == "continuous" else None
+    held = _Held(reply.view.tools if reply.chat else "")
 
     def usage_field() -> Any:  # OpenAI: null on every chunk but the last
         return running.usage() if running else None if usage else ...
@@ -359,27 +455,35 @@ def _events(ex: Exchange, reply: _Reply, pieces: Iterator[dict[str, Any]],
         if reply.chat:  # OpenAI's first chat chunk of each choice says who speaks
             for index in range(n):
                 yield reply.chunk("", role=True, usage=usage_field(), index=index)
-        piece, finals, count = first, {}, 0
+        piece, finals, finishes, count = first, {}, {}, 0
         while piece is not None:
             count += 1
             index = _index(piece, n)
             if running:
                 running.add(index, piece)
-            entries = _entries(piece)
-            if piece["text"] or entries:
-                yield reply.chunk(piece["text"], usage=usage_field(), index=index,
-                                  entries=entries)
+            taken = held.take(index, piece["text"], _entries(piece))
+            if taken and (taken[0] or taken[1]):
+                yield reply.chunk(taken[0], usage=usage_field(), index=index, entries=taken[1])
             if "finish_reason" in piece:
                 finals[index] = piece
+                finishes[index] = finish = str(piece["finish_reason"])
+                rest = held.end(index)
+                if rest is not None:
+                    content, calls = reply.tool_calls(rest[0], finish)
+                    if calls:
+                        finishes[index] = "tool_calls"
+                        yield reply.chunk(None, usage=usage_field(), index=index,
+                                          entries=rest[1], calls=calls)
+                    elif content or rest[1]:
+                        yield reply.chunk(content, usage=usage_field(), index=index,
+                                          entries=rest[1])
                 if n > 1:  # each choice's end as it comes; one choice's at the very end
-                    yield reply.chunk(None, str(piece["finish_reason"]), usage=usage_field(),
-                                      index=index)
+                    yield reply.chunk(None, finishes[index], usage=usage_field(), index=index)
             piece = next(pieces, None)
         for index in range(n):
             if n == 1 or index not in finals:
-                final = finals.get(index)
-                finish = str(final["finish_reason"]) if final else "stop"
-                yield reply.chunk(None, finish, usage=usage_field(), index=index)
+                yield reply.chunk(None, finishes.get(index, "stop"), usage=usage_field(),
+                                  index=index)
         if usage:
             yield reply.chunk(None, usage=_usage(finals, count, reply.view.made), choices=False)
     except IPCServeError as exc:
@@ -465,9 +569,14 @@ def _request(role: str, schema_of: Any) -> Any:
         models = state.models.endpoints
         serving = [n for n, e in models.items() if getattr(e.ml, "task", None) == role]
         others = [n for n in models if n not in serving]
-        schema = (schema_of(serving, others) if role == EMBEDDING or schema_of in (
-            openai_fields.tokenize_schema, openai_fields.detokenize_schema) else schema_of(
-            serving, others, {n: _max_choices(models[n]) for n in serving}))
+        choices = {n: _max_choices(models[n]) for n in serving}
+        if schema_of is openai_fields.chat_schema:
+            schema = schema_of(serving, others, choices,
+                               [n for n in serving if _structured(models[n])])
+        elif schema_of is openai_fields.completion_schema:
+            schema = schema_of(serving, others, choices)
+        else:
+            schema = schema_of(serving, others)
         return {"required": True, "content": {"application/json": {"schema": schema}}}
 
     return request_body
@@ -486,9 +595,15 @@ def _completion_object(chat: bool) -> dict[str, Any]:
                                              "finish_reason": {"type": "string"}}}
     if chat:
         choice["required"].append("message")
+        call = {"type": "object", "required": ["id", "type", "function"], "properties": {
+            "id": {"type": "string"}, "type": {"const": "function"},
+            "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+                "name": {"type": "string"}, "arguments": {"type": "string"}}}}}
         choice["properties"]["message"] = {
             "type": "object", "required": ["role", "content"],
-            "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}
+            "properties": {"role": {"const": "assistant"},
+                           "content": {"type": ["string", "null"]},
+                           "tool_calls": {"type": "array", "items": call}}}
     else:
         choice["required"].append("text")
         choice["properties"]["text"] = {"type": "string"}

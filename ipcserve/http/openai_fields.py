@@ -9,6 +9,7 @@ as OpenAI does.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +31,17 @@ _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_too
                       "prompt_cache_key", "safety_identifier"})
 _OFF: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
-    "tool_choice": (None, "none"), "functions": (None, []), "response_format": (None, {"type": "text"}),
-    "suffix": (None, ""),
+    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "functions": (None, []),
+    "function_call": (None, "none"), "suffix": (None, ""),
 }
 # Accepted only where they mean something: a chat has no echo or best_of, a completion no
 # top_logprobs (its logprobs is the count).
 _CHAT_OFF = {"echo": (None, False), "best_of": (None, 1), "return_tokens_as_token_ids": (None, False)}
+# For a model that cannot constrain its output (no ``structured_output`` attribute).
+_STRUCTURED_OFF = {"response_format": (None, {"type": "text"}), "tools": (None, []),
+                   "tool_choice": (None, "none")}
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NAME_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
 _COMPLETION_OFF = {"top_logprobs": (None, 0)}
 _SAMPLING = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop",
              "seed", "n", "ignore_eos")
@@ -71,6 +76,10 @@ class View:
         logprobs: the answer carries each choice's ``logprobs`` object.
         token_ids: tokens are written ``"token_id:N"`` (vLLM's
             ``return_tokens_as_token_ids``), so that a client can map them back exactly.
+        tools: how the answer's text becomes ``tool_calls``: "" (it does not), "auto" (a
+            leading ``<tool_call>{"name", "arguments"}</tool_call>`` block, as tool-calling
+            models write them), "required" (the text is a JSON list of calls) or the name of
+            the one function the text is the arguments of.
     """
 
     n: int = 1
@@ -78,6 +87,7 @@ class View:
     prompts: int = 1
     logprobs: bool = False
     token_ids: bool = False
+    tools: str = ""
 
 
 def _check_names(body: dict[str, Any], allowed: tuple[str, ...],
@@ -153,7 +163,23 @@ def _streaming(body: dict[str, Any], kwargs: dict[str, Any]) -> tuple[bool, bool
     return True, usage
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _tool_call(value: Any, where: str) -> dict[str, Any]:
+    """One of an assistant message's ``tool_calls``, as OpenAI sends it back."""
+    function = value.get("function") if isinstance(value, dict) else None
+    if (not isinstance(function, dict) or value.get("type", "function") != "function"
+            or not isinstance(value.get("id", ""), (str, type(None)))
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments", ""), str)):
+        raise ParamError(f"{where} must be {{\"type\": \"function\", \"id\", \"function\": "
+                         "{\"name\", \"arguments\": JSON text}}", where)
+    call = {"type": "function", "function": {"name": function["name"],
+                                             "arguments": function.get("arguments", "")}}
+    if isinstance(value.get("id"), str):
+        call["id"] = value["id"]
+    return call
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise ParamError("'messages' must be a non-empty list of {\"role\", \"content\"} objects",
                          "messages")
@@ -163,6 +189,10 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict) or message.get("role") not in _ROLES:
             raise ParamError(f"{where} must be an object with 'role' one of {', '.join(_ROLES)}",
                              f"{where}.role")
+        calls = message.get("tool_calls")
+        if calls is not None and (message["role"] != "assistant" or not isinstance(calls, list)):
+            raise ParamError(f"{where}.tool_calls: a list, in an assistant's message",
+                             f"{where}.tool_calls")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text ones can be served
             if not all(isinstance(p, dict) and p.get("type") == "text"
@@ -170,11 +200,142 @@ def _messages(value: Any) -> list[dict[str, str]]:
                 raise ParamError(f"{where}.content: only text parts are supported",
                                  f"{where}.content")
             content = "".join(p["text"] for p in content)
+        if content is None and calls:  # an assistant's turn of tool calls
+            content = ""
         if not isinstance(content, str):
             raise ParamError(f"{where}.content must be a string or a list of text parts",
                              f"{where}.content")
-        messages.append({"role": message["role"], "content": content})
+        entry: dict[str, Any] = {"role": message["role"], "content": content}
+        if calls:
+            entry["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]")
+                                   for j, c in enumerate(calls)]
+        for name in ("tool_call_id", "name"):
+            if message["role"] == "tool" and isinstance(message.get(name), str):
+                entry[name] = message[name]
+        messages.append(entry)
     return messages
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """The JSON schema every answer must follow, or None (plain text)."""
+    shape = ("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+             "{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}")
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind in ("text", "json_object") and set(value) == {"type"}:
+        return None if kind == "text" else {"type": "object"}
+    spec = value.get("json_schema") if isinstance(value, dict) else None
+    if kind != "json_schema" or set(value) != {"type", "json_schema"} or not isinstance(
+            spec, dict) or set(spec) - {"name", "description", "schema", "strict"}:
+        raise ParamError(shape, "response_format")
+    if not isinstance(spec.get("name"), str) or not _NAME.match(spec["name"]):
+        raise ParamError("'response_format.json_schema.name' must be 1 to 64 letters, digits, "
+                         "'_' or '-'", "response_format")
+    schema = spec.get("schema", {"type": "object"})
+    if not isinstance(schema, dict) or not isinstance(spec.get("strict", False), (bool, type(None))):
+        raise ParamError("'response_format.json_schema.schema' must be a JSON schema (an "
+                         "object) and 'strict' true or false", "response_format")
+    return schema
+
+
+def _tools(value: Any) -> list[dict[str, Any]]:
+    """OpenAI's function tools, checked: names unique, parameters a JSON schema."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ParamError("'tools' must be a list of {\"type\": \"function\", \"function\": "
+                         "{\"name\", \"description\", \"parameters\"}}", "tools")
+    tools, names = [], set()
+    for i, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (not isinstance(function, dict) or set(tool) != {"type", "function"}
+                or tool["type"] != "function"
+                or set(function) - {"name", "description", "parameters", "strict"}):
+            raise ParamError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
+                             "{\"name\", \"description\", \"parameters\", \"strict\"}}", "tools")
+        name = function.get("name")
+        if not isinstance(name, str) or not _NAME.match(name) or name in names:
+            raise ParamError(f"tools[{i}]: the function's 'name' must be 1 to 64 letters, "
+                             "digits, '_' or '-', and unique", "tools")
+        names.add(name)
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict) or not isinstance(function.get("description", ""), str):
+            raise ParamError(f"tools[{i}]: 'parameters' must be a JSON schema (an object) and "
+                             "'description' a string", "tools")
+        tools.append({"type": "function", "function": {
+            "name": name, "description": function.get("description", ""),
+            "parameters": parameters}})
+    return tools
+
+
+def _tool_mode(body: dict[str, Any], tools: list[dict[str, Any]]) -> str:
+    """``tool_choice`` as :attr:`View.tools` says it ("" for none)."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto" if tools else ""
+    if choice == "none":
+        return ""
+    if not tools:
+        raise ParamError("'tool_choice' needs 'tools'", "tool_choice")
+    if choice in ("auto", "required"):
+        return str(choice)
+    named = isinstance(choice, dict) and choice.get("type") == "function"
+    function = choice.get("function") if named else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if name not in {t["function"]["name"] for t in tools}:
+        raise ParamError("'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                         "{\"type\": \"function\", \"function\": {\"name\": <one of the tools>}}",
+                         "tool_choice")
+    return str(name)
+
+
+def calls_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    """The JSON schema of a forced answer of tool calls: a list of ``{"name", "arguments"}``
+    (one item when ``parallel`` is false)."""
+    call = {"anyOf": [{"type": "object", "required": ["name", "arguments"],
+                       "additionalProperties": False,
+                       "properties": {"name": {"const": t["function"]["name"]},
+                                      "arguments": t["function"]["parameters"]}}
+                      for t in tools]}
+    schema: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def _structured(body: dict[str, Any], kwargs: dict[str, Any], structured: bool) -> str:
+    """``response_format``, ``tools`` and ``tool_choice`` into the model's ``json_schema``
+    and ``tools``; the :attr:`View.tools` mode."""
+    if not structured:
+        for name, values in _STRUCTURED_OFF.items():
+            if not any(_equal(body.get(name), v) for v in values):
+                raise ParamError(f"{name!r} needs a model that constrains its output "
+                                 "(a TransformersModel with llguidance installed); this one "
+                                 "does not", name, "unsupported_parameter")
+        return ""
+    schema = _response_format(body.get("response_format"))
+    tools = _tools(body.get("tools"))
+    mode = _tool_mode(body, tools)
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ParamError(f"'parallel_tool_calls' must be true or false, got {parallel!r}",
+                         "parallel_tool_calls")
+    if mode in ("", "auto"):
+        pass
+    elif schema is not None:
+        raise ParamError("'response_format' cannot be combined with a forced tool call (its "
+                         "answer is the call's arguments)", "response_format")
+    elif mode == "required":
+        schema = calls_schema(tools, parallel is not False)
+    else:
+        schema = next(t["function"]["parameters"] for t in tools
+                      if t["function"]["name"] == mode)
+    if schema is not None:
+        kwargs["json_schema"] = schema
+    if mode:
+        kwargs["tools"] = tools
+    return mode
 
 
 def _logprobs(body: dict[str, Any], name: str, kwargs: dict[str, Any]) -> bool:
@@ -186,18 +347,19 @@ def _logprobs(body: dict[str, Any], name: str, kwargs: dict[str, Any]) -> bool:
     return count is not None
 
 
-def chat(body: dict[str, Any], max_choices: int = 1
+def chat(body: dict[str, Any], max_choices: int = 1, structured: bool = False
          ) -> tuple[dict[str, Any], bool, bool, View]:
     """A chat completion request: (the model's kwargs, stream, include_usage, view).
 
     ``max_choices``: the most ``n`` the model makes (its ``max_choices`` attribute; a
-    model without one makes one choice per request).
+    model without one makes one choice per request). ``structured``: the model constrains
+    its output to a JSON schema (``response_format``, ``tools``).
 
     Raises:
         ParamError: a field is invalid, unknown or unsupported.
     """
     _check_names(body, ("messages", "max_completion_tokens", "logprobs", "top_logprobs",
-                        *_SAMPLING), _CHAT_OFF)
+                        "response_format", "tools", "tool_choice", *_SAMPLING), _CHAT_OFF)
     _field(body, "max_tokens", int, 1)  # checked even when the newer name wins
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     kwargs = {"messages": _messages(body.get("messages")), **_sampling(body, field, max_choices)}
@@ -209,9 +371,10 @@ def chat(body: dict[str, Any], max_choices: int = 1
     if wanted:
         kwargs["logprobs"] = 0
         _logprobs(body, "top_logprobs", kwargs)
+    mode = _structured(body, kwargs, structured)
     n = int(kwargs.get("n", 1))
     stream, usage = _streaming(body, kwargs)
-    return kwargs, stream, usage, View(n, n, 1, bool(wanted))
+    return kwargs, stream, usage, View(n, n, 1, bool(wanted), tools=mode)
 
 
 def _prompt(value: Any) -> str | list[int] | None:
@@ -424,18 +587,70 @@ _TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
 
 
 def chat_schema(serving: list[str], others: list[str],
-                choices: dict[str, int] | None = None) -> dict[str, Any]:
+                choices: dict[str, int] | None = None,
+                structured: list[str] | None = None) -> dict[str, Any]:
     """The JSON Schema of a chat completion request that :func:`chat` accepts;
-    ``choices``: the most ``n`` of each serving model (default 1)."""
+    ``choices``: the most ``n`` of each serving model (default 1); ``structured``: the
+    serving models that constrain their output (``response_format``, ``tools``)."""
+    name = {"type": "string", "pattern": _NAME_PATTERN}
+    call = {"type": "object", "required": ["function"], "properties": {
+        "id": {"type": ["string", "null"]}, "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"}, "arguments": {"type": "string"}}}}}
     message = {"type": "object", "required": ["role", "content"], "properties": {
         "role": {"enum": list(_ROLES)},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}
-    return _fields_schema(["model", "messages"], {
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART},
+                              {"type": "null"}]},
+        "tool_calls": {"type": ["array", "null"], "items": call},
+        "tool_call_id": {}, "name": {}},
+        # no content: an assistant's turn of tool calls; tool calls: only an assistant's
+        "allOf": [{"if": {"properties": {"content": {"type": "null"}}},
+                   "then": {"required": ["tool_calls"], "properties": {
+                       "role": {"const": "assistant"},
+                       "tool_calls": {"type": "array", "minItems": 1}}}},
+                  {"if": {"required": ["tool_calls"],
+                          "properties": {"tool_calls": {"type": "array"}}},
+                   "then": {"properties": {"role": {"const": "assistant"}}}}]}
+    response_format = {"anyOf": [
+        {"type": "null"},
+        {"type": "object", "required": ["type"], "additionalProperties": False,
+         "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False,
+         "properties": {"type": {"const": "json_schema"}, "json_schema": {
+             "type": "object", "required": ["name"], "additionalProperties": False,
+             "properties": {"name": name, "description": {"type": "string"},
+                            "schema": {"type": "object"},
+                            "strict": {"type": ["boolean", "null"]}}}}}]}
+    tool = {"type": "object", "required": ["type", "function"], "additionalProperties": False,
+            "properties": {"type": {"const": "function"}, "function": {
+                "type": "object", "required": ["name"], "additionalProperties": False,
+                "properties": {"name": name, "description": {"type": "string"},
+                               "parameters": {"type": "object"},
+                               "strict": {"type": ["boolean", "null"]}}}}}
+    tool_choice = {"anyOf": [
+        {"enum": [None, "none", "auto", "required"]},
+        {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"const": "function"}, "function": {
+                "type": "object", "required": ["name"], "properties": {"name": name}}}}]}
+    schema = _fields_schema(["model", "messages"], {
         "model": _model_schema(serving, others),
         "messages": {"type": "array", "minItems": 1, "items": message},
         "max_completion_tokens": _SAMPLING_SCHEMA["max_tokens"], **_SAMPLING_SCHEMA,
-        "logprobs": {"type": ["boolean", "null"]}, "top_logprobs": _COUNT},
-        _choices(serving, choices), _CHAT_OFF)
+        "logprobs": {"type": ["boolean", "null"]}, "top_logprobs": _COUNT,
+        "response_format": response_format, "tools": {"type": ["array", "null"], "items": tool},
+        "tool_choice": tool_choice}, _choices(serving, choices), _CHAT_OFF)
+    rules = schema.setdefault("allOf", [])
+    # tool_choice other than none needs tools; a model that does not constrain its output
+    # takes none of them.
+    rules.append({"if": {"required": ["tool_choice"], "properties": {
+                      "tool_choice": {"not": {"enum": [None, "none"]}}}},
+                  "then": {"required": ["tools"], "properties": {
+                      "tools": {"type": "array", "minItems": 1}}}})
+    for plain in (n for n in serving if n not in (structured or [])):
+        rules.append({"if": {"required": ["model"], "properties": {"model": {"const": plain}}},
+                      "then": {"properties": {name: {"enum": list(values)}
+                                              for name, values in _STRUCTURED_OFF.items()}}})
+    return schema
 
 
 def completion_schema(serving: list[str], others: list[str],
