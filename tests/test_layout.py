@@ -203,3 +203,24 @@ def test_version_flag() -> None:
     out = subprocess.run([sys.executable, "-m", "ipcserve", "--version"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == f"ipcserve {ipcserve.__version__}"
+
+
+def test_the_files_the_readme_sends_exist() -> None:
+    """A `curl --data-binary @FILE` or config path in the README's commands is in the repo
+    (the first screen used to send a digit.png nobody had made)."""
+    text = (ROOT / "README.md").read_text()
+    sent = re.findall(r"@([\w./-]+\.\w+)", text) + re.findall(r"--config ([\w./-]+)", text)
+    assert sent, "the README sends no file any more: update this test"
+    for path in sent:
+        assert (ROOT / path).is_file(), path
+
+
+def test_boolean_settings_are_bare_switches_too() -> None:
+    from ipcserve.server import cli
+
+    parser = cli._parser()
+    for flag, name in (("--require-api-key", "require_api_key"),
+                       ("--detect-disconnects", "detect_disconnects")):
+        assert getattr(parser.parse_args(["serve", flag]), name) is True
+        assert getattr(parser.parse_args(["serve", flag, "off"]), name) is False
+        assert getattr(parser.parse_args(["serve"]), name) is None  # then env, file, default

@@ -165,9 +165,11 @@ def _parser() -> argparse.ArgumentParser:
     for setting in SETTINGS:
         names = [setting.flag, *ALIASES.get(setting.name, ())]
         default = f"{setting.default!r}" if setting.default not in (None, ()) else "none"
+        switch = isinstance(setting.default, bool)  # a bare --flag means true
         s.add_argument(*names, dest=setting.name, metavar=setting.name.upper(),
                        choices=setting.choices, type=_typed(setting), default=None,
                        action="append" if setting.name == "model" else "store",
+                       **({"nargs": "?", "const": True} if switch else {}),
                        help=f"{help_of(setting)} ({setting.env}, default {default})")
     return parser
 
@@ -225,6 +227,9 @@ def _models_of(values: dict[str, Any], plan: Any, args: Any) -> list[tuple[Any, 
     if getattr(args, "model", None):
         raise ConfigError(f"--model and --config {plan.path} both name models; put every model "
                           "in the config file")
+    if "IPCSERVE_MODEL" in os.environ:  # not an error: an image may set it for its default
+        logger.warning("IPCSERVE_MODEL is set, but the config file %s names the models: it is "
+                       "ignored", plan.path)
     models: list[tuple[Any, ...]] = []
     for entry in plan.models:
         where = f"{plan.path}: [models.{entry.name}]"
