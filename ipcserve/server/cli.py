@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument(*names, dest=setting.name, metavar=setting.name.upper(),
                        choices=setting.choices, type=_typed(setting), default=None,
                        action="append" if setting.name == "model" else "store",
-                       **({"nargs": "?", "const": True} if switch else {}),
+                       nargs="?" if switch else None, const=True if switch else None,
                        help=f"{help_of(setting)} ({setting.env}, default {default})")
     return parser
 
