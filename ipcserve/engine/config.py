@@ -275,6 +275,16 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
     Setting("api_key", "http", None,
             "require 'Authorization: Bearer KEY' on every route but {open_routes}",
             _optional_str),
+    Setting("keys_file", "http", None,
+            "a TOML file of API keys per team: the models each may use, its requests and "
+            "tokens per minute (429 past them); --api-key keeps working beside it",
+            _optional_str),
+    Setting("access_log", "http", None,
+            "write one JSON line per request (route, model, status, latency split, key name, "
+            "trace id) to this file, or - for stdout; none: off", _optional_str),
+    Setting("cors_origins", "http", None,
+            "origins (comma-separated, or *) whose web pages may call the API from a browser "
+            "(CORS; needs flask-cors); none: off", _tuple),
     Setting("max_content_length", "http", 16 * _MIB,
             "largest request body in bytes (413 past it)", int),
     Setting("max_image_pixels", "http", 20_000_000,

@@ -8,6 +8,8 @@
     │   ├── PayloadTooLargeError            413
     │   └── UnsupportedMediaTypeError       415
     ├── UnauthorizedError                   401   missing or wrong API key
+    ├── ForbiddenError                      403   the key may not use that model
+    ├── RateLimitedError                    429   the key is over its quota; Retry-After
     ├── NotFoundError                       404   unknown model or route
     ├── ConflictError                       409   a reload of that model is already running
     ├── ReloadError                         500   the new version failed to load; the old one serves
@@ -33,6 +35,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "DeadlineError",
+    "ForbiddenError",
     "IPCServeError",
     "InputError",
     "ModelError",
@@ -40,6 +43,7 @@ __all__ = [
     "OverloadedError",
     "PayloadTooLargeError",
     "QueueDeadlineError",
+    "RateLimitedError",
     "ReloadError",
     "RequestCancelledError",
     "ResultDeadlineError",
@@ -100,6 +104,30 @@ class UnauthorizedError(IPCServeError):
     """An API key is configured and the request did not present it."""
 
     http_status = 401
+
+
+class ForbiddenError(IPCServeError):
+    """The API key is valid but may not use this model (its ``models`` in the keys file)."""
+
+    http_status = 403
+
+
+class RateLimitedError(IPCServeError):
+    """The API key is over its quota (requests or tokens per minute): retry after
+    ``retry_after`` seconds. Other keys are not affected.
+
+    Args:
+        message: which quota, as a sentence.
+        retry_after: seconds until the quota has room again.
+    """
+
+    http_status = 429
+    retry_after = 1.0
+
+    def __init__(self, *args: Any, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class NotFoundError(IPCServeError):

@@ -26,13 +26,13 @@ from werkzeug.exceptions import HTTPException
 
 from ..engine import events
 from ..engine.config import read_settings, settings_of
-from ..engine.errors import IPCServeError
+from ..engine.errors import ConfigError, IPCServeError
 from ..engine.mlprocess import MLProcess
 from . import native, openai, openapi, reload, routes, status, v2
 from .cache import CacheSettings, ResponseCache, key_salt
 from .pool import resident_bytes
 from .serving import Endpoint, Models, Served, check_api_key, error_response as _respond
-from .serving import failure_of, served
+from .serving import failure_of, log_request, served
 from .shadow import Shadow
 from .rollback import Rollback
 from .versions import DEFAULT_VERSION, Version
@@ -381,6 +381,10 @@ class IPCServe:
                 self._make_cache(app, endpoint)
         bp = Blueprint("ipcserve", __name__)
         bp.before_request(routes.require_key)
+        bp.after_request(log_request)
+        origins = app.config["IPCSERVE_CORS_ORIGINS"]
+        if origins:
+            _allow_origins(bp, list(origins))
         bp.register_error_handler(Exception, routes.handle_error)
         for route in ROUTES:
             routes.add(bp, state, route)
@@ -392,3 +396,22 @@ class IPCServe:
                 # header; ipcserve answers JSON: the first 404s, the second just matches.
                 rule.merge_slashes = False
                 rule.strict_slashes = False
+
+
+def _allow_origins(bp: Blueprint, origins: list[str]) -> None:
+    """CORS for web pages of ``origins`` (``*``: any), through flask-cors: preflights are
+    answered by Flask's automatic OPTIONS (no key needed, no model touched), and every
+    answer, errors included, carries the headers a browser needs to read it.
+
+    Raises:
+        ConfigError: flask-cors is not installed.
+    """
+    try:
+        from flask_cors import CORS  # type: ignore[import-untyped]
+    except ImportError:
+        raise ConfigError("IPCSERVE_CORS_ORIGINS needs flask-cors: pip install "
+                          "'ipcserve[cors]'") from None
+    CORS(bp, origins="*" if origins == ["*"] else origins,
+         allow_headers=["Authorization", "Content-Type", "X-IPCServe-Version", "traceparent"],
+         expose_headers=["Retry-After", "X-IPCServe-Version"], max_age=600)
+

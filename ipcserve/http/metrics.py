@@ -155,6 +155,28 @@ class _VersionCollector:
         yield from (loaded, loads, unloads, failures, share, rollbacks, shadow, count, memory)
 
 
+class _KeyCollector:
+    """Yields each API key's usage at scrape time (by its name in the keys file)."""
+
+    def __init__(self, usage: Callable[[], dict[str, dict[str, int]]]) -> None:
+        self._usage = usage
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        requests = CounterMetricFamily("ipcserve_key_requests", "Requests each API key made "
+                                       "within its quota", labels=["key"])
+        limited = CounterMetricFamily("ipcserve_key_limited", "Requests refused 429 because "
+                                      "the key was over its quota", labels=["key"])
+        tokens = CounterMetricFamily("ipcserve_key_tokens", "Prompt and generated tokens of "
+                                     "each key's answers (OpenAI routes)", labels=["key"])
+        for name, counts in self._usage().items():
+            requests.add_metric([name], counts["requests"])
+            limited.add_metric([name], counts["limited"])
+            tokens.add_metric([name], counts["tokens"])
+        yield from (requests, limited, tokens)
+
+
 class _StepFamilies:
     """The generation figures of the ML processes' step schedulers (engine/stepping.py),
     for text-generation models and any model that steps its streams."""
@@ -290,6 +312,10 @@ class Metrics:
             inference.observe(stats.inference_time)
             batch_size.observe(batch)
         self.history.record(model, status, seconds, batch, queue_depth)
+
+    def track_keys(self, keys: Any) -> None:
+        """Export the usage of each API key of ``keys`` (:class:`.keys.Keys`)."""
+        self.registry.register(_KeyCollector(keys.usage))
 
     def observe_version(self, model: str, version: str, status: int, seconds: float) -> None:
         """Record one finished request of a model with several versions, by version (also

@@ -35,11 +35,13 @@ from flask import Response, jsonify, request
 from ..engine.channel import Stream
 from ..engine.errors import (
     DeadlineError,
+    ForbiddenError,
     IPCServeError,
     ModelError,
     NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
+    RateLimitedError,
     RequestCancelledError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
@@ -57,6 +59,7 @@ EMBEDDING = "feature-extraction"
 
 _ERROR_CODES: tuple[tuple[type[IPCServeError], str], ...] = (
     (UnauthorizedError, "invalid_api_key"), (NotFoundError, "model_not_found"),
+    (RateLimitedError, "rate_limit_exceeded"), (ForbiddenError, "permission_denied"),
     (PayloadTooLargeError, "request_too_large"), (UnsupportedMediaTypeError, "unsupported_media_type"),
     (OverloadedError, "overloaded"), (WorkerUnavailableError, "model_unavailable"),
     (DeadlineError, "timeout"), (RequestCancelledError, "cancelled"), (ModelError, "model_error"))
@@ -399,8 +402,9 @@ def _generate(ex: Exchange, kwargs: dict[str, Any], wants_stream: bool, include_
                 finals[index] = piece
         finishes = [str(finals[i]["finish_reason"]) if i in finals else "stop"
                     for i in range(total)]
-        return jsonify(reply.whole(["".join(t) for t in texts], finishes, entries,
-                                   _usage(finals, count, view.made)))
+        counts = _usage(finals, count, view.made)
+        ex.charge(counts["total_tokens"])
+        return jsonify(reply.whole(["".join(t) for t in texts], finishes, entries, counts))
     # The first piece is awaited here, so an error before any token gets its status.
     first = next(pieces, None)
     usage = "continuous" if kwargs.get("continuous_usage") else "final" if include_usage else ""
@@ -484,8 +488,10 @@ def _events(ex: Exchange, reply: _Reply, pieces: Iterator[dict[str, Any]],
             if n == 1 or index not in finals:
                 yield reply.chunk(None, finishes.get(index, "stop"), usage=usage_field(),
                                   index=index)
+        total = _usage(finals, count, reply.view.made)
+        ex.charge(total["total_tokens"])
         if usage:
-            yield reply.chunk(None, usage=_usage(finals, count, reply.view.made), choices=False)
+            yield reply.chunk(None, usage=total, choices=False)
     except IPCServeError as exc:
         yield sse(error_body(ex.failed(exc)))
     yield _DONE
@@ -504,6 +510,7 @@ def _embeddings() -> Response:
             raise ModelError("the embedding model must return {'vectors': [one per text], "
                              "'prompt_tokens': int}")
         tokens = int(value.get("prompt_tokens", 0))
+        ex.charge(tokens)
         data = [{"object": "embedding", "index": i,
                  "embedding": _encode(v, encoding, dimensions)} for i, v in enumerate(vectors)]
         return jsonify({"object": "list", "data": data, "model": endpoint.name,

@@ -47,14 +47,16 @@ def _operation(state: Served, route: Route, params: dict[str, str], method: str)
     if body is not None:
         operation["requestBody"] = body
     statuses = list(route.errors)
-    if state.api_key is not None and not route.open:
+    if state.guarded and not route.open:
         statuses.append(401)
+    if state.keys is not None and not route.open:
+        statuses += [403, 429]
     schema = {"$ref": f"#/components/schemas/{route.surface.component}"}
     for status in sorted(statuses):
         operation["responses"][str(status)] = {"description": STATUS_TEXT[status],
                                                "content": {"application/json": {"schema": schema}}}
     operation["responses"].update(route.responses)
-    if state.api_key is not None and route.open:
+    if state.guarded and route.open:
         operation["security"] = []
     return operation
 
@@ -83,7 +85,7 @@ def openapi_document(state: Served | None = None) -> dict[str, Any]:
         "components": {"schemas": {route.surface.component: route.surface.error_schema
                                    for route in state.routes.values()}},
     }
-    if state.api_key is not None:
+    if state.guarded:
         document["components"]["securitySchemes"] = {
             "apiKey": {"type": "http", "scheme": "bearer",
                        "description": "the server's API key: Authorization: Bearer <key>"}}

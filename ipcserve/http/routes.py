@@ -14,15 +14,14 @@ declares its routes as :class:`Route` rows; the extension adds them to one bluep
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from ..engine.errors import IPCServeError, UnauthorizedError
+from ..engine.errors import IPCServeError
 from .serving import Failure, Served, error_response, failure_of, served
 
 __all__ = ["IPCSERVE_ERRORS", "Route", "Surface", "add", "handle_error", "open_paths",
@@ -66,10 +65,12 @@ IPCSERVE_ERRORS = Surface("native", _ipcserve_body, {
 
 #: What each documented error status means, for the OpenAPI document.
 STATUS_TEXT = {
-    400: "bad input", 401: "missing or wrong API key", 404: "no such model",
+    400: "bad input", 401: "missing or wrong API key",
+    403: "the API key may not use this model", 404: "no such model",
     405: "method not allowed", 409: "a reload of this model is already running",
     413: "body, image or array too large", 415: "unsupported content type",
-    429: "shed (shed_status=429); see Retry-After", 499: "client disconnected",
+    429: "the API key is over its quota, or shed (shed_status=429); see Retry-After",
+    499: "client disconnected",
     500: "the model raised, or its answer could not be sent",
     502: "the ML process died with this request in flight (not retried elsewhere: it may be "
          "what killed it)",
@@ -136,13 +137,16 @@ def open_paths(routes: list[Route]) -> list[str]:
 
 
 def require_key() -> None:
-    """``before_request``: every route but the open ones needs ``Authorization: Bearer``.
+    """``before_request``: every route but the open ones needs ``Authorization: Bearer``
+    with the server's key or a team key (whose quotas it counts against); a CORS preflight
+    (``OPTIONS``) needs none, and never reaches a model.
 
     Raises:
-        UnauthorizedError: a key is set and the request did not send it.
+        UnauthorizedError: a key is needed and the request did not send one.
+        RateLimitedError: its team key is over its quota.
     """
     state = served()
-    if state.api_key is None:
+    if not state.guarded or request.method == "OPTIONS":
         return
     route = state.routes.get(request.endpoint or "")
     if route is not None and route.open:
@@ -154,8 +158,8 @@ def require_key() -> None:
         sent = token.strip().encode("latin-1")
     except UnicodeEncodeError:
         sent = b""
-    if scheme.lower() != "bearer" or not hmac.compare_digest(sent, state.api_key):
-        raise UnauthorizedError("this server needs an API key: send 'Authorization: Bearer <key>'")
+    g.ipcserve_key = state.authorize(sent if scheme.lower() == "bearer" else b"",
+                                     "send 'Authorization: Bearer <key>'")
 
 
 def handle_error(error: Exception) -> Response:

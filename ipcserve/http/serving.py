@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hmac
 import logging
 import math
 import statistics
@@ -32,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from flask import (Flask, Response, after_this_request, current_app, has_request_context,
+from flask import (Flask, Response, after_this_request, current_app, g, has_request_context,
                    jsonify, request)
 from werkzeug.exceptions import HTTPException
 
@@ -46,12 +47,15 @@ from ..engine.errors import (
     OverloadedError,
     ReloadError,
     RequestCancelledError,
+    UnauthorizedError,
     WorkerCrashedError,
     WorkerUnavailableError,
 )
 from ..engine.mlprocess import MLProcess
+from .access import AccessLog, stamp, trace_id
 from .cache import CacheSettings, ResponseCache
 from .decode import DecodeBudget
+from .keys import Key, Keys, load_keys
 from .metrics import Metrics
 from .pool import Pool
 from .rollback import Rollback
@@ -361,6 +365,39 @@ class Served:
             raise ConfigError(f"IPCSERVE_SHED_STATUS must be 503 or 429, got {self.shed_status}")
         self.routes: dict[str, Any] = {}  # Flask endpoint name -> routes.Route
         self.url_prefix = ""
+        keys_file = config.get("IPCSERVE_KEYS_FILE")
+        self.keys: Keys | None = load_keys(keys_file) if keys_file else None
+        if self.keys is not None:
+            self.metrics.track_keys(self.keys)
+        target = config.get("IPCSERVE_ACCESS_LOG")
+        self.access_log: AccessLog | None = AccessLog(target) if target else None
+
+    @property
+    def guarded(self) -> bool:
+        """Whether requests need an API key (``api_key``, or a keys file)."""
+        return self.api_key is not None or self.keys is not None
+
+    def authorize(self, sent: bytes, how: str) -> Key | None:
+        """The team key a request sent (None: no key is needed, or it sent the server's own
+        ``api_key``, which has no quota), counted against its quotas.
+
+        Args:
+            sent: the bearer token's bytes.
+            how: how to send a key, for the error message.
+
+        Raises:
+            UnauthorizedError: a key is needed and ``sent`` is none of them.
+            RateLimitedError: the key is over its quota.
+        """
+        if not self.guarded:
+            return None
+        if self.api_key is not None and hmac.compare_digest(sent, self.api_key):
+            return None
+        key = self.keys.find(sent) if self.keys is not None and sent else None
+        if key is None:
+            raise UnauthorizedError(f"this server needs an API key: {how}")
+        key.admit()
+        return key
 
 
 def served(app: Flask | None = None) -> Served:
@@ -470,8 +507,11 @@ class Exchange:
 
     def __init__(self, state: Served, endpoint: Endpoint, received: float | None = None,
                  gone: Callable[[], bool] | None = None, limit: float | None = None,
-                 pin: str | None = None) -> None:
+                 pin: str | None = None, key: Key | None = None,
+                 access: dict[str, Any] | None = None) -> None:
         self.state = state
+        self.key = key  # the team key it came with (its quotas), if any
+        self.access = access  # what the access log says of the request, if there is one
         self.endpoint = endpoint
         self.started = time.perf_counter()
         self.received: float = received or time.monotonic()
@@ -593,6 +633,8 @@ class Exchange:
             self._admission.release()
         elapsed = time.perf_counter() - self.started
         endpoint = self.endpoint
+        if self.state.access_log is not None:
+            self._log(elapsed)
         self.state.metrics.observe(endpoint.name, self.status, elapsed, self.stats,
                                    endpoint.ml.inflight)
         if self.status == 200:
@@ -611,6 +653,49 @@ class Exchange:
                                        self.stats.value, streamed)
 
 
+    def charge(self, tokens: int) -> None:
+        """Count the tokens of the answer against its key's token quota (if it has one)."""
+        if self.key is not None:
+            self.key.charge(tokens)
+
+    def _log(self, elapsed: float) -> None:
+        assert self.state.access_log is not None
+        stats, version = self.stats, self.version
+        entry = dict(self.access or {"time": stamp(self.received)})
+        entry.update({"status": self.status, "model": self.endpoint.name,
+                      "version": None if version is None else version.label,
+                      "latency_ms": round((time.monotonic() - self.received) * 1000, 3),
+                      "key": None if self.key is None else self.key.name})
+        if stats is not None and stats.batch_size:
+            entry.update({"queue_ms": round(stats.queue_wait * 1000, 3),
+                          "compute_ms": round(stats.inference_time * 1000, 3),
+                          "batch_size": stats.batch_size})
+        self.state.access_log.write(entry)
+
+
+def request_entry(received: float | None) -> dict[str, Any]:
+    """The access log's fields of the request being handled (see :mod:`.access`)."""
+    rule = request.url_rule
+    return {"time": stamp(received or time.monotonic()), "method": request.method,
+            "path": request.path, "route": None if rule is None else rule.rule,
+            "trace_id": trace_id(request.headers.get("traceparent"))}
+
+
+def log_request(response: Response) -> Response:
+    """``after_request``: the access log line of a request that no model call answered (a
+    model request's line is written when its answer is done: :meth:`Exchange.finish`)."""
+    state = served()
+    if state.access_log is not None and not g.get("ipcserve_exchange"):
+        received = request.environ.get(RECEIVED_KEY)
+        entry = request_entry(received)
+        key = g.get("ipcserve_key")
+        entry.update({"status": response.status_code, "key": None if key is None else key.name,
+                      "latency_ms": None if received is None else
+                      round((time.monotonic() - received) * 1000, 3)})
+        state.access_log.write(entry)
+    return response
+
+
 @contextlib.contextmanager
 def exchange(endpoint: Endpoint) -> Iterator[Exchange]:
     """The lifecycle of one request to ``endpoint``: use inside a view, as
@@ -625,16 +710,23 @@ def exchange(endpoint: Endpoint) -> Iterator[Exchange]:
         WorkerUnavailableError: the server is draining.
     """
     environ = request.environ
-    with lifecycle(served(), endpoint, received=environ.get(RECEIVED_KEY),
-                   gone=environ.get(DISCONNECTED_KEY),
-                   pin=request.headers.get(VERSION_HEADER)) as current:
+    state = served()
+    key: Key | None = g.get("ipcserve_key")
+    if key is not None:
+        key.allow(endpoint.name)
+    g.ipcserve_exchange = True  # its access log line is the exchange's
+    received = environ.get(RECEIVED_KEY)
+    with lifecycle(state, endpoint, received=received, gone=environ.get(DISCONNECTED_KEY),
+                   pin=request.headers.get(VERSION_HEADER), key=key,
+                   access=request_entry(received) if state.access_log else None) as current:
         yield current
 
 
 @contextlib.contextmanager
 def lifecycle(state: Served, endpoint: Endpoint, *, received: float | None = None,
               gone: Callable[[], bool] | None = None, limit: float | None = None,
-              pin: str | None = None) -> Iterator[Exchange]:
+              pin: str | None = None, key: Key | None = None,
+              access: dict[str, Any] | None = None) -> Iterator[Exchange]:
     """The lifecycle of one request to ``endpoint``, outside Flask too (the gRPC service):
     as :func:`exchange`, with the arrival time, the "client gone" probe and the client's
     own deadline given (see :class:`Exchange`). An exception leaving the block is recorded
@@ -643,7 +735,7 @@ def lifecycle(state: Served, endpoint: Endpoint, *, received: float | None = Non
     Raises:
         WorkerUnavailableError: the server is draining.
     """
-    current = Exchange(state, endpoint, received, gone, limit, pin)
+    current = Exchange(state, endpoint, received, gone, limit, pin, key, access)
     try:
         if state.models.draining.is_set():
             raise WorkerUnavailableError("the server is shutting down")

@@ -65,7 +65,8 @@ def _history() -> Response:
     # "pid": which web process answered (each gunicorn worker has its own history).
     # Each model, and each version of a model with several ("model@version").
     snapshot = state.metrics.history.snapshot(state.models.history_names())
-    return jsonify({**snapshot, "pid": os.getpid()})
+    keys = {} if state.keys is None else {"keys": state.keys.usage()}  # by the key's name
+    return jsonify({**snapshot, "pid": os.getpid(), **keys})
 
 
 def _events() -> Response:
@@ -104,7 +105,12 @@ _HISTORY: dict[str, Any] = {"type": "object", "required": ["bucket_seconds", "sp
             "properties": {"bucket_seconds": {"type": "number"},
                            "span_seconds": {"type": "number"}, "now": {"type": "number"},
                            "pid": {"type": "integer"},
-                           "models": {"type": "object", "additionalProperties": _SERIES}}}
+                           "models": {"type": "object", "additionalProperties": _SERIES},
+                           "keys": {"type": "object", "additionalProperties": {
+                               "type": "object", "required": ["requests", "limited", "tokens"],
+                               "properties": {"requests": {"type": "integer"},
+                                              "limited": {"type": "integer"},
+                                              "tokens": {"type": "integer"}}}}}}
 _EVENTS: dict[str, Any] = {"type": "object", "required": ["object", "data"],
            "properties": {"object": {"const": "list"}, "pid": {"type": "integer"},
                           "data": {"type": "array", "items": {

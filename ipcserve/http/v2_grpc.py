@@ -21,8 +21,8 @@ The gRPC server itself (threads, port, start and stop) is :mod:`ipcserve.server.
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -30,10 +30,11 @@ from typing import Any, TypeVar
 import grpc
 
 from .. import __version__
-from ..engine.errors import InputError, IPCServeError, NotFoundError, UnauthorizedError
+from ..engine.errors import InputError, IPCServeError, NotFoundError
 from . import tensors
 from .oip import inference_pb2 as pb
 from .oip import inference_pb2_grpc as pb_grpc
+from .access import stamp
 from .serving import Endpoint, Exchange, Served, failure_of, lifecycle
 
 __all__ = ["GRPC_CODES", "InferenceService", "code_of"]
@@ -101,23 +102,22 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, state: Served) -> None:
         self.state = state
+        self._key = threading.local()  # the team key of the call this thread serves
 
     # -- what every call shares ------------------------------------------------------
     def authorize(self, context: Any) -> None:
-        """Check the ``authorization: Bearer <key>`` metadata when a key is set.
+        """Check the ``authorization: Bearer <key>`` metadata when a key is needed; a team
+        key is kept for the call's lifecycle (its quotas, the access log).
 
         Raises:
-            UnauthorizedError: a key is set and the call did not send it.
+            UnauthorizedError: a key is needed and the call did not send one.
+            RateLimitedError: its team key is over its quota.
         """
-        key = self.state.api_key
-        if key is None:
-            return
         sent = dict(context.invocation_metadata()).get("authorization", "")
         scheme, _, token = str(sent).partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode("utf-8", "replace"), key):
-            raise UnauthorizedError("this server needs an API key: send the metadata "
-                                    "'authorization: Bearer <key>'")
+        self._key.value = self.state.authorize(
+            token.strip().encode("utf-8", "replace") if scheme.lower() == "bearer" else b"",
+            "send the metadata 'authorization: Bearer <key>'")
 
     def abort(self, context: Any, error: BaseException) -> None:
         """End the call with ``error``'s gRPC code and message (and ``retry-after``)."""
@@ -188,7 +188,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         A missing API key ends the stream."""
         try:
             self.authorize(context)
-        except UnauthorizedError as error:
+        except IPCServeError as error:  # no key, or over its quota
             self.abort(context, error)
         for request in requests:
             try:
@@ -210,8 +210,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         endpoint, signature = self.tensor_model(request.model_name, request.model_version)
         remaining = context.time_remaining()
         limit = None if remaining is None or remaining > _NO_DEADLINE else received + remaining
+        key = getattr(self._key, "value", None)
+        if key is not None:
+            key.allow(endpoint.name)
+        access = {"time": stamp(received), "method": "gRPC", "route": "ModelInfer",
+                  "path": f"/inference.GRPCInferenceService/ModelInfer/{endpoint.name}"}
         with lifecycle(self.state, endpoint, received=received, limit=limit,
-                       gone=lambda: not context.is_active()) as ex:
+                       gone=lambda: not context.is_active(), key=key,
+                       access=access if self.state.access_log else None) as ex:
             return _answer(ex, request, signature)
 
 

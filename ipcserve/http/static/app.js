@@ -241,6 +241,7 @@ async function refresh() {
       const eventList = events.ok ? events.body.data : [];
       if (events.ok) renderEvents(eventList);
       if (history.ok) renderCharts(history.body, eventList);  // charts.js
+      if (history.ok) renderKeys(history.body.keys);
     } else {
       const e = listing.body || {};  // ipcserve errors: {"error": "<message>", "type": "<ErrorType>"}
       $("status-note").textContent = "Status unavailable: HTTP " + listing.status + " " +
@@ -270,6 +271,22 @@ function saveKey() {
   const key = $("api-key").value;
   if (key) sessionStorage.setItem(KEY_STORAGE, key);
   else sessionStorage.removeItem(KEY_STORAGE);
+}
+
+// -- API keys -------------------------------------------------------------------------
+function renderKeys(keys) {
+  $("keys-section").hidden = !keys;
+  if (!keys) return;
+  const tbody = $("keys");
+  tbody.replaceChildren();
+  for (const [name, usage] of Object.entries(keys)) {
+    const row = tbody.insertRow();
+    row.dataset.key = name;
+    cell(row, "name", name);
+    cell(row, "requests", String(usage.requests));
+    cell(row, "limited", String(usage.limited));
+    cell(row, "tokens", String(usage.tokens));
+  }
 }
 
 // -- event log -------------------------------------------------------------------------
