@@ -122,6 +122,23 @@ class Batcher(MLProcess):
         return [x if x == "block" else x * 10 for x in xs]
 
 
+class BatchDoubler(MLProcess):
+    """Doubles each item of a batch in one call: ``{"x": n}`` (a JSON body) or ``n``. An
+    item "block" sets ``entered`` and waits for ``release`` (multiprocessing Events)."""
+
+    def __init__(self, entered: Any = None, release: Any = None, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.entered = entered
+        self.release = release
+
+    def predict_batch(self, xs: list[Any]) -> list[Any]:
+        xs = [x["x"] if isinstance(x, dict) else x for x in xs]
+        if "block" in xs:
+            self.entered.set()
+            self.release.wait(30)
+        return [x if x == "block" else 2 * x for x in xs]
+
+
 def make_tripler() -> Any:
     """A factory for MLProcess.from_factory: returns a plain callable."""
     return lambda x: x * 3

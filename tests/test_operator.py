@@ -176,6 +176,33 @@ def test_the_access_log_has_one_line_per_request(keyed: tuple[Server, Path]) -> 
         assert secret not in text  # names, never keys
 
 
+@pytest.mark.timeout(240)
+def test_the_status_page_shows_the_requests_per_key(keyed: tuple[Server, Path],
+                                                    tmp_path: Path) -> None:
+    import chromium
+
+    chromium.skip_unless_available()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, _ = keyed
+    assert _predict(server, FAST).status_code == 200
+    usage = requests.get(f"{server.url}/v1/history", timeout=30,
+                         headers={"Authorization": f"Bearer {ADMIN}"}).json()["keys"]
+    with chromium.browser(tmp_path) as browser:
+        browser.get(f"{server.url}/")
+        browser.find_element(By.ID, "api-key").send_keys(ADMIN)
+
+        def row(b: Any) -> Any:
+            found = b.find_elements(By.CSS_SELECTOR, '#keys tr[data-key="fast"] .requests')
+            return found and int(found[0].text) >= usage["fast"]["requests"]
+        WebDriverWait(browser, chromium.WAIT).until(row)
+        assert browser.find_element(By.ID, "keys-section").is_displayed()
+        names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#keys .name")]
+        assert sorted(names) == ["chat", "fast", "slow", "tokens"]
+        browser.execute_script("sessionStorage.clear()")
+
+
 def test_a_bad_keys_file_stops_the_server(tmp_path: Path) -> None:
     keys = tmp_path / "keys.toml"
     keys.write_text('[keys.team]\nsha256 = "abc"\n')

@@ -81,12 +81,17 @@ class CallResult:
             all of its model calls).
         batch_size: items in that model call (for a batch request, in the largest of its
             model calls).
+        started: when that model call started (``time.monotonic()``); 0.0 if unknown.
+        links: for a traced call, the W3C traceparents of the other traced requests that
+            shared its model call.
     """
 
     value: Any
     queue_wait: float = 0.0
     inference_time: float = 0.0
     batch_size: int = 0
+    started: float = 0.0
+    links: tuple[str, ...] = ()
 
 
 class _Channel:
@@ -147,16 +152,19 @@ class Admission:
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any], *,
              timeout: float | None = None, deadline: float | None = None,
-             cancel_if: Callable[[], bool] | None = None) -> CallResult:
-        """Run one call in the ML process; see :meth:`MLProcess.call`."""
+             cancel_if: Callable[[], bool] | None = None, trace: str | None = None
+             ) -> CallResult:
+        """Run one call in the ML process; see :meth:`MLProcess.call`. ``trace``: the W3C
+        traceparent of a traced request (see :attr:`CallResult.links`)."""
         if self._released:
             raise RuntimeError("this admission was released; admit() again")
         return self._caller._call(args, kwargs, self._caller._deadline(timeout, deadline),
-                                  cancel_if)
+                                  cancel_if, trace=trace)
 
     def call_batch(self, items: list[Any], *, timeout: float | None = None,
                    deadline: float | None = None,
-                   cancel_if: Callable[[], bool] | None = None) -> CallResult:
+                   cancel_if: Callable[[], bool] | None = None,
+                   trace: str | None = None) -> CallResult:
         """Run one batch request in the ML process (its value: one result per item); see
         :meth:`MLProcess.call_batch`.
 
@@ -170,12 +178,12 @@ class Admission:
             got = "an empty list" if isinstance(items, list) else type(items).__name__
             raise InputError(f"a batch request needs a non-empty list of items, got {got}")
         return self._caller._call((), {}, self._caller._deadline(timeout, deadline), cancel_if,
-                                  items)
+                                  items, trace=trace)
 
     def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any], *,
                timeout: float | None = None, deadline: float | None = None,
                idle_timeout: float | None = None, cancel_if: Callable[[], bool] | None = None,
-               release_at_end: bool = False) -> Stream:
+               release_at_end: bool = False, trace: str | None = None) -> Stream:
         """The items of one call as they are made; see :meth:`MLProcess.stream`.
 
         ``release_at_end``: this admission is released when the stream ends or is closed
@@ -188,7 +196,7 @@ class Admission:
         if not idle > 0:
             raise InputError(f"idle_timeout must be > 0, got {idle_timeout!r}")
         return Stream(caller, args, kwargs, caller._deadline(timeout, deadline), idle, cancel_if,
-                      self.release if release_at_end else None)
+                      self.release if release_at_end else None, trace)
 
     def release(self) -> None:
         if not self._released:
@@ -384,8 +392,8 @@ class Caller:
     # -- the call ----------------------------------------------------------------------
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float,
               cancel_if: Callable[[], bool] | None = None,
-              items: list[Any] | None = None) -> CallResult:
-        channel, request, message = self._open(args, kwargs, deadline, cancel_if, items)
+              items: list[Any] | None = None, trace: str | None = None) -> CallResult:
+        channel, request, message = self._open(args, kwargs, deadline, cancel_if, items, trace)
         if isinstance(message, Reply):
             return _result(message)
         # A streaming model called for one answer: the answer is the list of its items.
@@ -405,7 +413,8 @@ class Caller:
 
     def _open(self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float,
               cancel_if: Callable[[], bool] | None,
-              items: list[Any] | None = None) -> tuple[_Channel, Request, Any]:
+              items: list[Any] | None = None, trace: str | None = None
+              ) -> tuple[_Channel, Request, Any]:
         """Send one request (a batch request when ``items`` is given); its channel, the
         request and the first message about it (a Reply, a StreamItem or a StreamEnd)."""
         if deadline <= time.monotonic():
@@ -427,7 +436,7 @@ class Caller:
             channel = self._channel()
         lost_handovers = 0  # fresh channels in a row that no ML process could take
         while True:
-            request = Request(next(channel.ids), deadline, args, kwargs, items)
+            request = Request(next(channel.ids), deadline, args, kwargs, items, trace)
             try:
                 data = channel.mailbox.dumps(request, self._config.shm_threshold, request.id)
             except Exception as exc:
@@ -443,7 +452,7 @@ class Caller:
                     # again, through the new channel's own shared memory).
                     self._discard(channel)
                     channel = self._channel()
-                    request = Request(next(channel.ids), deadline, args, kwargs, items)
+                    request = Request(next(channel.ids), deadline, args, kwargs, items, trace)
                     channel.conn.send_bytes(channel.mailbox.dumps(
                         request, self._config.shm_threshold, request.id))
                 message = self._wait(channel, request, deadline, cancel_if)
@@ -621,7 +630,8 @@ def _raise(failure: BaseException) -> None:
 def _result(reply: Reply) -> CallResult:
     if reply.error is not None:
         _raise(reply.error)
-    return CallResult(reply.value, reply.queue_wait, reply.inference_time, reply.batch_size)
+    return CallResult(reply.value, reply.queue_wait, reply.inference_time, reply.batch_size,
+                      reply.started, reply.links)
 
 
 def _raise_end(end: StreamEnd) -> None:
@@ -642,9 +652,10 @@ class Stream:
 
     def __init__(self, caller: Caller, args: tuple[Any, ...], kwargs: dict[str, Any],
                  deadline: float, idle_timeout: float, cancel_if: Callable[[], bool] | None,
-                 on_end: Callable[[], None] | None = None) -> None:
+                 on_end: Callable[[], None] | None = None, trace: str | None = None) -> None:
         self._caller = caller
         self._args, self._kwargs = args, kwargs
+        self._trace = trace
         self._deadline = deadline
         self._idle = idle_timeout
         self._cancel_if = cancel_if
@@ -673,7 +684,8 @@ class Stream:
         try:
             if self._request is None:
                 self._channel, self._request, message = self._caller._open(
-                    self._args, self._kwargs, self._deadline, self._cancel_if)
+                    self._args, self._kwargs, self._deadline, self._cancel_if,
+                    trace=self._trace)
             elif self._unary is not None:
                 raise StopIteration  # the one answer was given
             else:

@@ -282,6 +282,10 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
     Setting("access_log", "http", None,
             "write one JSON line per request (route, model, status, latency split, key name, "
             "trace id) to this file, or - for stdout; none: off", _optional_str),
+    Setting("tracing", "http", False,
+            "record OpenTelemetry spans of each request (admission, queue, model call with "
+            "its batch's links, stream); exported by OTLP as the OTEL_* variables say, unless "
+            "the app set up its tracer provider (needs ipcserve[otel])", _bool),
     Setting("cors_origins", "http", None,
             "origins (comma-separated, or *) whose web pages may call the API from a browser "
             "(CORS; needs flask-cors); none: off", _tuple),

@@ -67,6 +67,8 @@ class Request:
         items: None for one call; for a batch request, its items (a non-empty list), each
             what ``predict_batch`` receives for one call (``batching.item_of``). The one
             Reply's value is then a list with one result per item, in order.
+        trace: the caller's W3C ``traceparent`` when it traces the request (the reply then
+            names the other traced requests of its model call), else None.
     """
 
     id: int
@@ -74,6 +76,7 @@ class Request:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     items: list[Any] | None = None
+    trace: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +111,10 @@ class Reply:
     queue_wait: float = 0.0
     inference_time: float = 0.0
     batch_size: int = 0
+    # When its model call started (time.monotonic(), system-wide on one host), and the
+    # traceparents of the other traced requests of that call (only for a traced request).
+    started: float = 0.0
+    links: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass

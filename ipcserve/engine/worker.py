@@ -353,12 +353,16 @@ class _Loop:
         # batch: calls in flight are counted in requests, whatever their items).
         self.status.record_batch(self.slot, elapsed, len(items),
                                  self.config.max_batch_size if self.batchable else 1)
+        traces = [t for t in (item.request.trace for item in items) if t is not None]
         for item, (value, error, batch_size) in zip(items, answers):
             if cancelled and id(item) in cancelled:
                 continue  # nobody waits for it: its result is discarded
+            trace = item.request.trace
             send(item.conn, Reply(item.request.id, value=value, error=error,
                                    queue_wait=max(0.0, started - item.arrived),
-                                   inference_time=elapsed, batch_size=batch_size),
+                                   inference_time=elapsed, batch_size=batch_size,
+                                   started=started, links=() if trace is None else tuple(
+                                       t for t in traces if t != trace)),
                   self.config.shm_threshold, self.mailboxes.get(item.conn))
         self.status.set_busy(self.slot, 0.0)
         self.status.add_served(self.slot, size)

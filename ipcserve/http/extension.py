@@ -34,6 +34,7 @@ from .pool import resident_bytes
 from .serving import Endpoint, Models, Served, check_api_key, error_response as _respond
 from .serving import failure_of, log_request, served
 from .shadow import Shadow
+from .tracing import Tracing
 from .rollback import Rollback
 from .versions import DEFAULT_VERSION, Version
 
@@ -374,12 +375,19 @@ class IPCServe:
                                    app.config["IPCSERVE_MAX_LOADED_MEMORY"])
         state = Served(self.models, app.config, self)
         state.url_prefix = self.url_prefix
+        if app.config["IPCSERVE_TRACING"]:
+            state.tracing = Tracing(app)
         app.extensions["ipcserve"] = state
         self._app = app
         for endpoint in self.models.endpoints.values():
             if endpoint.cache_settings is not None:
                 self._make_cache(app, endpoint)
         bp = Blueprint("ipcserve", __name__)
+        tracing = state.tracing
+        if tracing is not None:  # first: the span covers the key check too
+            bp.before_request(tracing.begin)
+            bp.after_request(tracing.status)
+            bp.teardown_request(tracing.end)
         bp.before_request(routes.require_key)
         bp.after_request(log_request)
         origins = app.config["IPCSERVE_CORS_ORIGINS"]

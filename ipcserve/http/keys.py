@@ -96,6 +96,11 @@ class Key:
     tokens: Bucket | None = None
     counts: dict[str, int] = field(default_factory=lambda: {
         "requests": 0, "limited": 0, "tokens": 0})
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _count(self, what: str, amount: int = 1) -> None:
+        with self.lock:  # from many server threads at once
+            self.counts[what] += amount
 
     def admit(self) -> None:
         """Count one request against the quotas.
@@ -108,11 +113,11 @@ class Key:
         if not wait and self.requests is not None:
             wait, what = self.requests.take(), "requests"
         if wait:
-            self.counts["limited"] += 1
+            self._count("limited")
             raise RateLimitedError(f"the key {self.name!r} is over its quota of {what} per "
                                    f"minute; retry in {math.ceil(wait)} s",
                                    retry_after=wait)
-        self.counts["requests"] += 1
+        self._count("requests")
 
     def allow(self, model: str) -> None:
         """Raises ForbiddenError if this key may not use ``model``."""
@@ -121,7 +126,7 @@ class Key:
 
     def charge(self, tokens: int) -> None:
         """Count ``tokens`` of an answer against the token quota."""
-        self.counts["tokens"] += tokens
+        self._count("tokens", tokens)
         if self.tokens is not None and tokens > 0:
             self.tokens.spend(tokens)
 
@@ -143,7 +148,11 @@ class Keys:
 
     def usage(self) -> dict[str, dict[str, int]]:
         """Requests, refusals over quota and tokens, per key name."""
-        return {key.name: dict(key.counts) for key in self.keys}
+        usage = {}
+        for key in self.keys:
+            with key.lock:
+                usage[key.name] = dict(key.counts)
+        return usage
 
 
 def _rate(table: Mapping[str, Any], name: str, where: str) -> Bucket | None:

@@ -58,6 +58,7 @@ from .decode import DecodeBudget
 from .keys import Key, Keys, load_keys
 from .metrics import Metrics
 from .pool import Pool
+from .tracing import Tracing
 from .rollback import Rollback
 from .shadow import Shadow
 from .versions import DEFAULT_VERSION, LOADED, VERSION_HEADER, Split, Version
@@ -371,6 +372,7 @@ class Served:
             self.metrics.track_keys(self.keys)
         target = config.get("IPCSERVE_ACCESS_LOG")
         self.access_log: AccessLog | None = AccessLog(target) if target else None
+        self.tracing: Tracing | None = None  # set by the extension when tracing is on
 
     @property
     def guarded(self) -> bool:
@@ -527,6 +529,7 @@ class Exchange:
         self._inputs: tuple[str, Any] | None = None  # for the shadow version's copy
         self._admission: Admission | None = None
         self._stream: Stream | None = None
+        self._span: Any = None  # when tracing a stream: (its parent context, its start)
         self._failed = False
         self._finished = False
 
@@ -540,7 +543,14 @@ class Exchange:
             WorkerUnavailableError: loading, restarting, draining or circuit open.
         """
         endpoint = self.endpoint
-        ml, self._admission, self.version = endpoint.admit(self.received, self.pin, self.limit)
+        tracing = self.state.tracing
+        if tracing is not None:
+            with tracing.span("ipcserve.admission", **{"ipcserve.model": endpoint.name}):
+                ml, self._admission, self.version = endpoint.admit(self.received, self.pin,
+                                                                   self.limit)
+        else:
+            ml, self._admission, self.version = endpoint.admit(self.received, self.pin,
+                                                               self.limit)
         self.deadline = self.received + ml.config.timeout
         if self.limit is not None:
             self.deadline = min(self.deadline, self.limit)
@@ -562,24 +572,36 @@ class Exchange:
         """Run one model call (the errors of ``MLProcess.call``)."""
         if self.endpoint.shadow is not None:
             self._inputs = ("call", (args, kwargs))
+        tracing = self.state.tracing
         self.stats = self._admitted().call(args, kwargs, deadline=self.deadline,
-                                           cancel_if=self.cancel_if)
+                                           cancel_if=self.cancel_if,
+                                           trace=None if tracing is None else tracing.traceparent())
+        if tracing is not None:
+            tracing.call(self.endpoint.name, self.stats, tracing.context())
         return self.stats
 
     def call_batch(self, items: list[Any]) -> CallResult:
         """Run several items as one request (``MLProcess.call_batch``)."""
         if self.endpoint.shadow is not None:
             self._inputs = ("batch", items)
+        tracing = self.state.tracing
         self.stats = self._admitted().call_batch(items, deadline=self.deadline,
-                                                 cancel_if=self.cancel_if)
+                                                 cancel_if=self.cancel_if,
+                                                 trace=None if tracing is None else tracing.traceparent())
+        if tracing is not None:
+            tracing.call(self.endpoint.name, self.stats, tracing.context())
         return self.stats
 
     def stream(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Stream:
         """The model's items as it makes them (``MLProcess.stream``); closed by the core."""
         if self.endpoint.shadow is not None:
             self._inputs = ("call", (args, kwargs))
-        self._stream = self._admitted().stream(args, kwargs, deadline=self.deadline,
-                                               cancel_if=self.cancel_if)
+        tracing = self.state.tracing
+        self._stream = self._admitted().stream(
+            args, kwargs, deadline=self.deadline, cancel_if=self.cancel_if,
+            trace=None if tracing is None else tracing.traceparent())
+        if tracing is not None:  # a stream's span, or the call's spans (see finish)
+            self._span = (tracing.context(), time.time_ns())
         return self._stream
 
     def failed(self, error: BaseException) -> Failure:
@@ -635,6 +657,12 @@ class Exchange:
         endpoint = self.endpoint
         if self.state.access_log is not None:
             self._log(elapsed)
+        if self._span is not None and self.state.tracing is not None:
+            parent, begun = self._span
+            if stream is not None and stream.streaming:
+                self.state.tracing.stream(endpoint.name, parent, begun, self.status)
+            elif self.stats is not None:  # one answer: the call's queue and model spans
+                self.state.tracing.call(endpoint.name, self.stats, parent)
         self.state.metrics.observe(endpoint.name, self.status, elapsed, self.stats,
                                    endpoint.ml.inflight)
         if self.status == 200:
