@@ -152,14 +152,16 @@ def test_the_access_log_has_one_line_per_request(keyed: tuple[Server, Path]) -> 
                                  "messages": [{"role": "user", "content": "a b c"}]})
     assert stream.status_code == 200 and b"[DONE]" in b"".join(stream.iter_content(None))
     assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    assert requests.get(f"{server.url}/wp-login.php", timeout=30).status_code == 404
 
     def lines() -> list[dict[str, Any]]:
         return [json.loads(line) for line in log.read_text().splitlines()[before:]]
     # The stream's line is written when its answer is done: wait for it (bounded).
     deadline = time.monotonic() + 10
-    while len(lines()) < 5 and time.monotonic() < deadline:
+    while len(lines()) < 6 and time.monotonic() < deadline:
         time.sleep(0.05)
-    predict, missing, unauthorized, streamed, health = lines()
+    predict, missing, unauthorized, streamed, health, unknown = sorted(
+        lines(), key=lambda line: line["time"])
     assert predict["status"] == 200 and predict["model"] == "doubler"
     assert predict["key"] == "fast" and predict["trace_id"] == trace
     assert predict["route"] == "/v1/models/<name>/predict" and predict["method"] == "POST"
@@ -171,6 +173,7 @@ def test_the_access_log_has_one_line_per_request(keyed: tuple[Server, Path]) -> 
     assert streamed["status"] == 200 and streamed["model"] == "fakechat"
     assert streamed["key"] == "chat" and streamed["path"] == "/v1/chat/completions"
     assert health["status"] == 200 and health["path"] == "/healthz"
+    assert unknown["status"] == 404 and unknown["path"] == "/wp-login.php"  # scanners too
     text = log.read_text()
     for secret in (FAST, SLOW, ONLY_CHAT, ADMIN):
         assert secret not in text  # names, never keys

@@ -389,7 +389,7 @@ class IPCServe:
             bp.after_request(tracing.status)
             bp.teardown_request(tracing.end)
         bp.before_request(routes.require_key)
-        bp.after_request(log_request)
+        app.after_request(log_request)  # every request of the app, unknown URLs included
         origins = app.config["IPCSERVE_CORS_ORIGINS"]
         if origins:
             _allow_origins(bp, list(origins))
