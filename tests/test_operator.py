@@ -52,6 +52,7 @@ tokens_per_minute = 60         # 1 per second, a burst of 1 second's worth
     log = directory / "access.log"
     server = Server("--model", "models:Doubler", "--model", "models:FakeChat", "--keys-file",
                     str(keys), "--api-key", ADMIN, "--access-log", str(log),
+                    "--access-log-bodies", "1",
                     env={"CHAT_TEAM_KEY": ONLY_CHAT})
     assert server.url, server.output
     yield server, log
@@ -153,14 +154,18 @@ def test_the_access_log_has_one_line_per_request(keyed: tuple[Server, Path]) -> 
     assert stream.status_code == 200 and b"[DONE]" in b"".join(stream.iter_content(None))
     assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200
     assert requests.get(f"{server.url}/wp-login.php", timeout=30).status_code == 404
+    audited = requests.post(f"{server.url}/v1/models/doubler/predict", timeout=30,
+                            headers={"Authorization": f"Bearer {FAST}"},
+                            json={"x": 3, "api_key": "hunter2", "note": "n" * 500})
+    assert audited.status_code == 200, audited.text
 
     def lines() -> list[dict[str, Any]]:
         return [json.loads(line) for line in log.read_text().splitlines()[before:]]
     # The stream's line is written when its answer is done: wait for it (bounded).
     deadline = time.monotonic() + 10
-    while len(lines()) < 6 and time.monotonic() < deadline:
+    while len(lines()) < 7 and time.monotonic() < deadline:
         time.sleep(0.05)
-    predict, missing, unauthorized, streamed, health, unknown = sorted(
+    predict, missing, unauthorized, streamed, health, unknown, audit = sorted(
         lines(), key=lambda line: line["time"])
     assert predict["status"] == 200 and predict["model"] == "doubler"
     assert predict["key"] == "fast" and predict["trace_id"] == trace
@@ -174,6 +179,13 @@ def test_the_access_log_has_one_line_per_request(keyed: tuple[Server, Path]) -> 
     assert streamed["key"] == "chat" and streamed["path"] == "/v1/chat/completions"
     assert health["status"] == 200 and health["path"] == "/healthz"
     assert unknown["status"] == 404 and unknown["path"] == "/wp-login.php"  # scanners too
+    # --access-log-bodies 1: every body, secrets redacted, long values cut
+    assert (predict["request_body"], predict["response_body"]) == ({"x": 2}, 4)
+    assert audit["request_body"] == {"x": 3, "api_key": "[redacted]",
+                                     "note": "n" * 200 + "[300 more characters]"}
+    assert streamed["request_body"]["messages"] == [{"role": "user", "content": "a b c"}]
+    assert "response_body" not in streamed  # a stream's answer is not kept
+    assert "hunter2" not in log.read_text()
     text = log.read_text()
     for secret in (FAST, SLOW, ONLY_CHAT, ADMIN):
         assert secret not in text  # names, never keys

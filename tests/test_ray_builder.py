@@ -54,7 +54,8 @@ def test_builder_autoscaling_and_max_ongoing_requests() -> None:
     ({"port": "8000"}, "port is a setting of the waitress server"),
     ({"host": "0.0.0.0"}, "host is a setting of the waitress server"),
     ({"max_batch_sise": "8"},
-     "unknown setting 'max_batch_sise'; did you mean 'max_batch_size'? known: access_log, api_key,"),
+     "unknown setting 'max_batch_sise'; did you mean 'max_batch_size'? known: access_log, "
+     "access_log_bodies, api_key,"),
     ({"num_replicas": "2", "max_replicas": "4"}, "max_replicas configure autoscaling; leave out"),
 ])
 def test_builder_errors_name_the_key(args: dict[str, str], message: str) -> None:

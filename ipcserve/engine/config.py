@@ -158,6 +158,17 @@ def _positive_seconds(text: str) -> float:
 _positive_seconds.__name__ = "a number of seconds > 0"
 
 
+def _fraction(text: str) -> float:
+    """A number from 0 to 1."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(text)
+    return value
+
+
+_fraction.__name__ = "a number from 0 to 1"
+
+
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb": 1000 ** 2,
           "mib": 1024 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3,
           "t": 1000 ** 4, "tb": 1000 ** 4, "tib": 1024 ** 4}
@@ -282,6 +293,10 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
     Setting("access_log", "http", None,
             "write one JSON line per request (route, model, status, latency split, key name, "
             "trace id) to this file, or - for stdout; none: off", _optional_str),
+    Setting("access_log_bodies", "http", 0.0,
+            "share of requests (0 to 1, chosen at random) whose access log line also holds "
+            "the request's and the answer's body, secrets redacted and long values cut; 0: "
+            "none", _fraction),
     Setting("tracing", "http", False,
             "record OpenTelemetry spans of each request (admission, queue, model call with "
             "its batch's links, stream); exported by OTLP as the OTEL_* variables say, unless "

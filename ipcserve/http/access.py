@@ -8,6 +8,13 @@ started), ``compute_ms`` (the model call) and ``batch_size``; ``key`` is the nam
 key (from the keys file; never the key), ``trace_id`` the W3C ``traceparent``'s trace id when
 the request carried one. Rotation is the system's (logrotate with ``copytruncate``, or
 journald for ``-``).
+
+With ``access_log_bodies`` (a fraction, default 0: off), that share of requests, chosen at
+random, also logs ``request_body`` and, for an answer that is not streamed,
+``response_body``: JSON as JSON with the values of secret-looking keys (password, token,
+api_key, secret, authorization, cookie) replaced by ``"[redacted]"``, strings cut to 200
+characters and lists to 20 items; any other body as its content type and size only (an
+image is never written out).
 """
 
 from __future__ import annotations
@@ -21,7 +28,12 @@ from typing import IO, Any
 
 from ..engine.errors import ConfigError
 
-__all__ = ["AccessLog", "trace_id"]
+__all__ = ["AccessLog", "body_of", "redact", "trace_id"]
+
+_SECRET = re.compile(r"pass(word)?|secret|token|api[_-]?key|authori[sz]ation|cookie", re.I)
+MAX_TEXT = 200
+MAX_ITEMS = 20
+MAX_DEPTH = 8
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
@@ -68,3 +80,32 @@ def stamp(arrived_monotonic: float) -> str:
     seconds = int(wall)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + \
         f".{int((wall - seconds) * 1000):03d}Z"
+
+
+def redact(value: Any, depth: int = 0) -> Any:
+    """``value`` (parsed JSON) fit for an audit log: secrets replaced, long texts and lists
+    cut (see the module docstring)."""
+    if depth >= MAX_DEPTH:
+        return "[...]"
+    if isinstance(value, dict):
+        return {str(k): "[redacted]" if _SECRET.search(str(k)) else redact(v, depth + 1)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        kept = [redact(v, depth + 1) for v in value[:MAX_ITEMS]]
+        return kept + [f"[{len(value) - MAX_ITEMS} more]"] if len(value) > MAX_ITEMS else kept
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        return value[:MAX_TEXT] + f"[{len(value) - MAX_TEXT} more characters]"
+    return value
+
+
+def body_of(data: bytes, content_type: str | None) -> Any:
+    """A request's or answer's body for the audit log: JSON redacted, anything else as its
+    type and size."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind == "application/json" or kind.endswith("+json"):
+        try:
+            return redact(json.loads(data))
+        except ValueError:
+            pass
+    return {"content_type": kind or None, "bytes": len(data)}
+

@@ -32,7 +32,7 @@ from . import native, openai, openapi, reload, routes, status, v2
 from .cache import CacheSettings, ResponseCache, key_salt
 from .pool import resident_bytes
 from .serving import Endpoint, Models, Served, check_api_key, error_response as _respond
-from .serving import failure_of, log_request, served
+from .serving import failure_of, log_request, sample_bodies, served
 from .shadow import Shadow
 from .tracing import Tracing
 from .rollback import Rollback
@@ -389,6 +389,7 @@ class IPCServe:
             bp.after_request(tracing.status)
             bp.teardown_request(tracing.end)
         bp.before_request(routes.require_key)
+        bp.before_request(sample_bodies)
         app.after_request(log_request)  # every request of the app, unknown URLs included
         origins = app.config["IPCSERVE_CORS_ORIGINS"]
         if origins:

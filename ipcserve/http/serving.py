@@ -27,6 +27,7 @@ import dataclasses
 import hmac
 import logging
 import math
+import random
 import statistics
 import threading
 import time
@@ -52,7 +53,7 @@ from ..engine.errors import (
     WorkerUnavailableError,
 )
 from ..engine.mlprocess import MLProcess
-from .access import AccessLog, stamp, trace_id
+from .access import AccessLog, body_of, stamp, trace_id
 from .cache import CacheSettings, ResponseCache
 from .decode import DecodeBudget
 from .keys import Key, Keys, load_keys
@@ -372,6 +373,7 @@ class Served:
             self.metrics.track_keys(self.keys)
         target = config.get("IPCSERVE_ACCESS_LOG")
         self.access_log: AccessLog | None = AccessLog(target) if target else None
+        self.audit_share = float(config.get("IPCSERVE_ACCESS_LOG_BODIES") or 0.0)
         self.tracing: Tracing | None = None  # set by the extension when tracing is on
 
     @property
@@ -698,29 +700,64 @@ class Exchange:
             entry.update({"queue_ms": round(stats.queue_wait * 1000, 3),
                           "compute_ms": round(stats.inference_time * 1000, 3),
                           "batch_size": stats.batch_size})
-        self.state.access_log.write(entry)
+        if has_request_context() and not self.handed_off:
+            g.ipcserve_access_entry = entry  # written with the answer (log_request)
+        else:
+            self.state.access_log.write(entry)
 
 
 def request_entry(received: float | None) -> dict[str, Any]:
-    """The access log's fields of the request being handled (see :mod:`.access`)."""
+    """The access log's fields of the request being handled (see :mod:`.access`), with its
+    body when it is sampled for the audit (:func:`sample_bodies`)."""
     rule = request.url_rule
-    return {"time": stamp(received or time.monotonic()), "method": request.method,
-            "path": request.path, "route": None if rule is None else rule.rule,
-            "trace_id": trace_id(request.headers.get("traceparent"))}
+    entry = {"time": stamp(received or time.monotonic()), "method": request.method,
+             "path": request.path, "route": None if rule is None else rule.rule,
+             "trace_id": trace_id(request.headers.get("traceparent"))}
+    if g.get("ipcserve_audit") and request.method in _WITH_BODY:
+        entry["request_body"] = body_of(request.get_data(), request.mimetype)
+    return entry
+
+
+_WITH_BODY = ("POST", "PUT", "PATCH")
+
+
+def sample_bodies() -> None:
+    """``before_request`` (after the key check): a share ``access_log_bodies`` of requests
+    keep their body for the access log (read once, cached for the route)."""
+    state = served()
+    if state.access_log is None or not state.audit_share or \
+            random.random() >= state.audit_share:
+        return
+    g.ipcserve_audit = True
+    if request.method in _WITH_BODY:
+        request.get_data(cache=True)  # the routes then read the cached bytes
 
 
 def log_request(response: Response) -> Response:
-    """``after_request``: the access log line of a request that no model call answered (a
-    model request's line is written when its answer is done: :meth:`Exchange.finish`)."""
+    """``after_request``: the access log line of the request; a model request's comes from
+    its exchange (:meth:`Exchange.finish`), a streamed one's at the stream's end."""
     state = served()
-    if state.access_log is not None and not g.get("ipcserve_exchange"):
+    if state.access_log is None:
+        return response
+    entry = g.pop("ipcserve_access_entry", None)
+    if entry is None:
+        if g.get("ipcserve_exchange"):
+            return response  # a streamed answer: its line comes at its end
         received = request.environ.get(RECEIVED_KEY)
         entry = request_entry(received)
         key = g.get("ipcserve_key")
-        entry.update({"status": response.status_code, "key": None if key is None else key.name,
+        entry.update({"key": None if key is None else key.name,
                       "latency_ms": None if received is None else
                       round((time.monotonic() - received) * 1000, 3)})
-        state.access_log.write(entry)
+    entry["status"] = response.status_code
+    if g.get("ipcserve_audit") and not response.is_streamed:
+        kind = response.mimetype or ""
+        # JSON as JSON; anything else (a file of the status page...) as its size, unread
+        entry["response_body"] = (
+            body_of(response.get_data(), kind) if kind.endswith("json")
+            and not response.direct_passthrough
+            else {"content_type": kind or None, "bytes": response.content_length})
+    state.access_log.write(entry)
     return response
 
 
