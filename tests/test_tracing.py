@@ -60,6 +60,7 @@ def url(exporter: Any, events: tuple[Any, Any]) -> Iterator[str]:
     ipc.add_model(BatchDoubler(*events, name="batcher", max_batch_size=8,
                                max_batch_wait=2.0, timeout=30))
     ipc.add_model(FakeChat(name="chat"))
+    ipc.add_model(BatchDoubler(*events, name="short", timeout=0.5))  # "block" passes it
     ipc.start()
     server = create_server(app, port=0)
     thread = threading.Thread(target=server.run, name="waitress", daemon=True)
@@ -158,3 +159,20 @@ def test_a_stream_has_its_span(url: str, exporter: Any) -> None:
     assert stream.parent.span_id == server.context.span_id
     assert stream.attributes["http.response.status_code"] == 200
     assert stream.end_time >= server.end_time  # the answer streams after the view returned
+
+
+def test_a_request_past_its_deadline_has_a_cancelled_event(url: str, exporter: Any,
+                                                           events: tuple[Any, Any]) -> None:
+    entered, release = events
+    exporter.clear()
+    try:
+        answer = requests.post(f"{url}/v1/models/short/predict", json={"x": "block"},
+                               timeout=30)
+        assert answer.status_code == 504, answer.text
+    finally:
+        release.set()
+    [server] = [s for s in exporter.get_finished_spans() if s.name.startswith("POST ")]
+    [event] = [e for e in server.events if e.name == "cancelled"]
+    assert event.attributes["reason"] == "ResultDeadlineError"
+    assert server.attributes["http.response.status_code"] == 504
+

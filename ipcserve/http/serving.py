@@ -615,6 +615,8 @@ class Exchange:
         name = self.endpoint.name
         if isinstance(error, OverloadedError):
             self.state.metrics.shed_request(name, error.reason)
+        if self.state.tracing is not None and has_request_context():
+            self.state.tracing.failed(error, failure.status)
         if isinstance(error, (IPCServeError, HTTPException)):
             cause = getattr(error, "remote_traceback", "")
             logger.log(failure.level, "model %s: %d %s: %s%s", name, failure.status, failure.type,

@@ -21,8 +21,10 @@ set up, or else to one ipcserve sets up that exports them with OTLP over HTTP, c
 the standard ``OTEL_*`` variables (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_SERVICE_NAME``...).
 
 The server span is made here with the API's W3C propagator rather than by
-opentelemetry-instrumentation-flask: its releases pin older semantic conventions than the
-SDK that Ray Serve installs, so the two cannot be installed together.
+opentelemetry-instrumentation-flask: each of its releases pins one exact release of the
+semantic conventions, which holds the SDK one release behind the newest (1.45.1 against
+1.45.2 when this was written) in every environment that installs both, Ray Serve's
+included; ``ipcserve[otel]`` needs only the API, the SDK and the OTLP exporter.
 """
 
 from __future__ import annotations
@@ -137,6 +139,16 @@ class Tracing:
             "ipcserve.model", context=parent, start_time=started, links=links,
             attributes={"ipcserve.model": model, "ipcserve.batch_size": stats.batch_size})
         span.end(end_time=started + int(stats.inference_time * 1e9))
+
+    def failed(self, error: BaseException, status: int) -> None:
+        """The request ends with ``error``: on its span, a ``cancelled`` event (the client
+        left or its deadline passed: 499/504) or the exception."""
+        span = self.trace.get_current_span()
+        if status in (499, 504):
+            span.add_event("cancelled", {"reason": type(error).__name__,
+                                         "message": str(error)[:200]})
+        else:
+            span.record_exception(error)
 
     def context(self) -> Any:
         """The current context (the request span's), to parent spans recorded later."""
