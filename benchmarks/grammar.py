@@ -117,15 +117,11 @@ class Llguidance:
     def walk(self, grammar: Any, tokens: list[int]) -> list[float]:
         matcher = self.ll.LLMatcher(self.tok, grammar)
         mask = self.lt.allocate_token_bitmask(1, self.vocab)
-        times = []
-        for token in tokens:
-            start = time.perf_counter()
+
+        def step(token: int) -> bool:
             self.lt.fill_next_token_bitmask(matcher, mask, 0)
-            ok = matcher.consume_token(token)
-            times.append(time.perf_counter() - start)
-            if not ok:
-                raise ValueError(f"refused token {token}: {matcher.get_error()}")
-        return times
+            return bool(matcher.consume_token(token))
+        return _timed(step, tokens)
 
 
 class Xgrammar:
@@ -145,15 +141,11 @@ class Xgrammar:
     def walk(self, compiled: Any, tokens: list[int]) -> list[float]:
         matcher = self.xgr.GrammarMatcher(compiled)
         mask = self.xgr.allocate_token_bitmask(1, self.info.vocab_size)
-        times = []
-        for token in tokens:
-            start = time.perf_counter()
+
+        def step(token: int) -> bool:
             matcher.fill_next_token_bitmask(mask)
-            ok = matcher.accept_token(token)
-            times.append(time.perf_counter() - start)
-            if not ok:
-                raise ValueError(f"refused token {token}")
-        return times
+            return bool(matcher.accept_token(token))
+        return _timed(step, tokens)
 
 
 class OutlinesCore:
@@ -185,17 +177,26 @@ class OutlinesCore:
         from outlines_core import Guide
 
         guide = Guide(index)
-        times = []
-        for token in tokens:
-            start = time.perf_counter()
-            allowed = guide.get_tokens()
-            ok = token in allowed
-            if ok:
-                guide.advance(token)
-            times.append(time.perf_counter() - start)
-            if not ok:
-                raise ValueError(f"refused token {token}")
-        return times
+
+        def step(token: int) -> bool:
+            if token not in guide.get_tokens():
+                return False
+            guide.advance(token)
+            return True
+        return _timed(step, tokens)
+
+
+def _timed(step: Any, tokens: list[int]) -> list[float]:
+    """Each token's time through ``step`` (compute the mask, then advance by the token;
+    False: the grammar refused it, a ValueError)."""
+    times = []
+    for token in tokens:
+        start = time.perf_counter()
+        ok = step(token)
+        times.append(time.perf_counter() - start)
+        if not ok:
+            raise ValueError(f"refused token {token}")
+    return times
 
 
 def main() -> None:

@@ -21,12 +21,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Config", "SETTINGS", "Setting", "settings_of"]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["Config", "SETTINGS", "Setting", "read_toml", "settings_of"]
 
 START_METHODS = ("spawn", "forkserver", "fork")
 PREFIX = "IPCSERVE_"
@@ -122,6 +128,22 @@ class Config:
         """Read settings from environment variables, then apply keyword overrides."""
         config = cls.from_mapping(os.environ if environ is None else environ, prefix)
         return config.replace(**overrides) if overrides else config
+
+
+def read_toml(path: str, where: str, what: str) -> dict[str, Any]:
+    """The TOML document in ``path`` (a config or keys file).
+
+    Raises:
+        ConfigError: ``"{where}: cannot read {what}: ..."`` or ``"{where}: not valid TOML:
+            ..."``.
+    """
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {what}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
 
 
 def _tuple(text: str) -> tuple[str, ...]:

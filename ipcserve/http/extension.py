@@ -389,8 +389,10 @@ class IPCServe:
             bp.after_request(tracing.status)
             bp.teardown_request(tracing.end)
         bp.before_request(routes.require_key)
-        bp.before_request(sample_bodies)
-        app.after_request(log_request)  # every request of the app, unknown URLs included
+        if state.access_log is not None:  # nothing on the request path without one
+            app.after_request(log_request)  # every request of the app, unknown URLs too
+            if state.audit_share:
+                bp.before_request(sample_bodies)
         origins = app.config["IPCSERVE_CORS_ORIGINS"]
         if origins:
             _allow_origins(bp, list(origins))

@@ -26,19 +26,14 @@ import hmac
 import math
 import os
 import re
-import sys
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.config import read_toml
 from ..engine.errors import ConfigError, ForbiddenError, RateLimitedError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 __all__ = ["Bucket", "Key", "Keys", "load_keys"]
 
@@ -173,13 +168,7 @@ def load_keys(path: str, environ: Mapping[str, str] | None = None) -> Keys:
             hold the same key.
     """
     environ = os.environ if environ is None else environ
-    try:
-        with open(path, "rb") as f:
-            document = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"keys file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"keys file {path}: not valid TOML: {exc}") from None
+    document = read_toml(path, f"keys file {path}", "it")
     tables = document.get("keys")
     if set(document) - {"keys"} or not isinstance(tables, dict) or not tables:
         raise ConfigError(f"keys file {path}: expected [keys.NAME] tables and nothing else")

@@ -546,11 +546,8 @@ class Exchange:
         """
         endpoint = self.endpoint
         tracing = self.state.tracing
-        if tracing is not None:
-            with tracing.span("ipcserve.admission", **{"ipcserve.model": endpoint.name}):
-                ml, self._admission, self.version = endpoint.admit(self.received, self.pin,
-                                                                   self.limit)
-        else:
+        with (contextlib.nullcontext() if tracing is None else
+              tracing.span("ipcserve.admission", **{"ipcserve.model": endpoint.name})):
             ml, self._admission, self.version = endpoint.admit(self.received, self.pin,
                                                                self.limit)
         self.deadline = self.received + ml.config.timeout
@@ -724,11 +721,10 @@ _WITH_BODY = ("POST", "PUT", "PATCH")
 
 
 def sample_bodies() -> None:
-    """``before_request`` (after the key check): a share ``access_log_bodies`` of requests
-    keep their body for the access log (read once, cached for the route)."""
-    state = served()
-    if state.access_log is None or not state.audit_share or \
-            random.random() >= state.audit_share:
+    """``before_request`` (after the key check; registered only with an access log and
+    ``access_log_bodies``): that share of requests keep their body for the access log (read
+    once, cached for the route)."""
+    if random.random() >= served().audit_share:
         return
     g.ipcserve_audit = True
     if request.method in _WITH_BODY:
@@ -736,11 +732,11 @@ def sample_bodies() -> None:
 
 
 def log_request(response: Response) -> Response:
-    """``after_request``: the access log line of the request; a model request's comes from
+    """``after_request`` (registered only with an access log): the access log line of the
+    request; a model request's comes from
     its exchange (:meth:`Exchange.finish`), a streamed one's at the stream's end."""
     state = served()
-    if state.access_log is None:
-        return response
+    assert state.access_log is not None  # registered only with an access log
     entry = g.pop("ipcserve_access_entry", None)
     if entry is None:
         if g.get("ipcserve_exchange"):

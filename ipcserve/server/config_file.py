@@ -42,20 +42,14 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 from ..http.cache import CacheSettings
 from ..http.rollback import Rollback
 from ..http.versions import DEFAULT_VERSION, check_label
-from ..engine.config import Config, Setting, settings_of
+from ..engine.config import Config, Setting, read_toml, settings_of
 from ..engine.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 __all__ = ["ModelEntry", "ServerFile", "VersionEntry", "load"]
 
@@ -125,13 +119,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> ServerFile:
             bad value (the message names the file, the table and the key).
     """
     environ = os.environ if environ is None else environ
-    try:
-        with open(path, "rb") as f:
-            document = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    document = read_toml(path, path, "the config file")
     unknown = sorted(set(document) - {"server", "cache", "models"})
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(f'[{t}]' for t in unknown)}; "
