@@ -187,7 +187,8 @@ def test_items_must_be_a_non_empty_list(items: Any) -> None:
 # -- deadlines and cancellation ---------------------------------------------------------------
 def test_a_batch_request_whose_deadline_passes_in_the_queue_is_never_computed() -> None:
     entered, release = spawn_events()
-    with Batcher(entered, release, max_batch_size=8) as ml, \
+    # estimate_factor=0: the admission gate could refuse a millisecond deadline before queueing.
+    with Batcher(entered, release, max_batch_size=8, estimate_factor=0) as ml, \
             concurrent.futures.ThreadPoolExecutor(1) as pool:
         blocked = pool.submit(ml, "block")
         assert entered.wait(10)
