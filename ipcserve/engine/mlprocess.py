@@ -237,7 +237,7 @@ class MLProcess:
                 ``environ["waitress.client_disconnected"]``.
 
         Returns:
-            a :class:`~ipcserve.channel.CallResult`: ``value``, ``queue_wait``,
+            a :class:`~ipcserve.CallResult`: ``value``, ``queue_wait``,
             ``inference_time``, ``batch_size``.
 
         Raises:
@@ -279,13 +279,13 @@ class MLProcess:
             timeout / deadline / cancel_if: as for :meth:`call`.
 
         Returns:
-            a :class:`~ipcserve.channel.CallResult` whose ``value`` is the list of results;
+            a :class:`~ipcserve.CallResult` whose ``value`` is the list of results;
             ``batch_size`` is the size of the largest model call that answered it.
 
         Raises:
             InputError: ``items`` is not a non-empty list (nothing is sent), an item cannot
                 be pickled, or the model rejected an item.
-            the other errors of :meth:`call`.
+            IPCServeError: the other errors of :meth:`call`.
         """
         deadline = self._runtime().caller.deadline(timeout, deadline)
         with self.admit(deadline=deadline) as admission:
