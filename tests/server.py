@@ -20,14 +20,15 @@ class Server:
     """``python app.py --port 0 ARGS``; ``url`` is known once it logs that it is serving."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, start_timeout: float = 60.0,
-                 wait_ready: bool = True, module: bool = False) -> None:
+                 wait_ready: bool = True, module: bool = False, script: str | None = None) -> None:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                                   full_env.get("PYTHONPATH", "")])
         # Unbuffered bytes, split into lines here: a buffered readline() after select() can
         # swallow the "serving" line into Python's buffer while select() waits for more.
         # module=True: `python -m ipcserve serve` instead of `python app.py` (the same server).
-        command = ["-m", "ipcserve", "serve"] if module else [str(ROOT / "app.py")]
+        # script: a program of the test's own that takes --port (e.g. one calling serve()).
+        command = ["-m", "ipcserve", "serve"] if module else [script or str(ROOT / "app.py")]
         self.proc = subprocess.Popen([sys.executable, *command, "--port", "0", *args],
                                      cwd=ROOT, env=full_env, stderr=subprocess.PIPE, bufsize=0)
         self.log: list[str] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -79,3 +80,36 @@ def test_a_normal_start_and_stop_logs_no_warning() -> None:
     noisy = [line for line in lines if " WARNING " in line or " ERROR " in line]
     assert not noisy, noisy
     assert not any("ipcserve: ipcserve:" in line for line in lines)
+
+
+_OWN_APP = """
+import sys
+from flask import Flask
+from ipcserve.flask import IPCServe
+from ipcserve.server import serve
+from models import Doubler
+
+app = Flask(__name__)
+IPCServe(app).add_model(Doubler(name="doubler"))
+if __name__ == "__main__":
+    raise SystemExit(serve(app, port=int(sys.argv[sys.argv.index("--port") + 1])))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_serve_in_your_own_app_logs_its_lines_without_a_logging_setup(tmp_path: Path) -> None:
+    """``serve(app)`` from a script that configured no logging prints what ``python app.py``
+    prints (it once printed nothing: the reader could not find the status page's address)."""
+    script = tmp_path / "myapp.py"
+    script.write_text(_OWN_APP)
+    server = Server(script=str(script))  # finds its URL in the "serving ..." line, or fails
+    try:
+        answer = requests.post(f"{server.url}/v1/models/doubler/predict", json={"x": 21},
+                               timeout=5)
+        assert answer.json() == 42, answer.text
+    finally:
+        assert server.stop() == 0
+    lines = server.output.splitlines()
+    assert any("INFO ipcserve.server.lifecycle: serving doubler on http://" in line
+               for line in lines), lines
+    assert any(line.endswith("INFO ipcserve.server.lifecycle: stopped") for line in lines), lines

@@ -40,6 +40,8 @@ from . import waitress_conf
 __all__ = ["ServerLifecycle", "serve", "start_grpc"]
 
 logger = logging.getLogger(__name__)
+#: How the server's log lines read (``python app.py`` and :func:`serve`).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -269,10 +271,16 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, threads: int | No
 
     ``grpc_port``: also serve V2 over gRPC there (:func:`start_grpc`), same host.
 
+    Logging: when nothing has configured it (the root logger has no handler), ``serve``
+    logs INFO and above to stderr as ``python app.py`` does; a configuration of your own is
+    left as it is.
+
     Returns:
         the exit code: 0 after a drain, 1 after a failed load or bind, 2 without grpcio for
         ``grpc_port``, 128 + signal after a forced stop.
     """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     extension = IPCServe.of(app)
     if host not in _LOOPBACK and not app.config.get("IPCSERVE_API_KEY"):
         logger.warning("binding %s without an API key: anyone who can reach this host can use "
