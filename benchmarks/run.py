@@ -2,8 +2,10 @@
 
 Each comparison is measured in one run, side by side, as the median of ``--repeats``
 repeats; HTTP load comes from wrk (Debian's ``wrk``) against 127.0.0.1 only, bounded in
-time. Prints a Markdown report (the source of docs/benchmarks.md) and writes the raw
-numbers to ``--json``.
+time. A whole run writes the raw numbers to ``results/run.json`` (committed: the run the
+docs quote) and rewrites the peers and targets tables of docs/benchmarks.md from them
+(benchmarks/report.py); a partial run (``--only``, ``--servers``) writes
+``results/latest.json`` and prints its tables without touching the docs.
 """
 
 from __future__ import annotations
@@ -398,54 +400,6 @@ def bench_memory() -> dict[str, Any]:
     return results
 
 
-def targets(report: dict[str, Any]) -> str:
-    """The issue's targets as Markdown rows, from whatever parts of ``report`` ran."""
-    rows = ["| target | measured | |", "|---|---|---|"]
-
-    def row(target: str, measured: str, met: bool) -> None:
-        rows.append(f"| {target} | {measured} | {'met' if met else 'missed'} |")
-
-    def get(*keys: str) -> Any:
-        node: Any = report
-        for key in keys:
-            if not isinstance(node, dict) or key not in node:
-                return None
-            node = node[key]
-        return node
-
-    if get("minilm", "c64", "ipcserve") and get("minilm", "in_process"):
-        ours = get("minilm", "c64", "ipcserve", "rps")
-        limit = get("minilm", "in_process", "batch32_items_per_s")
-        lit = get("minilm", "c64", "litserve", "rps") or 0
-        row("MiniLM c=64 >= 0.95x in-process batch-32, >= LitServe",
-            f"{ours} req/s vs limit {limit} ({ours / limit:.2f}x), LitServe {lit}", ours >= 0.95 * limit and ours >= lit)
-    if get("mlp", "c64", "ipcserve"):
-        best = max(get("mlp", "c64", n, "rps") or 0 for n in ("ipcserve", "ipcserve-wait"))
-        fast = get("mlp", "c64", "fastapi", "rps") or 0
-        lit = get("mlp", "c64", "litserve", "rps") or 0
-        row("matmul c=64 >= FastAPI and >= LitServe", f"{best} vs FastAPI {fast} ({best / max(fast, 1e-9):.2f}x), "
-            f"LitServe {lit}", best >= fast and best >= lit)
-    if get("echo", "c8", "ipcserve"):
-        ours, naive = get("echo", "c8", "ipcserve", "rps"), get("echo", "c8", "naive", "rps")
-        row("echo c=8 >= 0.85x naive", f"{ours} vs {naive} ({ours / naive:.2f}x)", ours >= 0.85 * naive)
-    for model in ("echo", "mlp"):
-        if get(model, "c1", "ipcserve"):
-            ours, naive = get(model, "c1", "ipcserve", "p50_ms"), get(model, "c1", "naive", "p50_ms")
-            row(f"{model} c=1 p50 <= naive + 0.2 ms", f"{ours} vs {naive} ms (+{ours - naive:.3f} ms)",
-                ours <= naive + 0.2)
-        if get(model, "c1", "ipcserve-wait"):
-            wait, none = get(model, "c1", "ipcserve-wait", "rps"), get(model, "c1", "ipcserve", "rps")
-            row(f"{model} c=1 with a 5 ms batch wait >= 0.9x no wait", f"{wait} vs {none} ({wait / none:.2f}x)",
-                wait >= 0.9 * none)
-    if get("ipc", "ratio_ipcserve_to_raw"):
-        ratio = get("ipc", "ratio_ipcserve_to_raw")
-        row("IPC round trip <= 2x raw os.pipe", f"{get('ipc', 'us')}: {ratio}x", ratio <= 2)
-    if get("array", "speedup"):
-        row("8 MiB array: shared memory >= 5x pipe", f"{get('array', 'ms')}: {get('array', 'speedup')}x",
-            get("array", "speedup") >= 5)
-    return "\n".join(rows)
-
-
 def main() -> None:
     global SERVERS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -453,13 +407,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=7, help="length of each wrk run")
     parser.add_argument("--servers", nargs="*", help=f"HTTP servers to compare (default: {' '.join(SERVERS)})")
     parser.add_argument("--only", nargs="*", help="ipc array workers echo mlp minilm memory")
-    parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
+    parser.add_argument("--json", help="where the raw results go (default: results/run.json "
+                        "for a whole run, which the docs quote; results/latest.json for a part)")
     args = parser.parse_args()
+    whole = not args.only and not args.servers
     if args.servers:
         SERVERS = tuple(args.servers)
     want = set(args.only or ["ipc", "array", "workers", "echo", "mlp", "minilm", "memory"])
-    report: dict[str, Any] = {"machine": f"{platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}",
-                              "date": time.strftime("%Y-%m-%d %H:%M"), "repeats": args.repeats}
+    if args.json is None:
+        args.json = str(HERE / "results" / ("run.json" if whole else "latest.json"))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                            text=True).stdout.strip()
+    report: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
+                                         f"{platform.machine()}",
+                              "date": time.strftime("%Y-%m-%d"), "commit": commit,
+                              "repeats": args.repeats}
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("ipc", lambda: bench_ipc(args.repeats)),
         ("array", lambda: bench_array(args.repeats)),
@@ -478,8 +440,14 @@ def main() -> None:
             report[name] = step()
             print(f"{name}: {json.dumps(report[name])}  ({time.monotonic() - t:.0f}s)", flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(targets(report))
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    import report as tables  # benchmarks/report.py: the docs' tables from these results
+
+    print(tables.peers(report))
+    print(tables.targets(report))
+    if whole and Path(args.json) == HERE / "results" / "run.json":
+        tables.write(["peers", "targets"])
+        print("docs/benchmarks.md: peers and targets tables rewritten from results/run.json")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,13 @@ def ipcserve_app(model: str, batch_wait: float = 0.0) -> Any:
 
     # max_inflight above the benchmark's 64 connections: wrk reconnects at once when it
     # closes a connection, and the request it left may still hold its place for a moment.
-    settings = dict(max_batch_size=32, max_batch_wait=batch_wait, max_inflight=128)
+    settings: dict[str, Any] = dict(max_batch_size=32, max_batch_wait=batch_wait,
+                                    max_inflight=128)
+    # Placement (benchmarks/cpus.py): the ML process's CPUs and niceness, as --cpus / --nice.
+    if os.environ.get("BENCH_ML_CPUS"):
+        settings["cpus"] = os.environ["BENCH_ML_CPUS"]
+    if os.environ.get("BENCH_ML_NICE"):
+        settings["nice"] = int(os.environ["BENCH_ML_NICE"])
     if model == "echo":
         from models import Echo
 

@@ -717,3 +717,11 @@ class SlowLoad(Doubler):
 
         time.sleep(self.LOAD)
         super().load()
+
+
+class Placed(MLProcess):
+    """Answers where its ML process runs: its CPUs, its niceness and torch's thread count
+    as the ML process sees them (settings ``cpus`` and ``nice``)."""
+
+    def predict(self, x: Any = None) -> Any:
+        return {"cpus": sorted(os.sched_getaffinity(0)), "nice": os.nice(0)}

@@ -98,3 +98,30 @@ def test_a_json_field_named_timeout_reaches_the_model() -> None:
         assert response.status_code == 200 and response.get_json() == {"timeout": 6}
     finally:
         assert ipc.drain(grace=1)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("spec, words", [
+    ("no_such_package.models:Model", "cannot import 'no_such_package.models'"),
+    ("json:NoSuchModel", "module 'json' has no 'NoSuchModel'")])
+def test_a_model_spec_that_does_not_import_is_an_invalid_setting(spec: str, words: str) -> None:
+    """Exit 2 with a line naming the problem, as every other bad setting, not a traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ipcserve", "serve", "--port", "0",
+                           "--model", spec], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 2, proc.stderr
+    assert "invalid setting" in proc.stderr and words in proc.stderr
+    assert "Traceback" not in proc.stderr
+    if spec.startswith("no_such"):
+        assert "PYTHONPATH" in proc.stderr
+
+
+def test_the_docs_name_every_route_that_needs_no_key() -> None:
+    from ipcserve.http import routes
+    from ipcserve.http.extension import ROUTES
+
+    row = next(line for line in DOCS.read_text().splitlines() if line.startswith("| `api_key`"))
+    for path in routes.open_paths(ROUTES):
+        assert f"`{path}`" in row, path

@@ -32,7 +32,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["Config", "SETTINGS", "Setting", "read_toml", "settings_of"]
+__all__ = ["Config", "SETTINGS", "Setting", "cpu_list", "read_toml", "settings_of"]
 
 START_METHODS = ("spawn", "forkserver", "fork")
 PREFIX = "IPCSERVE_"
@@ -63,6 +63,13 @@ class Config:
     max_batch_wait: float = _field(0.0, "seconds a forming batch may wait to fill")
     workers: int = _field(1, "ML processes fed from the one shared queue (each loads the model)")
     devices: tuple[str, ...] = _field((), "per-process devices, e.g. cuda:0,cuda:1")
+    # Set in each ML process before load(), so torch's and BLAS's thread pools size
+    # themselves to these CPUs (Linux: os.sched_setaffinity).
+    cpus: tuple[int, ...] = _field(
+        (), "CPUs its ML processes run on, e.g. 1-3 or 1,3 (Linux); none: the server's CPUs "
+            "less --web-cpus")
+    nice: int = _field(0, "niceness its ML processes add, 0 to 19: higher lets the web "
+                          "process and the rest of the machine go first")
     # spawn is safe with threads and CUDA; fork is not.
     start_method: str = _field("spawn", "multiprocessing start method: spawn, forkserver or fork")
     start_timeout: float = _field(300.0, "seconds load() plus warmup() may take")
@@ -99,6 +106,10 @@ class Config:
             raise ConfigError(f"devices must be a sequence of device names such as "
                               f"('cuda:0', 'cuda:1'), got {self.devices!r}")
         object.__setattr__(self, "devices", tuple(self.devices))
+        object.__setattr__(self, "cpus", cpu_list(self.cpus, "cpus"))
+        if isinstance(self.nice, bool) or not isinstance(self.nice, int) \
+                or not 0 <= self.nice <= 19:
+            raise ConfigError(f"nice must be an integer from 0 to 19, got {self.nice!r}")
         if self.start_method not in START_METHODS:
             raise ConfigError(f"start_method must be one of {', '.join(START_METHODS)}, "
                               f"got {self.start_method!r}")
@@ -128,6 +139,41 @@ class Config:
         """Read settings from environment variables, then apply keyword overrides."""
         config = cls.from_mapping(os.environ if environ is None else environ, prefix)
         return config.replace(**overrides) if overrides else config
+
+
+def cpu_list(spec: Any, name: str) -> tuple[int, ...]:
+    """CPU numbers, sorted and once each, from ``"1-3,5"``, ``("1-3", "5")``, ``[1, 2]`` or
+    ``2``; ``()`` for none.
+
+    Raises:
+        ConfigError: not CPU numbers or ranges, a CPU this machine does not have, or CPUs
+            given where processes cannot be placed (no ``os.sched_setaffinity``: not Linux).
+    """
+    parts = [spec] if isinstance(spec, (str, int)) else list(spec)
+    cpus: set[int] = set()
+    try:
+        for part in parts:
+            if isinstance(part, bool) or not isinstance(part, (int, str)):
+                raise ValueError(part)
+            for piece in ([str(part)] if isinstance(part, int) else part.split(",")):
+                low, dash, high = piece.strip().partition("-")
+                if not low and not dash:
+                    continue
+                first, last = int(low), int(high if dash else low)
+                if first < 0 or last < first:
+                    raise ValueError(piece)
+                cpus.update(range(first, last + 1))
+    except ValueError:
+        raise ConfigError(f"{name} must be CPU numbers or ranges such as 1-3 or 0,2, got "
+                          f"{spec!r}") from None
+    if not cpus:
+        return ()
+    if not hasattr(os, "sched_setaffinity"):
+        raise ConfigError(f"{name} needs Linux (os.sched_setaffinity); leave it empty here")
+    count = os.cpu_count() or 1
+    if max(cpus) >= count:
+        raise ConfigError(f"{name}: this machine has CPUs 0-{count - 1}, got {spec!r}")
+    return tuple(sorted(cpus))
 
 
 def read_toml(path: str, where: str, what: str) -> dict[str, Any]:
@@ -225,6 +271,19 @@ def _optional_count(text: str) -> int | None:
 
 
 _optional_count.__name__ = "an integer >= 1, or none"
+
+
+def _cpus(text: str) -> tuple[int, ...]:
+    """CPU numbers or ranges (``0-1``, ``0,2``), or none."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return cpu_list(text, "CPUs")
+    except ConfigError:
+        raise ValueError(text) from None
+
+
+_cpus.__name__ = "CPU numbers or ranges of this machine such as 0-1 or 0,2 (Linux), or none"
 
 
 def _bool(text: str) -> bool:
@@ -360,6 +419,10 @@ SETTINGS: tuple[Setting, ...] = _ENGINE + (
     Setting("threads", "server", None,
             "waitress threads that run requests; none: the models' max_inflight + 4",
             _optional_int),
+    # The web process off the ML processes' CPUs (docs/deployment.md, "CPUs").
+    Setting("web_cpus", "server", (),
+            "CPUs the web process runs on, e.g. 0 or 0-1 (Linux); the ML processes then run "
+            "on the others unless a model sets cpus; none: every CPU", _cpus),
     Setting("connection_limit", "server", None,
             "open connections at most; none: from the open-files limit, at most 10,000",
             _optional_int),

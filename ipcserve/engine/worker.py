@@ -40,6 +40,7 @@ from .reply import model_error, send, signature_error
 from .stepping import StepRunner, steps_of
 from .streaming import StreamRunner, is_stream
 from .errors import (
+    ConfigError,
     InputError,
     IPCServeError,
     ModelError,
@@ -618,6 +619,23 @@ def _warm_up(model: ServedModel) -> None:
                 pass
 
 
+def _place(config: Any) -> None:
+    """Run on the CPUs and at the niceness the config asks for (``cpus``, ``nice``), before
+    ``load()``: torch and BLAS size their thread pools to the CPUs a process may use.
+
+    Raises:
+        ConfigError: the CPUs cannot be used (not in this container's cpuset, say).
+    """
+    if config.cpus:
+        try:
+            os.sched_setaffinity(0, config.cpus)
+        except OSError as exc:
+            raise ConfigError(f"cpus={','.join(map(str, config.cpus))}: this ML process cannot "
+                              f"run there: {exc.strerror or exc}") from None
+    if config.nice:
+        os.nice(config.nice)
+
+
 def worker_main(model: ServedModel, plumbing: Plumbing, slot: int, generation: int,
                 ready: Connection, parent_pid: int) -> None:
     """Entry point of an ML process (module level, plain arguments, so spawn can import it)."""
@@ -638,6 +656,7 @@ def worker_main(model: ServedModel, plumbing: Plumbing, slot: int, generation: i
     if config.devices:
         model.device = config.devices[slot % len(config.devices)]  # type: ignore[attr-defined]
     try:
+        _place(config)
         model.load()
         model.warmup()
         _warm_up(model)

@@ -49,8 +49,9 @@ def build_model(spec: str, config: Config, task: str | None = None) -> Any:
     or ``.pt``/``.ts`` (TorchScript) file. A path's model is named after its stem.
 
     Raises:
-        ConfigError: the spec is none of these, or ``task`` is given for something other
-            than a transformers model directory.
+        ConfigError: the spec is none of these, its module does not import or lacks the
+            attribute, or ``task`` is given for something other than a transformers model
+            directory.
     """
     from ..engine.mlprocess import MLProcess
 
@@ -64,7 +65,20 @@ def build_model(spec: str, config: Config, task: str | None = None) -> Any:
     module_name, sep, attr = spec.partition(":")
     if os.path.exists(spec) or not sep:
         return _model_at(spec, config, task)
-    target = getattr(importlib.import_module(module_name), attr)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        # The module the spec names is not importable from here (a typo, or its folder is
+        # not on PYTHONPATH); an ImportError from inside it (a missing dependency) too.
+        hint = (" (is its folder on PYTHONPATH? python finds modules from the current "
+                "directory and PYTHONPATH)"
+                if f"{module_name}.".startswith(f"{getattr(exc, 'name', None)}.") else "")
+        raise ConfigError(f"--model {spec!r}: cannot import {module_name!r}: {exc}{hint}") \
+            from None
+    try:
+        target = getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"--model {spec!r}: module {module_name!r} has no {attr!r}") from None
     if isinstance(target, MLProcess):
         return target
     if isinstance(target, type) and issubclass(target, MLProcess):
@@ -210,6 +224,10 @@ def resolve(args: argparse.Namespace, environ: Any = None,
 def _models_of(values: dict[str, Any], plan: Any, args: Any) -> list[tuple[Any, ...]]:
     """The (MLProcess, kind, options) to serve: the config file's models, or ``--model``'s."""
     engine = {s.name: values[s.name] for s in settings_of("engine")}
+    if values["web_cpus"] and not engine["cpus"]:
+        # The web process keeps --web-cpus; the ML processes get the rest (if any is left).
+        rest = sorted(set(os.sched_getaffinity(0)) - set(values["web_cpus"]))
+        engine["cpus"] = tuple(rest)
     if plan is None:
         if values["model_name"] is not None and len(values["model"]) != 1:
             raise ConfigError(f"--model-name names one model; {len(values['model'])} are "
@@ -308,13 +326,30 @@ def build_app(args: Any, environ: Any = None) -> tuple[Any, dict[str, Any]]:
     return app, values
 
 
+def _place_web_process(cpus: tuple[int, ...]) -> None:
+    """Run this process on ``cpus`` (``--web-cpus``; its threads start after this).
+
+    Raises:
+        ConfigError: the CPUs cannot be used here (not in this container's cpuset, say).
+    """
+    if cpus:
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as exc:
+            raise ConfigError(f"--web-cpus {','.join(map(str, cpus))}: cannot run there: "
+                              f"{exc.strerror or exc}") from None
+        logger.info("web process on CPUs %s", ",".join(map(str, cpus)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .lifecycle import LOG_FORMAT
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
     try:
         app, values = build_app(args)
         logging.getLogger().setLevel(values["log_level"])
+        _place_web_process(values["web_cpus"])
         from .waitress_conf import ServerLimits
 
         limits = ServerLimits(**{name: values[name] for name in (
