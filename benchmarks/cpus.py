@@ -70,7 +70,7 @@ def main() -> None:
                 finally:
                     served.close()
     run.SERVER_CPUS, run.CLIENT_CPUS = "0", "1"
-    limit = run.pinned(lambda: run.in_process_minilm(args.repeats))
+    limit = run.in_process("minilm", args.repeats)
     report: dict[str, Any] = {
         "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
                    f"{platform.machine()}",

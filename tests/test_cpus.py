@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -74,3 +75,20 @@ def test_cpus_the_machine_does_not_have_stop_the_server_at_start(flags: list[str
                           capture_output=True, text=True, timeout=100)
     assert proc.returncode == 2, proc.stderr
     assert words in proc.stderr
+
+
+def test_a_config_file_places_each_model(tmp_path: Path) -> None:
+    """``[server] web_cpus`` and a model's own ``cpus``/``nice``: the model that sets none
+    gets the CPUs the web process leaves; the one that sets them keeps its own."""
+    from ipcserve.server import cli, config_file
+
+    first, second = _two_cpus()
+    path = tmp_path / "models.toml"
+    path.write_text(f'[server]\nweb_cpus = "{first}"\n\n[models.rest]\nmodel = "digits"\n\n'
+                    f'[models.own]\nmodel = "digits"\ncpus = "{first},{second}"\nnice = 5\n')
+    args = cli._parser().parse_args(["serve", "--config", str(path)])
+    plan = config_file.load(str(path))
+    placed = {ml.name: ml.config for ml, _, _ in
+              cli._models_of(cli.resolve(args, {}, file_values=plan.server), plan, args)}
+    assert placed["rest"].cpus == tuple(sorted(os.sched_getaffinity(0) - {first}))
+    assert placed["own"].cpus == (first, second) and placed["own"].nice == 5

@@ -516,6 +516,18 @@ def _page_params() -> list[object]:
     return params
 
 
+_TORCH = re.compile(r"\b(import torch|from torch|transformers|TorchModel|TransformersModel)\b")
+
+
+def _needs_torch(page: Page) -> bool:
+    """Whether the page's run blocks use torch or transformers, or a model built with them."""
+    runs = [b for b in page.blocks if b.language in RUN_LANGUAGES and b.kind not in ("skip",)]
+    text = "".join(b.text + b.arg for b in runs)
+    models = {kind for model, kind in MODEL_FILES.items()
+              if re.search(rf"(?<![\w-]){re.escape(model)}(?![\w-])", text)}
+    return bool(_TORCH.search(text) or models & {"lm", "encoder", "smollm2"})
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", _page_params())
 def test_page_snippets_run(name: str, server: Server, tmp_path: Path,
@@ -524,6 +536,9 @@ def test_page_snippets_run(name: str, server: Server, tmp_path: Path,
     assert not page.errors, "\n".join(page.errors)
     for block in page.blocks:
         check_data(block)
+    if _needs_torch(page):  # installed where CI has its CPU wheel (3.11; tests/README.md)
+        pytest.importorskip("torch")
+        pytest.importorskip("transformers")
     run = PageRun(page, tmp_path, server.url)
     run.add_models(model_store)
     for block in _files():  # what the docs tell a reader to write, as a reader has it
