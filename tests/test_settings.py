@@ -102,8 +102,9 @@ def test_a_json_field_named_timeout_reaches_the_model() -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("spec, words", [
-    ("no_such_package.models:Model", "cannot import 'no_such_package.models'"),
-    ("json:NoSuchModel", "module 'json' has no 'NoSuchModel'")])
+    ("no_such_package.models:Model",
+     "cannot import 'no_such_package.models:Model': No module named 'no_such_package'"),
+    ("json:NoSuchModel", "cannot import 'json:NoSuchModel': module 'json' has no 'NoSuchModel'")])
 def test_a_model_spec_that_does_not_import_is_an_invalid_setting(spec: str, words: str) -> None:
     """Exit 2 with a line naming the problem, as every other bad setting, not a traceback."""
     import subprocess

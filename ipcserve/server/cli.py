@@ -73,12 +73,12 @@ def build_model(spec: str, config: Config, task: str | None = None) -> Any:
         hint = (" (is its folder on PYTHONPATH? python finds modules from the current "
                 "directory and PYTHONPATH)"
                 if f"{module_name}.".startswith(f"{getattr(exc, 'name', None)}.") else "")
-        raise ConfigError(f"--model {spec!r}: cannot import {module_name!r}: {exc}{hint}") \
-            from None
+        raise ConfigError(f"cannot import {spec!r}: {exc}{hint}") from None
     try:
         target = getattr(module, attr)
     except AttributeError:
-        raise ConfigError(f"--model {spec!r}: module {module_name!r} has no {attr!r}") from None
+        raise ConfigError(f"cannot import {spec!r}: module {module_name!r} has no {attr!r}") \
+            from None
     if isinstance(target, MLProcess):
         return target
     if isinstance(target, type) and issubclass(target, MLProcess):
