@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from ipcserve import ConfigError, InputError  # noqa: E402
 from ipcserve.adapters.hf import TransformersModel, infer_task  # noqa: E402
+from tiny_lm import build_blip_captioner, build_vit_tagger  # noqa: E402
 
 WORDS = ("the a cat dog sat on mat hello world good bad movie very quite long short sentence "
          "about nothing in particular photo of").split()
@@ -31,10 +32,10 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
             initializer_range=0.5)
 
 
-def _write_vocab(directory: Path, extra: tuple[str, ...] = ()) -> Path:
+def _write_vocab(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *extra, *WORDS])
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])
                      + "\n", encoding="utf-8")
     return vocab
 
@@ -63,26 +64,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tokenizer.save_pretrained(embed_dir)
     out["feature-extraction"] = embed_dir
 
-    vit_dir = root / "tagger"
-    vit_labels = {0: "cat", 1: "dog", 2: "car", 3: "tree"}
-    tf.ViTForImageClassification(tf.ViTConfig(
-        image_size=32, patch_size=8, num_labels=4, id2label=vit_labels,
-        label2id={v: k for k, v in vit_labels.items()}, **TINY)).save_pretrained(vit_dir)
-    tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit_dir)
-    out["image-classification"] = vit_dir
-
-    blip_dir = root / "captioner"
-    vocab = _write_vocab(blip_dir, extra=("[DEC]",))
-    tokenizer = tf.BertTokenizer(str(vocab), bos_token="[DEC]")
-    small = dict(TINY, initializer_range=0.2)
-    config = tf.BlipConfig(
-        text_config=dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=64,
-                         bos_token_id=5, pad_token_id=0, sep_token_id=3, eos_token_id=3, **small),
-        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
-    tf.BlipForConditionalGeneration(config).save_pretrained(blip_dir)
-    tf.BlipProcessor(image_processor=tf.BlipImageProcessor(size={"height": 32, "width": 32}),
-                     tokenizer=tokenizer).save_pretrained(blip_dir)
-    out["image-text-to-text"] = blip_dir
+    out["image-classification"] = build_vit_tagger(root / "tagger", **TINY)
+    out["image-text-to-text"] = build_blip_captioner(root / "captioner", WORDS,
+                                                     **dict(TINY, initializer_range=0.2))
     return out
 
 

@@ -71,7 +71,6 @@ examples/README.md).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -622,34 +621,21 @@ def test_example_embeddings(tmp_path: Path) -> None:
         example.stop()
 
 
-def _tiny_image_models(root: Path) -> tuple[Path, Path]:
-    """A random ViT tagger and BLIP captioner, tiny, in place of the downloads the example
-    names (the same shapes as tests/test_adapter_hf.py's)."""
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                initializer_range=0.2)
-    tagger, captioner = root / "vit", root / "blip"
-    labels = {0: "cat", 1: "dog", 2: "car", 3: "tree"}
-    tf.ViTForImageClassification(tf.ViTConfig(
-        image_size=32, patch_size=8, num_labels=4, id2label=labels,
-        label2id={v: k for k, v in labels.items()}, **tiny)).save_pretrained(tagger)
-    tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tagger)
-    captioner.mkdir()
-    words = "a cat dog on the mat photo of".split()
-    (captioner / "vocab.txt").write_text(
-        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *words]) + "\n")
-    tokenizer = tf.BertTokenizer(str(captioner / "vocab.txt"), bos_token="[DEC]")
-    config = tf.BlipConfig(
-        text_config=dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=64,
-                         bos_token_id=5, pad_token_id=0, sep_token_id=3, eos_token_id=3, **tiny),
-        vision_config=dict(image_size=32, patch_size=8, **tiny), projection_dim=16)
-    tf.BlipForConditionalGeneration(config).save_pretrained(captioner)
-    tf.BlipProcessor(image_processor=tf.BlipImageProcessor(size={"height": 32, "width": 32}),
-                     tokenizer=tokenizer).save_pretrained(captioner)
-    return tagger, captioner
+# A random ViT tagger and BLIP captioner, tiny, in place of the downloads the example names
+# (tests/tiny_lm.py's, as test_adapter_hf.py builds them), in a child: transformers in this
+# process would leave tqdm's monitor thread.
+_IMAGE_MODELS = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+import tiny_lm
+torch.manual_seed(0)
+tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+            initializer_range=0.2)
+tiny_lm.build_vit_tagger(Path(sys.argv[2]) / "vit", **tiny)
+tiny_lm.build_blip_captioner(Path(sys.argv[2]) / "blip", "a cat dog on the mat photo of".split(), **tiny)
+"""
 
 
 @pytest.mark.slow
@@ -657,10 +643,8 @@ def _tiny_image_models(root: Path) -> tuple[Path, Path]:
 def test_example_image_models(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    # Built in a child: transformers in this process would leave tqdm's monitor thread.
-    source = inspect.getsource(_tiny_image_models)
-    subprocess.run([sys.executable, "-c", f"from pathlib import Path\n{source}\n"
-                    f"_tiny_image_models(Path({str(tmp_path)!r}))"], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", _IMAGE_MODELS, str(ROOT / "tests"), str(tmp_path)],
+                   check=True, timeout=120, stdin=subprocess.DEVNULL)
     tagger, captioner = tmp_path / "vit", tmp_path / "blip"
     example = _Example(tmp_path, str(ROOT / "examples" / "image_models.py"), str(tagger), str(captioner))
     png = (ROOT / "examples" / "digit.png").read_bytes()

@@ -167,6 +167,42 @@ def build_encoder(directory: Path, *, seed: int = 0) -> Path:
 
 
 
+IMAGE_LABELS = {0: "cat", 1: "dog", 2: "car", 3: "tree"}
+
+
+def build_vit_tagger(directory: Path, **sizes: Any) -> Path:
+    """Save a random ViT image classifier (32×32 images, labels :data:`IMAGE_LABELS`) with
+    its image processor; ``sizes``: the config's hidden sizes and initializer range."""
+    import transformers
+
+    transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=32, patch_size=8, num_labels=len(IMAGE_LABELS), id2label=IMAGE_LABELS,
+        label2id={v: k for k, v in IMAGE_LABELS.items()}, **sizes)).save_pretrained(directory)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory
+
+
+def build_blip_captioner(directory: Path, words: Any, **sizes: Any) -> Path:
+    """Save a random BLIP captioner (32×32 images) with a word-piece vocabulary of ``words``
+    after BERT's special tokens and ``[DEC]`` (its first decoder token)."""
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *words])
+                     + "\n", encoding="utf-8")
+    tokenizer = transformers.BertTokenizer(str(vocab), bos_token="[DEC]")
+    config = transformers.BlipConfig(
+        text_config=dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=64,
+                         bos_token_id=5, pad_token_id=0, sep_token_id=3, eos_token_id=3, **sizes),
+        vision_config=dict(image_size=32, patch_size=8, **sizes), projection_dim=16)
+    transformers.BlipForConditionalGeneration(config).save_pretrained(directory)
+    transformers.BlipProcessor(
+        image_processor=transformers.BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
 class GatedLM(TransformersModel):
     """A TransformersModel whose every step first takes a turn from ``turns`` (a semaphore
     the test releases, so the test decides when each step runs) and logs its rows:
